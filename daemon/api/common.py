@@ -1,0 +1,82 @@
+"""What every dialect shares: JSON in and out, typed app state, request decoding helpers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from daemon.config import Settings, parse_go_duration_s
+from daemon.errors import InvalidInput, MissingBody
+from daemon.scheduler import Scheduler
+from daemon.store import ModelStore
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", ModelStore)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+
+JSON_CONTENT_TYPE = "application/json; charset=utf-8"
+TRUNCATED_HEADER = "X-Emberd-Truncated-Inputs"
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    body = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    response = web.Response(body=body, status=status, headers=headers)
+    response.headers["Content-Type"] = JSON_CONTENT_TYPE
+    return response
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    body = await request.read()
+    if not body.strip():
+        raise MissingBody("missing request body")
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise InvalidInput(f"invalid JSON in request body: {error}") from None
+    if not isinstance(document, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return document
+
+
+def require_type(document: dict[str, Any], key: str, expected: type | tuple[type, ...], label: str) -> Any:
+    """The value of an optional key, or None; InvalidInput naming the key if its type is wrong."""
+    value = document.get(key)
+    if value is None:
+        return None
+    # JSON booleans are not numbers here, though Python's bool is an int.
+    if isinstance(value, bool) and bool not in (expected if isinstance(expected, tuple) else (expected,)):
+        raise InvalidInput(f"{key} must be {label}")
+    if not isinstance(value, expected):
+        raise InvalidInput(f"{key} must be {label}")
+    return value
+
+
+def parse_keep_alive_s(raw: Any) -> float | None:
+    """Ollama's keep_alive: a number of seconds or a Go duration; negative means forever.
+
+    None (absent) leaves a loaded model's keep_alive as it is.
+    """
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise InvalidInput("keep_alive must be a duration string or a number of seconds")
+    if isinstance(raw, str):
+        try:
+            seconds = parse_go_duration_s(raw.strip())
+        except ValueError as error:
+            raise InvalidInput(str(error)) from None
+    else:
+        seconds = float(raw)
+    return -1.0 if seconds < 0 else seconds
+
+
+def model_name(document: dict[str, Any]) -> str:
+    """The request's `model` string (may be empty: the dialect decides what that means)."""
+    value = document.get("model")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidInput("model must be a string")
+    return value

@@ -1,0 +1,226 @@
+"""Ollama's dialect: /api/embed, /api/create, /api/ps, /api/tags, /api/version, GET /."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from daemon import __version__
+from daemon.api.common import (
+    SCHEDULER,
+    STORE,
+    TRUNCATED_HEADER,
+    json_response,
+    model_name,
+    parse_keep_alive_s,
+    read_json_object,
+    require_type,
+)
+from daemon.convert import OUTPUT_TYPES
+from daemon.errors import EmberdError, InvalidInput, InvalidModelFile, NotEmbeddingModel, UnknownModel
+from daemon.gguf_info import format_parameter_size
+from daemon.options import parse_options
+from daemon.scheduler import LoadedModel
+from daemon.store import StoredModel, canonical_name
+from daemon.vectors import finish_embeddings
+
+# Ollama shows a model kept forever as expiring in the far future.
+_FOREVER = datetime(2318, 1, 1, tzinfo=UTC).isoformat()
+
+
+# -- /api/embed -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    model: str
+    texts: list[str]
+    truncate: bool
+    dimensions: int | None
+    keep_alive_s: float | None
+    options: dict[str, Any]
+
+
+def decode_embed_request(document: dict[str, Any]) -> EmbedRequest:
+    """Validate an /api/embed body (types only: nothing is loaded yet)."""
+    raw_input = document.get("input")
+    if raw_input is None or raw_input == "":
+        texts: list[str] = []
+    elif isinstance(raw_input, str):
+        texts = [raw_input]
+    elif isinstance(raw_input, list) and all(isinstance(item, str) for item in raw_input):
+        texts = raw_input
+    else:
+        raise InvalidInput("invalid input type")
+    truncate = require_type(document, "truncate", bool, "true or false")
+    dimensions = require_type(document, "dimensions", int, "an integer")
+    name = model_name(document)
+    if not name.strip():
+        raise UnknownModel(f"model '{name}' not found")
+    return EmbedRequest(
+        model=name,
+        texts=texts,
+        truncate=True if truncate is None else truncate,
+        dimensions=dimensions,
+        keep_alive_s=parse_keep_alive_s(document.get("keep_alive")),
+        options=parse_options(document.get("options")),
+    )
+
+
+async def embed(request: web.Request) -> web.Response:
+    started_ns = time.perf_counter_ns()
+    embed_request = decode_embed_request(await read_json_object(request))
+    scheduler = request.app[SCHEDULER]
+    empty_answer = {"model": embed_request.model, "embeddings": []}
+    async with scheduler.admit():
+        if not embed_request.texts and embed_request.keep_alive_s == 0:
+            await scheduler.unload(embed_request.model)  # the unload idiom: never load to unload
+            return json_response(empty_answer)
+        async with scheduler.lease(embed_request.model, embed_request.options, embed_request.keep_alive_s) as lease:
+            if not embed_request.texts:
+                return json_response(empty_answer)  # the preload idiom
+            result = await lease.loaded.runner.embed(embed_request.texts, embed_request.truncate)
+    vectors = finish_embeddings(result.vectors, embed_request.dimensions)
+    return json_response(
+        {
+            "model": embed_request.model,
+            "embeddings": vectors,
+            "total_duration": time.perf_counter_ns() - started_ns,
+            "load_duration": lease.load_duration_ns,
+            "prompt_eval_count": result.token_count,
+        },
+        headers={TRUNCATED_HEADER: str(result.truncated_count)},
+    )
+
+
+# -- model descriptions -----------------------------------------------------------------------------
+
+
+def model_details(model: StoredModel) -> dict[str, Any]:
+    facts = model.facts
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": facts.architecture,
+        "families": [facts.architecture],
+        "parameter_size": format_parameter_size(facts.parameter_count),
+        "quantization_level": facts.file_type,
+    }
+
+
+def _tag_entry(model: StoredModel) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "model": model.name,
+        "modified_at": model.modified_at,
+        "size": model.size_bytes,
+        "digest": model.digest.removeprefix("sha256:"),
+        "details": model_details(model),
+        "capabilities": ["embedding"],
+    }
+
+
+def _ps_entry(loaded: LoadedModel) -> dict[str, Any]:
+    runner_facts = loaded.runner.facts
+    gpu = runner_facts is not None and runner_facts.gpu_offload and loaded.params.n_gpu_layers != 0
+    size = max(loaded.runner.rss_bytes(), loaded.model.size_bytes)
+    expires = (
+        _FOREVER
+        if loaded.expires_at_wall_s is None and loaded.keep_alive_s < 0
+        else datetime.fromtimestamp(loaded.expires_at_wall_s or time.time(), UTC).isoformat()
+    )
+    return {
+        **_tag_entry(loaded.model),
+        "size": size,
+        "expires_at": expires,
+        "size_vram": size if gpu else 0,
+        "context_length": loaded.params.limit_tokens,
+    }
+
+
+async def tags(request: web.Request) -> web.Response:
+    models = await asyncio.to_thread(request.app[STORE].list)
+    return json_response({"models": [_tag_entry(model) for model in models]})
+
+
+async def ps(request: web.Request) -> web.Response:
+    return json_response({"models": [_ps_entry(loaded) for loaded in request.app[SCHEDULER].loaded()]})
+
+
+# -- /api/create ------------------------------------------------------------------------------------
+
+
+async def create(request: web.Request) -> web.StreamResponse:
+    """Register a local GGUF file or convert a Hugging Face directory: {"model", "from", "quantize"}."""
+    document = await read_json_object(request)
+    name = canonical_name(model_name(document) or "")
+    source_text = require_type(document, "from", str, "a path on the daemon's machine")
+    if not source_text:
+        raise InvalidInput('"from" is required: the path of a GGUF file or a Hugging Face model directory')
+    output_type = (require_type(document, "quantize", str, "a string") or "f16").lower()
+    if output_type not in OUTPUT_TYPES:
+        raise InvalidInput(f"unsupported quantize {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
+    stream = require_type(document, "stream", bool, "true or false")
+    source = Path(source_text).expanduser()
+    store = request.app[STORE]
+    try:
+        await asyncio.to_thread(store.check_source, source)
+    except NotEmbeddingModel as error:
+        raise InvalidModelFile(error.message) from None
+    if source.is_file() and "quantize" in document:
+        raise InvalidInput("quantize applies to Hugging Face directories; a GGUF file is stored as it is")
+
+    if stream is False:
+        await asyncio.to_thread(store.create, name, source, output_type)
+        return json_response({"status": "success"})
+
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    loop = asyncio.get_running_loop()
+    statuses: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def progress(status: str) -> None:
+        loop.call_soon_threadsafe(statuses.put_nowait, status)
+
+    work = asyncio.ensure_future(asyncio.to_thread(store.create, name, source, output_type, progress))
+    # Progress lines are queued from the thread before the work's own completion, so the end marker
+    # added on completion comes after all of them.
+    work.add_done_callback(lambda _work: statuses.put_nowait(None))
+    while (status := await statuses.get()) is not None:
+        await response.write(orjson.dumps({"status": status}) + b"\n")
+    try:
+        work.result()
+        final: dict[str, Any] = {"status": "success"}
+    except EmberdError as error:
+        final = {"error": error.message}
+    await response.write(orjson.dumps(final) + b"\n")
+    await response.write_eof()
+    return response
+
+
+# -- small endpoints --------------------------------------------------------------------------------
+
+
+async def root(_request: web.Request) -> web.Response:
+    # Clients probe this exact text to detect an Ollama-compatible server.
+    return web.Response(text="Ollama is running", content_type="text/plain")
+
+
+async def version(_request: web.Request) -> web.Response:
+    return json_response({"version": __version__})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", root)  # aiohttp answers HEAD for every GET route
+    app.router.add_get("/api/version", version)
+    app.router.add_post("/api/embed", embed)
+    app.router.add_post("/api/create", create)
+    app.router.add_get("/api/tags", tags)
+    app.router.add_get("/api/ps", ps)

@@ -1,0 +1,146 @@
+"""`emberd serve|create|embed|list|ps|stop`. Everything but `serve` is an HTTP client of the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from daemon import __version__
+from daemon.config import Settings, load_settings
+from daemon.errors import EmberdError
+from daemon.service import ensure_models, serve
+from daemon.store import ModelStore
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emberd", description="Local embedding daemon (Ollama API, llama.cpp).")
+    parser.add_argument("--version", action="version", version=f"emberd {__version__}")
+    parser.add_argument("--host", help="daemon address host:port (default: EMBERD_HOST or 127.0.0.1:11434)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_parser = commands.add_parser("serve", help="run the daemon")
+    serve_parser.add_argument("--config", type=Path, help="settings file (default: EMBERD_CONFIG)")
+    serve_parser.add_argument("--home", help="model store and state (default: EMBERD_HOME)")
+    serve_parser.add_argument("--log-level", help="debug, info, warning or error")
+    serve_parser.add_argument(
+        "--ensure-model",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="create NAME from PATH (GGUF or Hugging Face directory) before serving, if missing",
+    )
+
+    create_parser = commands.add_parser("create", help="register a GGUF file or convert a model directory")
+    create_parser.add_argument("name")
+    create_parser.add_argument("--from", dest="source", required=True, help="GGUF file or Hugging Face directory")
+    create_parser.add_argument("--quantize", help="f16 (default), f32 or q8_0, for directories")
+
+    embed_parser = commands.add_parser("embed", help="embed texts and print the JSON answer")
+    embed_parser.add_argument("name")
+    embed_parser.add_argument("texts", nargs="+")
+
+    commands.add_parser("list", help="models in the store")
+    commands.add_parser("ps", help="loaded models")
+    stop_parser = commands.add_parser("stop", help="unload a model")
+    stop_parser.add_argument("name")
+    return parser
+
+
+class _Client:
+    def __init__(self, settings: Settings) -> None:
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        host = f"[{host}]" if ":" in host else host
+        self.base_url = f"http://{host}:{settings.port}"
+
+    def _open(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base_url + path, data=data, method=method)
+        request.add_header("Content-Type", "application/json")
+        try:
+            return urllib.request.urlopen(request)
+        except urllib.error.HTTPError as error:
+            message = error.read().decode(errors="replace")
+            try:
+                message = json.loads(message)["error"]
+            except (ValueError, KeyError, TypeError):
+                pass
+            raise SystemExit(f"Error: {message}") from None
+        except urllib.error.URLError as error:
+            raise SystemExit(f"Error: cannot reach emberd at {self.base_url}: {error.reason}") from None
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        with self._open(method, path, body) as response:
+            return json.loads(response.read() or b"null")
+
+    def stream(self, path: str, body: dict[str, Any]) -> None:
+        with self._open("POST", path, body) as response:
+            for line in response:
+                message = json.loads(line)
+                if "error" in message:
+                    raise SystemExit(f"Error: {message['error']}")
+                print(message.get("status", ""), flush=True)
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {"host": args.host}
+    if args.command == "serve":
+        overrides.update(home=args.home, log_level=args.log_level)
+    try:
+        settings = load_settings(os.environ, getattr(args, "config", None), overrides)
+    except EmberdError as error:
+        print(f"Error: {error.message}", file=sys.stderr)
+        return 2
+
+    if args.command == "serve":
+        logging.basicConfig(
+            level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        wanted = []
+        for item in args.ensure_model:
+            name, separator, path = item.partition("=")
+            if not separator:
+                print(f"Error: --ensure-model expects NAME=PATH, got {item!r}", file=sys.stderr)
+                return 2
+            wanted.append((name, Path(path)))
+        try:
+            ensure_models(ModelStore(settings.home), wanted)
+        except EmberdError as error:
+            print(f"Error: {error.message}", file=sys.stderr)
+            return 1
+        asyncio.run(serve(settings, os.environ.get("NOTIFY_SOCKET")))
+        return 0
+
+    client = _Client(settings)
+    if args.command == "create":
+        body: dict[str, Any] = {"model": args.name, "from": str(Path(args.source).resolve())}
+        if args.quantize:
+            body["quantize"] = args.quantize
+        client.stream("/api/create", body)
+    elif args.command == "embed":
+        print(json.dumps(client.call("POST", "/api/embed", {"model": args.name, "input": args.texts})))
+    elif args.command == "list":
+        models = client.call("GET", "/api/tags")["models"]
+        rows = [[m["name"], m["digest"][:12], f"{m['size'] / 1e6:.0f} MB", m["modified_at"][:19]] for m in models]
+        _print_table(rows, ["NAME", "ID", "SIZE", "MODIFIED"])
+    elif args.command == "ps":
+        models = client.call("GET", "/api/ps")["models"]
+        rows = [[m["name"], m["digest"][:12], f"{m['size'] / 1e6:.0f} MB", m["expires_at"][:19]] for m in models]
+        _print_table(rows, ["NAME", "ID", "SIZE", "UNTIL"])
+    elif args.command == "stop":
+        client.call("POST", "/api/embed", {"model": args.name, "keep_alive": 0})
+    return 0

@@ -1,0 +1,233 @@
+"""Settings: defaults here, then a TOML file, then EMBERD_* environment variables, then flags.
+
+Everything is read and validated once, in `load_settings`; the rest of the daemon receives a frozen
+`Settings` and never reads the environment itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import InvalidConfig
+
+DEFAULT_PORT = 11434
+
+# One Go duration component: a number and a unit ("1.5h", "300ms", "2us").
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def parse_go_duration_s(text: str) -> float:
+    """Parse a Go duration string ("5m", "1h30m", "-1m", "300ms", "0") into seconds.
+
+    Raises ValueError with Go's own wording, which Ollama clients already know.
+    """
+    original = text
+    sign = 1.0
+    if text[:1] in "+-":
+        sign = -1.0 if text[0] == "-" else 1.0
+        text = text[1:]
+    if text == "0":
+        return 0.0
+    if not text:
+        raise ValueError(f'time: invalid duration "{original}"')
+    total_s = 0.0
+    position = 0
+    while position < len(text):
+        match = _DURATION_PART.match(text, position)
+        if match is None:
+            if re.fullmatch(r"[\d.]+", text[position:]):
+                raise ValueError(f'time: missing unit in duration "{original}"')
+            raise ValueError(f'time: invalid duration "{original}"')
+        total_s += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        position = match.end()
+    return sign * total_s
+
+
+def parse_host(text: str) -> tuple[str, int]:
+    """Parse OLLAMA_HOST-style "host[:port]" (also "[::1]:port" and "http://host:port")."""
+    value = text.strip()
+    for scheme in ("http://", "https://"):
+        if value.startswith(scheme):
+            value = value[len(scheme) :]
+    value = value.rstrip("/")
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+    else:
+        host, port_text = value, ""
+    host = host or "127.0.0.1"
+    try:
+        port = int(port_text) if port_text else DEFAULT_PORT
+    except ValueError:
+        raise InvalidConfig(f"host: invalid port in {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise InvalidConfig(f"host: port out of range in {text!r}")
+    return host, port
+
+
+def default_home() -> Path:
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "emberd"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of configs/emberd.toml, with its default. Units are in the names."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    home: Path = dataclasses.field(default_factory=default_home)
+    # Default keep_alive of a model after its last request; negative keeps it loaded forever.
+    keep_alive_s: float = 300.0
+    # Requests accepted (waiting or running) before new ones get 503.
+    max_queue: int = 512
+    # Loaded models at once; 0 means "as many as memory allows".
+    max_loaded_models: int = 0
+    # Memory kept free for the rest of the machine when deciding whether a model fits.
+    memory_reserve_mib: int = 512
+    # llama.cpp threads per runner; 0 means the machine's physical cores.
+    num_thread: int = 0
+    # Token budget of one llama.cpp decode. Attention cost grows with its square: tune by measuring.
+    batch_tokens: int = 256
+    # Context per sequence; 0 means the model's trained context.
+    num_ctx: int = 0
+    # Layers offloaded to a GPU; -1 means all (a CPU-only build ignores it).
+    num_gpu: int = -1
+    main_gpu: int = 0
+    use_mmap: bool = True
+    load_timeout_s: float = 120.0
+    shutdown_timeout_s: float = 30.0
+    max_body_bytes: int = 32 * 1024 * 1024
+    log_level: str = "info"
+
+
+_DURATION_SETTINGS = {"keep_alive_s", "load_timeout_s", "shutdown_timeout_s"}
+_FILE_KEYS = {
+    # The file and the environment use the names people type; durations drop the "_s".
+    (f.name.removesuffix("_s") if f.name in _DURATION_SETTINGS else f.name): f.name
+    for f in fields(Settings)
+    if f.name != "port"
+}
+
+
+def _coerce(name: str, raw: Any, from_text: bool) -> Any:
+    """Turn a raw value (TOML value or environment text) into the setting's type."""
+    if name in _DURATION_SETTINGS:
+        if isinstance(raw, bool):
+            raise InvalidConfig(f"{name}: expected a duration, got {raw!r}")
+        if isinstance(raw, (int, float)):
+            return float(raw)
+        if isinstance(raw, str):
+            text = raw.strip()
+            if from_text and re.fullmatch(r"-?\d+(\.\d+)?", text):
+                return float(text)
+            try:
+                return parse_go_duration_s(text)
+            except ValueError as error:
+                raise InvalidConfig(f"{name}: {error}") from None
+        raise InvalidConfig(f"{name}: expected a duration, got {raw!r}")
+    field_type = {f.name: f.type for f in fields(Settings)}[name]
+    if field_type == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if from_text and str(raw).strip().lower() in {"1", "true", "yes", "on"}:
+            return True
+        if from_text and str(raw).strip().lower() in {"0", "false", "no", "off"}:
+            return False
+        raise InvalidConfig(f"{name}: expected true or false, got {raw!r}")
+    if field_type == "int":
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if from_text:
+            try:
+                return int(str(raw).strip())
+            except ValueError:
+                pass
+        raise InvalidConfig(f"{name}: expected an integer, got {raw!r}")
+    if field_type == "Path":
+        if isinstance(raw, str):
+            return Path(raw).expanduser() if raw else default_home()
+        raise InvalidConfig(f"{name}: expected a path, got {raw!r}")
+    if isinstance(raw, str):
+        return raw
+    raise InvalidConfig(f"{name}: expected a string, got {raw!r}")
+
+
+def _validate(settings: Settings) -> Settings:
+    positive = {"max_queue": settings.max_queue, "batch_tokens": settings.batch_tokens}
+    for name, value in positive.items():
+        if value <= 0:
+            raise InvalidConfig(f"{name}: must be positive, got {value}")
+    non_negative = {
+        "max_loaded_models": settings.max_loaded_models,
+        "num_thread": settings.num_thread,
+        "num_ctx": settings.num_ctx,
+        "memory_reserve_mib": settings.memory_reserve_mib,
+        "max_body_bytes": settings.max_body_bytes,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise InvalidConfig(f"{name}: must not be negative, got {value}")
+    if settings.load_timeout_s <= 0 or settings.shutdown_timeout_s < 0:
+        raise InvalidConfig("load_timeout must be positive and shutdown_timeout not negative")
+    if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:
+        raise InvalidConfig(f"log_level: expected debug, info, warning or error, got {settings.log_level!r}")
+    return settings
+
+
+def load_settings(
+    environ: Mapping[str, str],
+    config_path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the daemon's settings: defaults < TOML file < EMBERD_* variables < `overrides` (flags).
+
+    The file is `config_path`, else $EMBERD_CONFIG, else none (the defaults are the documented
+    contents of configs/emberd.toml).
+    """
+    values: dict[str, Any] = {}
+    path = config_path or (Path(environ["EMBERD_CONFIG"]) if environ.get("EMBERD_CONFIG") else None)
+    if path is not None:
+        try:
+            document = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise InvalidConfig(f"cannot read config file {path}: {error}") from None
+        for key, raw in document.items():
+            if key not in _FILE_KEYS:
+                raise InvalidConfig(f"{path}: unknown setting {key!r}")
+            values[key] = (raw, False)
+    for key in _FILE_KEYS:
+        env_value = environ.get(f"EMBERD_{key.upper()}")
+        if env_value is not None and env_value != "":
+            values[key] = (env_value, True)
+    for key, raw in (overrides or {}).items():
+        if raw is not None:
+            values[key] = (raw, isinstance(raw, str))
+    kwargs: dict[str, Any] = {}
+    for key, (raw, from_text) in values.items():
+        if key == "host":
+            host, port = parse_host(str(raw))
+            kwargs["host"], kwargs["port"] = host, port
+            continue
+        name = _FILE_KEYS[key]
+        kwargs[name] = _coerce(name, raw, from_text)
+    return _validate(Settings(**kwargs))

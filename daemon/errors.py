@@ -1,0 +1,67 @@
+"""Domain errors. Each API dialect maps them to a status code and body in one table."""
+
+from __future__ import annotations
+
+
+class EmberdError(Exception):
+    """Base of every error the daemon reports to a client. The message is shown as is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidConfig(EmberdError):
+    """A setting in the file, environment or flags is wrong."""
+
+
+class InvalidInput(EmberdError):
+    """The request is malformed or asks for something impossible."""
+
+
+class MissingBody(InvalidInput):
+    """The request has no body at all."""
+
+
+class InvalidModelName(InvalidInput):
+    """A name that is not a valid model name (it could escape the store, or is too long)."""
+
+
+class UnknownModel(EmberdError):
+    """The name is valid but no such model is in the store."""
+
+
+class NotEmbeddingModel(EmberdError):
+    """The model exists but cannot produce embeddings (no pooling in its GGUF)."""
+
+
+class InvalidModelFile(InvalidInput):
+    """A file or directory given to create is not a usable embedding model."""
+
+
+class ContextExceeded(InvalidInput):
+    """An input is longer than the context and truncation was refused or impossible."""
+
+
+class InvalidEmbedding(InvalidInput):
+    """The model produced NaN or Inf values."""
+
+
+class Overloaded(EmberdError):
+    """Too many requests are waiting: back-pressure before any work is done."""
+
+
+class InsufficientMemory(EmberdError):
+    """The model does not fit in memory even after unloading every idle model."""
+
+
+class ModelLoadFailed(EmberdError):
+    """The runner could not load the model."""
+
+
+class RunnerCrashed(EmberdError):
+    """The runner process died while it held this request."""
+
+
+class ShuttingDown(EmberdError):
+    """The daemon is draining and takes no new work."""

@@ -1,0 +1,195 @@
+"""GGUF header facts, read with bounded reads: no weights are loaded and no array is materialised.
+
+gguf's GGUFReader parses every field (a 250k-token vocabulary becomes a quarter of a million Python
+objects); deciding whether a file is an embedding model needs a few scalars only, so this module walks
+the key/value section and skips what it does not need.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType, PoolingType
+
+from daemon.errors import InvalidModelFile
+
+GGUF_MAGIC = b"GGUF"
+_MAX_KV_COUNT = 1 << 16
+_MAX_TENSOR_COUNT = 1 << 20
+_MAX_STRING_BYTES = 1 << 20
+_MAX_DIMS = 8
+
+_SCALAR_FORMATS: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "<B",
+    GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
+}
+
+
+@dataclass(frozen=True)
+class GGUFFacts:
+    """What the daemon needs to know about a model before loading it."""
+
+    architecture: str
+    name: str
+    context_length: int
+    embedding_length: int
+    block_count: int
+    pooling_type: int  # gguf.PoolingType; NONE (0) means "not an embedding model"
+    causal_attention: bool
+    file_type: str  # "F16", "Q8_0", ...
+    parameter_count: int
+    tensor_count: int
+    # Scalar and short string metadata (arrays are summarised by length), for /api/show.
+    metadata: dict[str, Any]
+
+    @property
+    def is_embedding_model(self) -> bool:
+        return self.pooling_type not in (PoolingType.NONE, PoolingType.RANK)
+
+    @property
+    def pooling_name(self) -> str:
+        try:
+            return PoolingType(self.pooling_type).name.lower()
+        except ValueError:
+            return f"unknown({self.pooling_type})"
+
+
+class _Cursor:
+    def __init__(self, handle: IO[bytes], path: Path) -> None:
+        self.handle = handle
+        self.path = path
+
+    def take(self, size: int) -> bytes:
+        data = self.handle.read(size)
+        if len(data) != size:
+            raise InvalidModelFile(f"{self.path.name}: truncated GGUF header")
+        return data
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        length = self.unpack("<Q")
+        if length > _MAX_STRING_BYTES:
+            raise InvalidModelFile(f"{self.path.name}: GGUF string of {length} bytes")
+        return self.take(length).decode("utf-8", errors="replace")
+
+    def skip(self, size: int) -> None:
+        self.handle.seek(size, 1)
+
+
+def _read_value(cursor: _Cursor, value_type: int) -> Any:
+    try:
+        kind = GGUFValueType(value_type)
+    except ValueError:
+        raise InvalidModelFile(f"{cursor.path.name}: unknown GGUF value type {value_type}") from None
+    if kind == GGUFValueType.STRING:
+        return cursor.string()
+    if kind == GGUFValueType.ARRAY:
+        item_type = cursor.unpack("<I")
+        count = cursor.unpack("<Q")
+        if item_type == GGUFValueType.STRING:
+            for _ in range(count):
+                cursor.skip(cursor.unpack("<Q"))
+        elif item_type in _SCALAR_FORMATS:
+            cursor.skip(count * struct.calcsize(_SCALAR_FORMATS[GGUFValueType(item_type)]))
+        else:
+            raise InvalidModelFile(f"{cursor.path.name}: unsupported GGUF array item type {item_type}")
+        return f"[{count} items]"
+    return cursor.unpack(_SCALAR_FORMATS[kind])
+
+
+def _file_type_name(metadata: dict[str, Any], tensor_types: list[int]) -> str:
+    file_type = metadata.get("general.file_type")
+    if isinstance(file_type, int):
+        try:
+            return LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            pass
+    # No file type key: name the most common tensor type.
+    if tensor_types:
+        most_common = max(set(tensor_types), key=tensor_types.count)
+        try:
+            return GGMLQuantizationType(most_common).name
+        except ValueError:
+            pass
+    return "unknown"
+
+
+def read_gguf_facts(path: Path) -> GGUFFacts:
+    """Read the header of a GGUF file; InvalidModelFile if it is not one or is malformed."""
+    try:
+        with path.open("rb") as handle:
+            cursor = _Cursor(handle, path)
+            if handle.read(4) != GGUF_MAGIC:
+                raise InvalidModelFile(f"{path.name} is not a GGUF file")
+            version = cursor.unpack("<I")
+            if version not in (2, 3):
+                raise InvalidModelFile(f"{path.name}: unsupported GGUF version {version}")
+            tensor_count = cursor.unpack("<Q")
+            kv_count = cursor.unpack("<Q")
+            if kv_count > _MAX_KV_COUNT or tensor_count > _MAX_TENSOR_COUNT:
+                raise InvalidModelFile(f"{path.name}: implausible GGUF header counts")
+            metadata: dict[str, Any] = {}
+            for _ in range(kv_count):
+                key = cursor.string()
+                metadata[key] = _read_value(cursor, cursor.unpack("<I"))
+            parameter_count = 0
+            tensor_types: list[int] = []
+            for _ in range(tensor_count):
+                cursor.string()
+                n_dims = cursor.unpack("<I")
+                if n_dims > _MAX_DIMS:
+                    raise InvalidModelFile(f"{path.name}: tensor with {n_dims} dimensions")
+                elements = 1
+                for _ in range(n_dims):
+                    elements *= cursor.unpack("<Q")
+                parameter_count += elements
+                tensor_types.append(cursor.unpack("<I"))
+                cursor.unpack("<Q")  # data offset
+    except OSError as error:
+        raise InvalidModelFile(f"cannot read {path}: {error.strerror}") from None
+
+    architecture = metadata.get("general.architecture")
+    if not isinstance(architecture, str) or not architecture:
+        raise InvalidModelFile(f"{path.name}: GGUF without general.architecture")
+
+    def arch_int(key: str, default: int = 0) -> int:
+        value = metadata.get(f"{architecture}.{key}", default)
+        return int(value) if isinstance(value, (int, float)) else default
+
+    causal = metadata.get(f"{architecture}.attention.causal", True)
+    return GGUFFacts(
+        architecture=architecture,
+        name=str(metadata.get("general.name", "")),
+        context_length=arch_int("context_length"),
+        embedding_length=arch_int("embedding_length"),
+        block_count=arch_int("block_count"),
+        pooling_type=arch_int("pooling_type", int(PoolingType.NONE)),
+        causal_attention=bool(causal),
+        file_type=_file_type_name(metadata, tensor_types),
+        parameter_count=parameter_count,
+        tensor_count=tensor_count,
+        metadata=metadata,
+    )
+
+
+def format_parameter_size(count: int) -> str:
+    """Ollama's style: 22.57M, 137M, 1.2B."""
+    for threshold, suffix in ((1_000_000_000, "B"), (1_000_000, "M"), (1_000, "K")):
+        if count >= threshold:
+            value = count / threshold
+            return f"{value:.2f}{suffix}" if value < 100 else f"{value:.0f}{suffix}"
+    return str(count)

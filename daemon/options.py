@@ -1,0 +1,152 @@
+"""Runner options: Ollama's request `options` + the daemon's settings -> how llama.cpp is loaded.
+
+Pure functions only, so the mapping (num_gpu -> n_gpu_layers and friends) is table-tested on any
+machine, GPU or not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from daemon.config import Settings
+from daemon.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+# Options that change how a runner is loaded, and the JSON type each must have.
+_LOAD_OPTION_TYPES: dict[str, type] = {
+    "num_ctx": int,
+    "num_batch": int,
+    "num_thread": int,
+    "num_gpu": int,
+    "main_gpu": int,
+    "use_mmap": bool,
+}
+# Generation options Ollama clients send along; meaningless for embeddings, accepted silently.
+_IGNORED_OPTIONS = {
+    "temperature", "top_k", "top_p", "min_p", "typical_p", "seed", "num_predict", "num_keep",
+    "repeat_last_n", "repeat_penalty", "presence_penalty", "frequency_penalty", "stop",
+    "penalize_newline", "mirostat", "mirostat_tau", "mirostat_eta", "tfs_z", "low_vram",
+    "f16_kv", "vocab_only", "use_mlock", "numa", "logits_all", "embedding_only",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Everything that fixes a runner: a request with different values needs a reload."""
+
+    num_ctx: int  # 0 = the model's trained context
+    batch_tokens: int  # token budget of one llama.cpp decode
+    num_thread: int
+    num_gpu: int  # layers to offload; -1 = all
+    main_gpu: int
+    use_mmap: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def available_cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity API
+        return os.cpu_count() or 1
+
+
+def parse_options(raw: Any) -> dict[str, Any]:
+    """Validate a request's `options` object; unknown keys are logged and dropped."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidInput("options must be an object")
+    options: dict[str, Any] = {}
+    for key, value in raw.items():
+        expected = _LOAD_OPTION_TYPES.get(key)
+        if expected is None:
+            if key not in _IGNORED_OPTIONS:
+                log.info("ignoring unknown option %r", key)
+            continue
+        if expected is int:
+            # JSON has one number type; Ollama accepts 2048.0 for an int option, so do we.
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidInput(f'option "{key}" must be an integer, got {type(value).__name__}')
+        elif not isinstance(value, bool):
+            raise InvalidInput(f'option "{key}" must be true or false, got {type(value).__name__}')
+        options[key] = value
+    for key in ("num_ctx", "num_batch", "num_thread"):
+        if options.get(key, 0) < 0:
+            raise InvalidInput(f'option "{key}" must not be negative')
+    if options.get("num_batch") == 0:
+        raise InvalidInput('option "num_batch" must be positive')
+    return options
+
+
+def resolve_load_options(settings: Settings, options: Mapping[str, Any]) -> LoadOptions:
+    """Request options over the daemon's defaults."""
+    num_thread = options.get("num_thread") or settings.num_thread or available_cpu_count()
+    return LoadOptions(
+        num_ctx=options.get("num_ctx", settings.num_ctx),
+        batch_tokens=options.get("num_batch", settings.batch_tokens),
+        num_thread=num_thread,
+        num_gpu=options.get("num_gpu", settings.num_gpu),
+        main_gpu=options.get("main_gpu", settings.main_gpu),
+        use_mmap=options.get("use_mmap", settings.use_mmap),
+    )
+
+
+def context_limit(num_ctx: int, trained_context: int) -> int:
+    """Tokens one input may have: num_ctx capped at the trained context (no hidden 2048 cap)."""
+    if trained_context <= 0:
+        return num_ctx if num_ctx > 0 else 512
+    if num_ctx <= 0:
+        return trained_context
+    return min(num_ctx, trained_context)
+
+
+def n_gpu_layers(num_gpu: int, block_count: int) -> int:
+    """Ollama's num_gpu (layers, -1 = all) as llama.cpp's n_gpu_layers (-1 = all)."""
+    if num_gpu < 0:
+        return -1
+    # +1 covers the output layer, which llama.cpp counts as a layer of its own.
+    return min(num_gpu, block_count + 1) if block_count > 0 else num_gpu
+
+
+@dataclass(frozen=True)
+class LlamaParams:
+    """The llama.cpp model and context parameters a runner is created with."""
+
+    n_gpu_layers: int
+    main_gpu: int
+    use_mmap: bool
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    n_threads: int
+    n_threads_batch: int
+    limit_tokens: int  # longest single input, special tokens included
+    batch_tokens: int  # token budget of one decode
+
+
+def llama_params(load: LoadOptions, trained_context: int, block_count: int) -> LlamaParams:
+    limit = context_limit(load.num_ctx, trained_context)
+    # An encoder sees a whole sequence in one ubatch, so the ubatch must hold the longest input;
+    # the per-decode budget stays small because attention cost grows with its square.
+    capacity = max(limit, load.batch_tokens)
+    return LlamaParams(
+        n_gpu_layers=n_gpu_layers(load.num_gpu, block_count),
+        main_gpu=load.main_gpu,
+        use_mmap=load.use_mmap,
+        n_ctx=capacity,
+        n_batch=capacity,
+        n_ubatch=capacity,
+        n_threads=load.num_thread,
+        n_threads_batch=load.num_thread,
+        limit_tokens=limit,
+        batch_tokens=min(load.batch_tokens, capacity),
+    )

@@ -1,0 +1,237 @@
+"""The daemon's side of a runner: starts the child, sends requests, matches answers, notices death."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import psutil
+
+from daemon.errors import ContextExceeded, ModelLoadFailed, RunnerCrashed, ShuttingDown
+from daemon.options import LlamaParams
+from daemon.runner.protocol import FRAME_PREFIX, encode_frame
+
+log = logging.getLogger(__name__)
+_STDERR_TAIL_LINES = 20
+# Two llama.cpp processes spinning at once on few cores collapse throughput (see DESIGN.md).
+RUNNER_ENVIRONMENT: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class RunnerFacts:
+    n_embd: int
+    trained_context: int
+    limit_tokens: int
+    batch_tokens: int
+    max_sequences: int
+    pooling_type: int
+    gpu_offload: bool
+    pid: int
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    vectors: np.ndarray  # (inputs, n_embd) float32, as pooled by the model (not normalised)
+    token_count: int
+    truncated_count: int
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "closed its pipe"
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class RunnerProcess:
+    """A live child process serving one model."""
+
+    def __init__(self, process: asyncio.subprocess.Process, label: str) -> None:
+        self._process = process
+        self.label = label
+        self.facts: RunnerFacts | None = None
+        self._pending: dict[int, asyncio.Future[EmbedResult]] = {}
+        self._ids = itertools.count(1)
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+        self._ready: asyncio.Future[RunnerFacts] = asyncio.get_running_loop().create_future()
+        self._exit_callbacks: list[Callable[[RunnerProcess], None]] = []
+        self._stopping = False
+        self.exited = asyncio.Event()
+        self._tasks = [
+            asyncio.create_task(self._read_frames(), name=f"runner-frames-{label}"),
+            asyncio.create_task(self._read_stderr(), name=f"runner-stderr-{label}"),
+        ]
+
+    @classmethod
+    async def start(
+        cls,
+        model_path: Path,
+        params: LlamaParams,
+        label: str,
+        load_timeout_s: float,
+        environment: Mapping[str, str] | None = None,
+    ) -> RunnerProcess:
+        config = orjson.dumps({"model_path": str(model_path), "params": params.__dict__}).decode()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "daemon.runner.worker",
+            config,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**(environment if environment is not None else os.environ), **RUNNER_ENVIRONMENT},
+            limit=1 << 20,
+        )
+        runner = cls(process, label)
+        try:
+            async with asyncio.timeout(load_timeout_s):
+                await runner._ready
+        except TimeoutError:
+            await runner.kill()
+            raise ModelLoadFailed(f"loading {label} took longer than {load_timeout_s:g}s") from None
+        except ModelLoadFailed:
+            await runner.kill()
+            raise
+        return runner
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def rss_bytes(self) -> int:
+        try:
+            return int(psutil.Process(self.pid).memory_info().rss)
+        except psutil.Error:
+            return 0
+
+    def on_exit(self, callback: Callable[[RunnerProcess], None]) -> None:
+        self._exit_callbacks.append(callback)
+
+    async def embed(self, texts: list[str], truncate: bool) -> EmbedResult:
+        if not self.alive or self._stopping:
+            raise ShuttingDown(f"runner for {self.label} is stopping")
+        request_id = next(self._ids)
+        future: asyncio.Future[EmbedResult] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        assert self._process.stdin is not None
+        try:
+            self._process.stdin.write(
+                encode_frame({"type": "embed", "id": request_id, "texts": texts, "truncate": truncate})
+            )
+            await self._process.stdin.drain()
+            return await future
+        except (BrokenPipeError, ConnectionResetError):
+            await self.exited.wait()
+            return await future
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _read_frames(self) -> None:
+        stdout = self._process.stdout
+        assert stdout is not None
+        try:
+            while True:
+                prefix = await stdout.readexactly(FRAME_PREFIX.size)
+                header_length, payload_length = FRAME_PREFIX.unpack(prefix)
+                header = orjson.loads(await stdout.readexactly(header_length))
+                payload = await stdout.readexactly(payload_length) if payload_length else b""
+                self._dispatch(header, payload)
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            pass
+        returncode = await self._process.wait()
+        await self._stderr_drained()
+        self._fail_all(returncode)
+
+    async def _stderr_drained(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(self._tasks[1]), timeout=1.0)
+
+    def _dispatch(self, header: dict[str, Any], payload: bytes) -> None:
+        kind = header["type"]
+        if kind == "ready":
+            self.facts = RunnerFacts(**header["facts"])
+            self._ready.set_result(self.facts)
+            return
+        if kind == "load_failed":
+            if not self._ready.done():
+                self._ready.set_exception(ModelLoadFailed(f"failed to load {self.label}: {header['message']}"))
+            return
+        future = self._pending.get(header["id"])
+        if future is None or future.done():
+            return
+        if kind == "result":
+            vectors = np.frombuffer(payload, dtype="<f4").reshape(header["rows"], header["dims"])
+            future.set_result(EmbedResult(vectors, header["token_count"], header["truncated"]))
+        elif header.get("kind") == "context_exceeded":
+            future.set_exception(ContextExceeded(header["message"]))
+        else:
+            future.set_exception(RunnerCrashed(f"model runner failed: {header['message']}"))
+
+    def _fail_all(self, returncode: int | None) -> None:
+        self.exited.set()
+        how = _describe_exit(returncode)
+        last_line = next((line for line in reversed(self._stderr_tail) if line.strip()), "")
+        detail = f"model runner for {self.label} {how}" + (f": {last_line}" if last_line else "")
+        if not self._stopping:
+            log.warning("%s", detail)
+        if not self._ready.done():
+            self._ready.set_exception(ModelLoadFailed(f"failed to load {self.label}: runner {how}"))
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(RunnerCrashed(detail))
+        for callback in self._exit_callbacks:
+            callback(self)
+
+    async def _read_stderr(self) -> None:
+        stderr = self._process.stderr
+        assert stderr is not None
+        while line := await stderr.readline():
+            text = line.decode("utf-8", errors="replace").rstrip()
+            self._stderr_tail.append(text)
+            log.debug("runner %s: %s", self.label, text)
+
+    async def stop(self, timeout_s: float) -> None:
+        """Finish what the runner holds, then let it exit; kill it if it takes too long."""
+        self._stopping = True
+        if self.alive and self._process.stdin is not None:
+            with contextlib.suppress(Exception):
+                self._process.stdin.close()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.exited.wait()
+        except TimeoutError:
+            await self.kill()
+
+    async def kill(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(ProcessLookupError):
+            self._process.kill()
+        await self._process.wait()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, timeout=5.0)

@@ -1,0 +1,116 @@
+"""llama.cpp behind one small class. Only runner code imports llama_cpp, and only in the child."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import llama_cpp
+import numpy as np
+from llama_cpp import _internals as internals
+
+from daemon.options import LlamaParams
+from daemon.runner.batching import fit_tokens, special_token_split
+
+_PROBE_TEXT = b"probe"
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    n_embd: int
+    trained_context: int
+    limit_tokens: int
+    batch_tokens: int
+    max_sequences: int
+    pooling_type: int
+    gpu_offload: bool  # this llama.cpp build can offload layers (CUDA, Metal, ...)
+
+
+@dataclass
+class TokenizedInput:
+    tokens: list[int]
+    truncated: bool
+
+
+def _log_errors_only(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    # llama.cpp is chatty at load time; keep its errors (they reach the daemon's log via stderr).
+    if level >= 4:  # GGML_LOG_LEVEL_ERROR
+        import sys
+
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+
+_LOG_CALLBACK = llama_cpp.llama_log_callback(_log_errors_only)
+
+
+class EmbeddingEngine:
+    """One model and one context, used from a single thread."""
+
+    def __init__(self, model_path: str, params: LlamaParams) -> None:
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = params.n_gpu_layers
+        model_params.main_gpu = params.main_gpu
+        model_params.use_mmap = params.use_mmap
+        self._model = internals.LlamaModel(path_model=model_path, params=model_params, verbose=False)
+
+        context_params = llama_cpp.llama_context_default_params()
+        context_params.n_ctx = params.n_ctx
+        context_params.n_batch = params.n_batch
+        context_params.n_ubatch = params.n_ubatch
+        context_params.n_threads = params.n_threads
+        context_params.n_threads_batch = params.n_threads_batch
+        context_params.embeddings = True
+        context_params.kv_unified = True
+        max_sequences = min(params.n_batch, llama_cpp.llama_max_parallel_sequences())
+        context_params.n_seq_max = max_sequences
+        self._context = internals.LlamaContext(model=self._model, params=context_params, verbose=False)
+        self._batch = internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False)
+
+        self.facts = EngineFacts(
+            n_embd=self._model.n_embd(),
+            trained_context=self._model.n_ctx_train(),
+            limit_tokens=params.limit_tokens,
+            batch_tokens=params.batch_tokens,
+            max_sequences=max_sequences,
+            pooling_type=llama_cpp.llama_pooling_type(self._context.ctx),
+            gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
+        )
+        self._head_specials, self._tail_specials = special_token_split(
+            self._tokenize(_PROBE_TEXT, add_special=True), self._tokenize(_PROBE_TEXT, add_special=False)
+        )
+
+    def _tokenize(self, text: bytes, add_special: bool) -> list[int]:
+        # special=False: text that spells "[SEP]" is text, not a control token.
+        return list(self._model.tokenize(text, add_special, False))
+
+    def tokenize(self, text: str, truncate: bool) -> TokenizedInput:
+        tokens = self._tokenize(text.encode("utf-8"), add_special=True)
+        fitted, truncated = fit_tokens(
+            tokens, self._head_specials, self._tail_specials, self.facts.limit_tokens, truncate
+        )
+        return TokenizedInput(fitted, truncated)
+
+    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """Pooled embeddings (not normalised) of sequences that fit one decode together."""
+        batch = self._batch
+        batch.reset()
+        for seq_id, tokens in enumerate(sequences):
+            batch.add_sequence(tokens, seq_id, True)
+        self._context.kv_cache_clear()
+        self._context.decode(batch)
+        n_embd = self.facts.n_embd
+        output = np.empty((len(sequences), n_embd), dtype=np.float32)
+        for seq_id in range(len(sequences)):
+            pointer = llama_cpp.llama_get_embeddings_seq(self._context.ctx, seq_id)
+            if not pointer:
+                raise RuntimeError(f"llama.cpp returned no embedding for sequence {seq_id}")
+            output[seq_id] = np.ctypeslib.as_array(pointer, shape=(n_embd,))
+        return output
+
+    def close(self) -> None:
+        self._batch.close()
+        self._context.close()
+        self._model.close()

@@ -1,0 +1,44 @@
+"""The pipe protocol between the daemon and a runner child.
+
+A frame is: u32 header length, u32 payload length (big-endian), a JSON header, a binary payload.
+Embeddings travel as raw little-endian float32 in the payload: a 384-float vector is 1.5 KB and
+costs no JSON encoding on either side.
+
+Child -> parent headers:
+    {"type": "ready", "facts": {...}}                 once, after the model loaded
+    {"type": "load_failed", "message": "..."}         instead of ready, then the child exits
+    {"type": "result", "id": N, "rows": R, "dims": D, "token_count": T, "truncated": K}
+    {"type": "error", "id": N, "kind": "context_exceeded" | "failed", "message": "..."}
+Parent -> child headers:
+    {"type": "embed", "id": N, "texts": [...], "truncate": bool}
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, BinaryIO
+
+import orjson
+
+FRAME_PREFIX = struct.Struct(">II")
+MAX_HEADER_BYTES = 256 * 1024 * 1024
+
+
+def encode_frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    header_bytes = orjson.dumps(header)
+    return FRAME_PREFIX.pack(len(header_bytes), len(payload)) + header_bytes + payload
+
+
+def read_frame_blocking(stream: BinaryIO) -> tuple[dict[str, Any], bytes] | None:
+    """Read one frame from a blocking stream; None at end of stream."""
+    prefix = stream.read(FRAME_PREFIX.size)
+    if len(prefix) < FRAME_PREFIX.size:
+        return None
+    header_length, payload_length = FRAME_PREFIX.unpack(prefix)
+    if header_length > MAX_HEADER_BYTES:
+        raise ValueError(f"frame header of {header_length} bytes")
+    header = stream.read(header_length)
+    payload = stream.read(payload_length) if payload_length else b""
+    if len(header) < header_length or len(payload) < payload_length:
+        return None
+    return orjson.loads(header), payload

@@ -1,0 +1,155 @@
+"""The runner child: `python -m daemon.runner.worker CONFIG_JSON`.
+
+It owns one llama.cpp model. A reader thread takes requests off stdin; the main thread tokenizes
+them and packs the sequences of every waiting request, in arrival order, into decodes under the
+token budget, so concurrent requests share batches. If llama.cpp aborts, only this process dies.
+Closing stdin asks it to finish what it holds and exit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import numpy as np
+import orjson
+
+from daemon.errors import ContextExceeded
+from daemon.options import LlamaParams
+from daemon.runner.batching import take_batch
+from daemon.runner.protocol import encode_frame, read_frame_blocking
+
+_END = None
+
+
+@dataclass
+class _Request:
+    request_id: int
+    output: np.ndarray
+    remaining: int
+    token_count: int = 0
+    truncated: int = 0
+    failed: bool = False
+
+
+@dataclass
+class _Sequence:
+    request: _Request
+    row: int
+    tokens: list[int] = field(default_factory=list)
+
+
+class _Writer:
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        self._stream.write(encode_frame(header, payload))
+        self._stream.flush()
+
+
+def _read_requests(stream: BinaryIO, inbox: queue.Queue[dict[str, Any] | None]) -> None:
+    try:
+        while (frame := read_frame_blocking(stream)) is not None:
+            inbox.put(frame[0])
+    finally:
+        inbox.put(_END)
+
+
+def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Writer) -> None:
+    """Answer every request in `inbox` until its end marker, batching across requests."""
+    waiting: deque[_Sequence] = deque()
+    ended = False
+    facts = engine.facts
+
+    def accept(message: dict[str, Any]) -> None:
+        request_id = message["id"]
+        texts: list[str] = message["texts"]
+        try:
+            tokenized = [engine.tokenize(text, message["truncate"]) for text in texts]
+        except ContextExceeded as error:
+            writer.send({"type": "error", "id": request_id, "kind": "context_exceeded", "message": error.message})
+            return
+        request = _Request(request_id, np.empty((len(texts), facts.n_embd), dtype=np.float32), len(texts))
+        for row, item in enumerate(tokenized):
+            request.token_count += len(item.tokens)
+            request.truncated += item.truncated
+            waiting.append(_Sequence(request, row, item.tokens))
+        if not texts:
+            finish(request)
+
+    def finish(request: _Request) -> None:
+        header = {
+            "type": "result",
+            "id": request.request_id,
+            "rows": request.output.shape[0],
+            "dims": request.output.shape[1],
+            "token_count": request.token_count,
+            "truncated": request.truncated,
+        }
+        writer.send(header, request.output.tobytes())
+
+    while not (ended and not waiting):
+        # Block only when idle; otherwise pick up whatever arrived while the last decode ran.
+        try:
+            while True:
+                message = inbox.get(block=not waiting and not ended)
+                if message is _END:
+                    ended = True
+                    break
+                accept(message)
+        except queue.Empty:
+            pass
+        if not waiting:
+            continue
+        head = itertools.islice(waiting, facts.max_sequences)
+        count = take_batch([len(s.tokens) for s in head], facts.batch_tokens, facts.max_sequences)
+        batch = [waiting.popleft() for _ in range(count)]
+        batch = [s for s in batch if not s.request.failed]
+        if not batch:
+            continue
+        try:
+            vectors = engine.embed_batch([s.tokens for s in batch])
+        except Exception as error:  # a llama.cpp failure fails the requests it touched, not the runner
+            for request in {id(s.request): s.request for s in batch}.values():
+                request.failed = True
+                writer.send({"type": "error", "id": request.request_id, "kind": "failed", "message": str(error)})
+            continue
+        for sequence, vector in zip(batch, vectors):
+            request = sequence.request
+            request.output[sequence.row] = vector
+            request.remaining -= 1
+            if request.remaining == 0:
+                finish(request)
+
+
+def main() -> int:
+    config = orjson.loads(sys.argv[1])
+    # The protocol owns the original stdout; anything native code prints goes to stderr instead.
+    protocol_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    writer = _Writer(protocol_out)
+    try:
+        from daemon.runner.engine import EmbeddingEngine
+
+        engine = EmbeddingEngine(config["model_path"], LlamaParams(**config["params"]))
+    except Exception as error:
+        writer.send({"type": "load_failed", "message": f"{type(error).__name__}: {error}"})
+        return 1
+    facts = engine.facts
+    writer.send({"type": "ready", "facts": {**facts.__dict__, "pid": os.getpid()}})
+    inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    threading.Thread(target=_read_requests, args=(sys.stdin.buffer, inbox), daemon=True).start()
+    serve(engine, inbox, writer)
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Which models are loaded: leases with refcounts, keep_alive timers, eviction, one load at a time.
+
+Mechanism only; the decisions (what fits, who is evicted, what options mean) are pure functions in
+`memory` and `options`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.config import Settings
+from daemon.errors import InsufficientMemory, Overloaded, ShuttingDown
+from daemon.memory import EvictionCandidate, MemoryProbe, estimate_runner_bytes, fits, pick_victim
+from daemon.options import LlamaParams, LoadOptions, llama_params, resolve_load_options
+from daemon.runner.client import RunnerProcess
+from daemon.store import ModelStore, StoredModel, require_embedding_model
+
+log = logging.getLogger(__name__)
+OVERLOADED_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
+
+RunnerFactory = Callable[[StoredModel, LlamaParams], Awaitable[RunnerProcess]]
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    model: StoredModel
+    load: LoadOptions
+    params: LlamaParams
+    runner: RunnerProcess
+    keep_alive_s: float
+    estimated_bytes: int
+    refcount: int = 0
+    last_used_s: float = 0.0
+    expires_at_wall_s: float | None = None  # None: in use, or kept forever
+    timer: asyncio.TimerHandle | None = None
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+
+@dataclass(frozen=True)
+class Lease:
+    loaded: LoadedModel
+    load_duration_ns: int
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ModelStore,
+        runner_factory: RunnerFactory,
+        memory_probe: MemoryProbe,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._runner_factory = runner_factory
+        self._memory_probe = memory_probe
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._loaded: dict[str, LoadedModel] = {}
+        self._load_lock = asyncio.Lock()
+        self._admitted = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._shutting_down = False
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._loaded.values())
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    # -- leases ----------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """Count a request from acceptance to answer; refuse it before any work when full."""
+        if self._shutting_down:
+            raise ShuttingDown("server is shutting down")
+        if self._admitted >= self._settings.max_queue:
+            raise Overloaded(OVERLOADED_MESSAGE)
+        self._admitted += 1
+        self._drained.clear()
+        try:
+            yield
+        finally:
+            self._admitted -= 1
+            if self._admitted == 0:
+                self._drained.set()
+
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, name: str, options: dict[str, Any], keep_alive_s: float | None
+    ) -> AsyncIterator[Lease]:
+        """Hold a loaded runner for `name` for the duration of the block."""
+        model = self._store.get(name)
+        require_embedding_model(model.facts, model.name)
+        load = resolve_load_options(self._settings, options)
+        started_ns = time.perf_counter_ns()
+        loaded_now = False
+        async with self._load_lock:
+            entry = self._loaded.get(model.name)
+            if entry is not None and (
+                entry.model.digest != model.digest or entry.load != load or not entry.runner.alive
+            ):
+                await self._retire(entry)
+                entry = None
+            if entry is None:
+                entry = await self._load(model, load, keep_alive_s)
+                loaded_now = True
+            self._acquire(entry, keep_alive_s)
+        load_duration_ns = time.perf_counter_ns() - started_ns if loaded_now else 0
+        try:
+            yield Lease(entry, load_duration_ns)
+        finally:
+            self._release(entry)
+
+    def _acquire(self, entry: LoadedModel, keep_alive_s: float | None) -> None:
+        entry.refcount += 1
+        entry.idle.clear()
+        entry.expires_at_wall_s = None
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+        if keep_alive_s is not None:
+            entry.keep_alive_s = keep_alive_s
+
+    def _release(self, entry: LoadedModel) -> None:
+        entry.refcount -= 1
+        entry.last_used_s = self._clock()
+        if entry.refcount > 0:
+            return
+        entry.idle.set()
+        if self._loaded.get(entry.name) is not entry:
+            return  # already retired or crashed
+        if entry.keep_alive_s < 0:
+            entry.expires_at_wall_s = None
+        elif entry.keep_alive_s == 0:
+            self._expire(entry)
+        else:
+            entry.expires_at_wall_s = self._wall_clock() + entry.keep_alive_s
+            entry.timer = asyncio.get_running_loop().call_later(entry.keep_alive_s, self._expire, entry)
+
+    def _expire(self, entry: LoadedModel) -> None:
+        if entry.refcount == 0 and self._loaded.get(entry.name) is entry:
+            log.info("unloading %s (keep_alive expired)", entry.name)
+            # Forget it now, so no request leases a runner that is about to stop.
+            self._forget(entry)
+            self._spawn(self._stop_when_idle(entry))
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- loading and unloading -------------------------------------------------------------------
+
+    async def _load(self, model: StoredModel, load: LoadOptions, keep_alive_s: float | None) -> LoadedModel:
+        params = llama_params(load, model.facts.context_length, model.facts.block_count)
+        estimated = estimate_runner_bytes(
+            model.size_bytes, params.n_ctx, model.facts.embedding_length, params.n_ubatch
+        )
+        await self._make_room(estimated)
+        log.info("loading %s (%s, ctx %d, %d threads)", model.name, model.facts.file_type, params.n_ctx, params.n_threads)
+        runner = await self._runner_factory(model, params)
+        entry = LoadedModel(
+            model=model,
+            load=load,
+            params=params,
+            runner=runner,
+            keep_alive_s=self._settings.keep_alive_s if keep_alive_s is None else keep_alive_s,
+            estimated_bytes=estimated,
+            last_used_s=self._clock(),
+        )
+        entry.idle.set()
+        runner.on_exit(lambda _runner: self._forget(entry))
+        self._loaded[model.name] = entry
+        return entry
+
+    def _forget(self, entry: LoadedModel) -> None:
+        """A runner exited (crash or unload): drop it so the next request starts a fresh one."""
+        if self._loaded.get(entry.name) is entry:
+            del self._loaded[entry.name]
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+
+    async def _retire(self, entry: LoadedModel) -> None:
+        """Unload a model once the requests holding it are answered."""
+        self._forget(entry)
+        await self._stop_when_idle(entry)
+
+    async def _stop_when_idle(self, entry: LoadedModel) -> None:
+        await entry.idle.wait()
+        await entry.runner.stop(self._settings.shutdown_timeout_s)
+
+    async def _make_room(self, required_bytes: int) -> None:
+        reserve_bytes = self._settings.memory_reserve_mib * 1024 * 1024
+        max_loaded = self._settings.max_loaded_models
+        while True:
+            snapshot = self._memory_probe.snapshot()
+            count_ok = max_loaded == 0 or len(self._loaded) < max_loaded
+            if count_ok and fits(required_bytes, snapshot.available_bytes, reserve_bytes):
+                return
+            if not self._loaded:
+                raise InsufficientMemory(
+                    f"model requires {required_bytes / 2**30:.2f} GiB but only "
+                    f"{max(0, snapshot.available_bytes - reserve_bytes) / 2**30:.2f} GiB is available"
+                )
+            candidates = [
+                EvictionCandidate(e.name, e.refcount > 0, e.last_used_s, e.estimated_bytes)
+                for e in self._loaded.values()
+            ]
+            victim = pick_victim(candidates)
+            if victim is None:
+                # Every loaded model is busy: wait for one to go idle, then decide again.
+                waits = [asyncio.ensure_future(e.idle.wait()) for e in self._loaded.values()]
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in waits:
+                        waiter.cancel()
+                continue
+            log.info("unloading %s to make room", victim.name)
+            await self._retire(self._loaded[victim.name])
+
+    async def unload(self, name: str) -> bool:
+        """Unload a model now (after its in-flight requests); False if it was not loaded."""
+        model = self._store.get(name)
+        async with self._load_lock:
+            entry = self._loaded.get(model.name)
+            if entry is None:
+                return False
+            await self._retire(entry)
+            return True
+
+    async def unload_canonical(self, canonical: str) -> None:
+        """Unload by canonical name, whether or not the store still has it (used by delete)."""
+        async with self._load_lock:
+            entry = self._loaded.get(canonical)
+            if entry is not None:
+                await self._retire(entry)
+
+    # -- shutdown --------------------------------------------------------------------------------
+
+    async def close(self, drain_timeout_s: float) -> None:
+        """Stop admitting, let admitted requests finish (bounded), then stop every runner."""
+        self._shutting_down = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(drain_timeout_s):
+                await self._drained.wait()
+        entries = list(self._loaded.values())
+        for entry in entries:
+            self._forget(entry)
+        await asyncio.gather(*(entry.runner.stop(drain_timeout_s) for entry in entries))
+        for task in list(self._background):
+            with contextlib.suppress(Exception):
+                await task

@@ -1,0 +1,229 @@
+"""The model store: names -> manifests -> content-addressed blobs, under EMBERD_HOME/models.
+
+Layout:
+    models/blobs/sha256-<hex>              GGUF files, named by their content
+    models/manifests/<name>/<tag>.json     one per model name, pointing at a blob
+    tmp/                                   partial files; same filesystem, so publishing is a rename
+
+Nothing is ever written in place: a blob or manifest appears under its final name by an atomic
+rename after its content is complete and fsynced, so a crash leaves no half-written model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from daemon.convert import convert_hf_directory, inspect_hf_directory
+from daemon.errors import InvalidModelFile, InvalidModelName, NotEmbeddingModel, UnknownModel
+from daemon.gguf_info import GGUFFacts, read_gguf_facts
+
+MAX_NAME_LENGTH = 200
+DEFAULT_TAG = "latest"
+_SEGMENT = r"[a-z0-9][a-z0-9._-]*"
+_NAME_PATTERN = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*(?::{_SEGMENT})?")
+_COPY_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def canonical_name(name: str) -> str:
+    """"All-MiniLM" -> "all-minilm:latest". Raises InvalidModelName for names that could escape."""
+    candidate = name.strip().lower()
+    if not candidate:
+        raise UnknownModel(f"model '{name}' not found")
+    if len(candidate) > MAX_NAME_LENGTH:
+        raise InvalidModelName(f"invalid model name: longer than {MAX_NAME_LENGTH} characters")
+    if ".." in candidate or not _NAME_PATTERN.fullmatch(candidate):
+        raise InvalidModelName(f"invalid model name {name!r}")
+    return candidate if ":" in candidate else f"{candidate}:{DEFAULT_TAG}"
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    name: str  # canonical, "all-minilm:latest"
+    digest: str  # "sha256:<hex>"
+    size_bytes: int
+    modified_at: str  # RFC 3339
+    blob_path: Path
+    facts: GGUFFacts
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ModelStore:
+    def __init__(self, home: Path) -> None:
+        self.models_dir = home / "models"
+        self.blobs_dir = self.models_dir / "blobs"
+        self.manifests_dir = self.models_dir / "manifests"
+        self.tmp_dir = home / "tmp"
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        """Create the layout and drop partial files a previous run left behind."""
+        for directory in (self.blobs_dir, self.manifests_dir, self.tmp_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp_dir.iterdir():
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _manifest_path(self, name: str) -> Path:
+        model, _, tag = name.partition(":")
+        return self.manifests_dir.joinpath(*model.split("/"), f"{tag}.json")
+
+    def _read_manifest(self, path: Path) -> StoredModel:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        digest = manifest["digest"]
+        facts = manifest["facts"]
+        return StoredModel(
+            name=manifest["name"],
+            digest=digest,
+            size_bytes=manifest["size"],
+            modified_at=manifest["modified_at"],
+            blob_path=self.blobs_dir / digest.replace(":", "-"),
+            facts=GGUFFacts(**{**facts, "metadata": {}}),
+        )
+
+    def get(self, name: str) -> StoredModel:
+        """The stored model for a name; UnknownModel if there is none."""
+        canonical = canonical_name(name)
+        path = self._manifest_path(canonical)
+        if not path.is_file():
+            raise UnknownModel(f'model "{name}" not found, try pulling it first')
+        return self._read_manifest(path)
+
+    def list(self) -> list[StoredModel]:
+        models = [self._read_manifest(path) for path in self.manifests_dir.rglob("*.json")]
+        return sorted(models, key=lambda model: model.modified_at, reverse=True)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _publish_blob(self, partial: Path, digest_hex: str) -> Path:
+        """Move a complete, fsynced partial file into the blobs directory under its digest."""
+        blob = self.blobs_dir / f"sha256-{digest_hex}"
+        if blob.exists():
+            partial.unlink()
+        else:
+            os.replace(partial, blob)
+            _fsync_directory(self.blobs_dir)
+        return blob
+
+    def _write_manifest(self, name: str, blob: Path, facts: GGUFFacts, source: str) -> StoredModel:
+        digest = "sha256:" + blob.name.removeprefix("sha256-")
+        modified_at = datetime.now(UTC).isoformat()
+        manifest: dict[str, Any] = {
+            "schema_version": 1,
+            "name": name,
+            "digest": digest,
+            "size": blob.stat().st_size,
+            "modified_at": modified_at,
+            "source": source,
+            "facts": {k: v for k, v in dataclasses.asdict(facts).items() if k != "metadata"},
+        }
+        path = self._manifest_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=self.tmp_dir, delete=False, encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+        _fsync_directory(path.parent)
+        return self._read_manifest(path)
+
+    def _hash_copy(self, source: Path, partial: Path) -> str:
+        digest = hashlib.sha256()
+        with source.open("rb") as reader, partial.open("wb") as writer:
+            while chunk := reader.read(_COPY_CHUNK_BYTES):
+                digest.update(chunk)
+                writer.write(chunk)
+            writer.flush()
+            os.fsync(writer.fileno())
+        return digest.hexdigest()
+
+    @staticmethod
+    def _hash_file(path: Path) -> str:
+        digest = hashlib.sha256()
+        with path.open("rb") as reader:
+            while chunk := reader.read(_COPY_CHUNK_BYTES):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def check_source(self, source: Path) -> None:
+        """Fail fast (before any streaming) when `source` cannot become an embedding model."""
+        if source.is_dir():
+            inspect_hf_directory(source)
+        elif source.is_file():
+            require_embedding_model(read_gguf_facts(source), source.name)
+        else:
+            raise InvalidModelFile(f"{source}: no such file or directory")
+
+    def create(
+        self,
+        name: str,
+        source: Path,
+        output_type: str = "f16",
+        progress: Callable[[str], None] = lambda _status: None,
+    ) -> StoredModel:
+        """Register a GGUF file, or convert a Hugging Face directory, under `name`. Blocking."""
+        canonical = canonical_name(name)
+        self.check_source(source)
+        partial = Path(tempfile.mkstemp(dir=self.tmp_dir, suffix=".partial")[1])
+        try:
+            if source.is_dir():
+                progress(f"converting {source.name} to gguf ({output_type})")
+                convert_hf_directory(source, partial, output_type, canonical.split(":")[0], progress)
+                with partial.open("rb+") as handle:
+                    os.fsync(handle.fileno())
+                progress("computing sha256 digest")
+                digest_hex = self._hash_file(partial)
+            else:
+                progress("copying gguf into the store")
+                digest_hex = self._hash_copy(source, partial)
+            facts = require_embedding_model(read_gguf_facts(partial), source.name)
+            with self._lock:
+                blob = self._publish_blob(partial, digest_hex)
+                progress("writing manifest")
+                return self._write_manifest(canonical, blob, facts, str(source))
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def delete(self, name: str) -> StoredModel:
+        """Remove a name; its blob goes too unless another name still uses it."""
+        model = self.get(name)
+        with self._lock:
+            path = self._manifest_path(model.name)
+            path.unlink()
+            for parent in path.parents:
+                if parent == self.manifests_dir or any(parent.iterdir()):
+                    break
+                parent.rmdir()
+            if all(other.digest != model.digest for other in self.list()):
+                model.blob_path.unlink(missing_ok=True)
+        return model
+
+
+def require_embedding_model(facts: GGUFFacts, label: str) -> GGUFFacts:
+    if not facts.is_embedding_model:
+        raise NotEmbeddingModel(
+            f"{label}: {facts.architecture} model has no pooling type in its GGUF, so it is not an embedding model"
+        )
+    return facts

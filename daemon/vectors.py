@@ -1,0 +1,27 @@
+"""Post-processing of pooled vectors: L2 normalisation, Matryoshka `dimensions`, finiteness."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from daemon.errors import InvalidEmbedding
+
+NON_FINITE_MESSAGE = "embedding contains NaN or Inf values"
+
+
+def normalize_rows(vectors: np.ndarray) -> np.ndarray:
+    """Unit-length rows; an all-zero row stays zero (as Ollama's normalize does)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    safe = np.where(norms > 0, norms, 1.0)
+    return (vectors / safe).astype(np.float32, copy=False)
+
+
+def finish_embeddings(pooled: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """What /api/embed returns: normalised, optionally cut to the first `dimensions` values and
+    renormalised. `dimensions` outside 0 < d < width is ignored, like Ollama."""
+    if not np.isfinite(pooled).all():
+        raise InvalidEmbedding(NON_FINITE_MESSAGE)
+    vectors = normalize_rows(pooled)
+    if dimensions is not None and 0 < dimensions < vectors.shape[1]:
+        vectors = normalize_rows(np.ascontiguousarray(vectors[:, :dimensions]))
+    return vectors
