@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -68,10 +69,8 @@ class _Client:
             return urllib.request.urlopen(request)
         except urllib.error.HTTPError as error:
             message = error.read().decode(errors="replace")
-            try:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 message = json.loads(message)["error"]
-            except (ValueError, KeyError, TypeError):
-                pass
             raise SystemExit(f"Error: {message}") from None
         except urllib.error.URLError as error:
             raise SystemExit(f"Error: cannot reach emberd at {self.base_url}: {error.reason}") from None
@@ -92,7 +91,7 @@ class _Client:
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.command == "serve":
-        logging.basicConfig(
-            level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         wanted = []
         for item in args.ensure_model:
             name, separator, path = item.partition("=")

@@ -20,8 +20,8 @@ from gguf import (
     GGUFWriter,
     LlamaFileType,
     PoolingType,
-    TokenType,
     TensorNameMap,
+    TokenType,
 )
 from gguf.quants import quantize
 from safetensors import safe_open
@@ -183,7 +183,7 @@ def convert_hf_directory(
     progress("converting tensors")
     for weights in source.weights:
         with safe_open(str(weights), framework="numpy") as tensors:
-            for hf_name in tensors.keys():
+            for hf_name in tensors.keys():  # noqa: SIM118 (safe_open is not iterable)
                 bare = hf_name.removeprefix("bert.")
                 if bare.startswith(("pooler.", "cls.")) or bare.endswith("position_ids"):
                     continue  # not part of the encoder llama.cpp runs

@@ -104,9 +104,7 @@ class Scheduler:
                 self._drained.set()
 
     @contextlib.asynccontextmanager
-    async def lease(
-        self, name: str, options: dict[str, Any], keep_alive_s: float | None
-    ) -> AsyncIterator[Lease]:
+    async def lease(self, name: str, options: dict[str, Any], keep_alive_s: float | None) -> AsyncIterator[Lease]:
         """Hold a loaded runner for `name` for the duration of the block."""
         model = self._store.get(name)
         require_embedding_model(model.facts, model.name)
@@ -172,11 +170,11 @@ class Scheduler:
 
     async def _load(self, model: StoredModel, load: LoadOptions, keep_alive_s: float | None) -> LoadedModel:
         params = llama_params(load, model.facts.context_length, model.facts.block_count)
-        estimated = estimate_runner_bytes(
-            model.size_bytes, params.n_ctx, model.facts.embedding_length, params.n_ubatch
-        )
+        estimated = estimate_runner_bytes(model.size_bytes, params.n_ctx, model.facts.embedding_length, params.n_ubatch)
         await self._make_room(estimated)
-        log.info("loading %s (%s, ctx %d, %d threads)", model.name, model.facts.file_type, params.n_ctx, params.n_threads)
+        log.info(
+            "loading %s (%s, ctx %d, %d threads)", model.name, model.facts.file_type, params.n_ctx, params.n_threads
+        )
         runner = await self._runner_factory(model, params)
         entry = LoadedModel(
             model=model,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import socket
@@ -38,7 +39,7 @@ def ensure_models(store: ModelStore, wanted: Sequence[tuple[str, Path]]) -> None
             store.get(name)
         except UnknownModel:
             log.info("creating %s from %s", name, source)
-            store.create(name, source, progress=lambda status: log.info("%s: %s", name, status))
+            store.create(name, source, progress=functools.partial(log.info, "%s: %s", name))
 
 
 async def serve(settings: Settings, notify_socket: str | None = None) -> None:

@@ -37,7 +37,7 @@ _COPY_CHUNK_BYTES = 4 * 1024 * 1024
 
 
 def canonical_name(name: str) -> str:
-    """"All-MiniLM" -> "all-minilm:latest". Raises InvalidModelName for names that could escape."""
+    """ "All-MiniLM" -> "all-minilm:latest". Raises InvalidModelName for names that could escape."""
     candidate = name.strip().lower()
     if not candidate:
         raise UnknownModel(f"model '{name}' not found")
@@ -198,13 +198,20 @@ class ModelStore:
             else:
                 progress("copying gguf into the store")
                 digest_hex = self._hash_copy(source, partial)
-            facts = require_embedding_model(read_gguf_facts(partial), source.name)
-            with self._lock:
-                blob = self._publish_blob(partial, digest_hex)
-                progress("writing manifest")
-                return self._write_manifest(canonical, blob, facts, str(source))
+            require_embedding_model(read_gguf_facts(partial), source.name)
+            progress("writing manifest")
+            return self.publish(canonical, partial, digest_hex, str(source))
         finally:
             partial.unlink(missing_ok=True)
+
+    def publish(self, name: str, partial: Path, digest_hex: str, source: str) -> StoredModel:
+        """Make a complete, fsynced file in tmp/ the blob of `name` (any GGUF: the embed path refuses
+        models without pooling with its own error, which downloads can bring in)."""
+        canonical = canonical_name(name)
+        facts = read_gguf_facts(partial)
+        with self._lock:
+            blob = self._publish_blob(partial, digest_hex)
+            return self._write_manifest(canonical, blob, facts, source)
 
     def delete(self, name: str) -> StoredModel:
         """Remove a name; its blob goes too unless another name still uses it."""

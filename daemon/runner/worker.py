@@ -121,7 +121,7 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
                 request.failed = True
                 writer.send({"type": "error", "id": request.request_id, "kind": "failed", "message": str(error)})
             continue
-        for sequence, vector in zip(batch, vectors):
+        for sequence, vector in zip(batch, vectors, strict=True):
             request = sequence.request
             request.output[sequence.row] = vector
             request.remaining -= 1
