@@ -7,7 +7,6 @@ Everything is read and validated once, in `load_settings`; the rest of the daemo
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -40,7 +39,7 @@ def parse_go_duration_s(text: str) -> float:
     """
     original = text
     sign = 1.0
-    if text[:1] in "+-":
+    if text and text[0] in "+-":
         sign = -1.0 if text[0] == "-" else 1.0
         text = text[1:]
     if text == "0":
@@ -84,8 +83,8 @@ def parse_host(text: str) -> tuple[str, int]:
     return host, port
 
 
-def default_home() -> Path:
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+def default_home(environ: Mapping[str, str]) -> Path:
+    data_home = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(data_home) / "emberd"
 
 
@@ -95,7 +94,7 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    home: Path = dataclasses.field(default_factory=default_home)
+    home: Path = dataclasses.field(default_factory=lambda: default_home({}))
     # Default keep_alive of a model after its last request; negative keeps it loaded forever.
     keep_alive_s: float = 300.0
     # Requests accepted (waiting or running) before new ones get 503.
@@ -107,7 +106,7 @@ class Settings:
     # llama.cpp threads per runner; 0 means the machine's physical cores.
     num_thread: int = 0
     # Token budget of one llama.cpp decode. Attention cost grows with its square: tune by measuring.
-    batch_tokens: int = 256
+    batch_tokens: int = 512
     # Context per sequence; 0 means the model's trained context.
     num_ctx: int = 0
     # Layers offloaded to a GPU; -1 means all (a CPU-only build ignores it).
@@ -129,7 +128,7 @@ _FILE_KEYS = {
 }
 
 
-def _coerce(name: str, raw: Any, from_text: bool) -> Any:
+def _coerce(name: str, raw: Any, from_text: bool, environ: Mapping[str, str]) -> Any:
     """Turn a raw value (TOML value or environment text) into the setting's type."""
     if name in _DURATION_SETTINGS:
         if isinstance(raw, bool):
@@ -165,7 +164,7 @@ def _coerce(name: str, raw: Any, from_text: bool) -> Any:
         raise InvalidConfig(f"{name}: expected an integer, got {raw!r}")
     if field_type == "Path":
         if isinstance(raw, str):
-            return Path(raw).expanduser() if raw else default_home()
+            return Path(raw).expanduser() if raw else default_home(environ)
         raise InvalidConfig(f"{name}: expected a path, got {raw!r}")
     if isinstance(raw, str):
         return raw
@@ -222,12 +221,12 @@ def load_settings(
     for key, raw in (overrides or {}).items():
         if raw is not None:
             values[key] = (raw, isinstance(raw, str))
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"home": default_home(environ)}
     for key, (raw, from_text) in values.items():
         if key == "host":
             host, port = parse_host(str(raw))
             kwargs["host"], kwargs["port"] = host, port
             continue
         name = _FILE_KEYS[key]
-        kwargs[name] = _coerce(name, raw, from_text)
+        kwargs[name] = _coerce(name, raw, from_text, environ)
     return _validate(Settings(**kwargs))

@@ -24,7 +24,7 @@ from gguf import (
     TokenType,
 )
 from gguf.quants import quantize
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from daemon.errors import InvalidModelFile
 
@@ -181,6 +181,21 @@ def convert_hf_directory(
     writer.add_add_sep_token(True)
 
     progress("converting tensors")
+    try:
+        _add_tensors(writer, source, name_map, qtype)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise InvalidModelFile(f"{directory.name}: cannot read weights: {error}") from None
+
+    progress("writing gguf")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _add_tensors(
+    writer: GGUFWriter, source: HFModelDirectory, name_map: TensorNameMap, qtype: GGMLQuantizationType
+) -> None:
     for weights in source.weights:
         with safe_open(str(weights), framework="numpy") as tensors:
             for hf_name in tensors.keys():  # noqa: SIM118 (safe_open is not iterable)
@@ -189,12 +204,6 @@ def convert_hf_directory(
                     continue  # not part of the encoder llama.cpp runs
                 gguf_name = name_map.get_name(bare, try_suffixes=(".weight", ".bias"))
                 if gguf_name is None:
-                    raise InvalidModelFile(f"{directory.name}: unexpected tensor {hf_name}")
+                    raise InvalidModelFile(f"{source.path.name}: unexpected tensor {hf_name}")
                 data, tensor_type = _tensor_data(gguf_name, tensors.get_tensor(hf_name), qtype)
                 writer.add_tensor(gguf_name, data, raw_dtype=tensor_type)
-
-    progress("writing gguf")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()

@@ -38,7 +38,7 @@ _COPY_CHUNK_BYTES = 4 * 1024 * 1024
 
 def canonical_name(name: str) -> str:
     """ "All-MiniLM" -> "all-minilm:latest". Raises InvalidModelName for names that could escape."""
-    candidate = name.strip().lower()
+    candidate = name.strip(" ").lower()
     if not candidate:
         raise UnknownModel(f"model '{name}' not found")
     if len(candidate) > MAX_NAME_LENGTH:

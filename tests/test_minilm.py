@@ -1,0 +1,80 @@
+"""Correctness on the real all-MiniLM-L6-v2, converted by emberd from the PyPI snapshot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import DATA_DIR, MakeClient
+from tests.test_api_embed import embed
+
+Client = TestClient[Any, Any]
+ST_REFERENCE = json.loads((DATA_DIR / "st_all_minilm.json").read_text(encoding="utf-8"))
+OLLAMA_REFERENCE = json.loads((DATA_DIR / "ollama_all-minilm.json").read_text(encoding="utf-8"))
+
+
+def cosine(a: Any, b: Any) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.fixture
+async def minilm_client(make_client: MakeClient, minilm_gguf: Path) -> Client:
+    return await make_client({"all-minilm": minilm_gguf})
+
+
+async def test_vectors_match_sentence_transformers(minilm_client: Client) -> None:
+    texts = [item["text"] for item in ST_REFERENCE["texts"]]
+    assert len(texts) >= 12
+    status, body = await embed(minilm_client, {"model": "all-minilm", "input": texts})
+    assert status == 200
+    for item, vector in zip(ST_REFERENCE["texts"], body["embeddings"], strict=True):
+        assert len(vector) == 384
+        assert cosine(vector, item["vector"]) >= 0.9999, item["text"]
+    assert body["prompt_eval_count"] == sum(item["token_count"] for item in ST_REFERENCE["texts"])
+
+
+async def test_matches_ollamas_own_expected_vectors(minilm_client: Client) -> None:
+    single = OLLAMA_REFERENCE["api_embed"]
+    status, body = await embed(minilm_client, {"model": "all-minilm", "input": single["input"]})
+    assert status == 200
+    assert body["prompt_eval_count"] == single["prompt_eval_count"] == 8
+    assert cosine(body["embeddings"][0], single["vector"]) >= 0.99
+
+    batch = OLLAMA_REFERENCE["api_embed_batch"]
+    status, body = await embed(minilm_client, {"model": "all-minilm", "input": batch["input"]})
+    assert body["prompt_eval_count"] == batch["prompt_eval_count"]
+    for vector, expected in zip(body["embeddings"], batch["vectors"], strict=True):
+        assert cosine(vector, expected) >= 0.99
+
+
+async def test_the_readme_curls(minilm_client: Client) -> None:
+    status, body = await embed(minilm_client, {"model": "all-minilm", "input": "Why is the sky blue?"})
+    assert status == 200
+    assert (len(body["embeddings"]), len(body["embeddings"][0]), body["prompt_eval_count"]) == (1, 384, 8)
+    two = ["Why is the sky blue?", "Why is the grass green?"]
+    status, body = await embed(minilm_client, {"model": "all-minilm", "input": two})
+    assert (len(body["embeddings"]), body["prompt_eval_count"]) == (2, 16)
+
+
+async def test_a_text_gets_the_same_vector_alone_and_inside_a_batch_of_64(minilm_client: Client) -> None:
+    texts = [item["text"] for item in ST_REFERENCE["texts"]]
+    batch = [texts[i % len(texts)] + f" #{i}" for i in range(64)]
+    target = batch[37]
+    _, alone = await embed(minilm_client, {"model": "all-minilm", "input": target})
+    _, together = await embed(minilm_client, {"model": "all-minilm", "input": batch})
+    assert len(together["embeddings"]) == 64
+    assert cosine(alone["embeddings"][0], together["embeddings"][37]) >= 0.99999
+
+
+async def test_the_full_trained_context_is_honoured_with_no_hidden_cap(minilm_client: Client) -> None:
+    long_text = "the sky is blue because of rayleigh scattering. " * 60  # about 600 tokens
+    response = await minilm_client.post("/api/embed", json={"model": "all-minilm", "input": long_text})
+    body = await response.json()
+    assert body["prompt_eval_count"] == 512  # the model's trained context, not less
+    assert response.headers["X-Emberd-Truncated-Inputs"] == "1"

@@ -1,0 +1,165 @@
+"""Runner lifecycle through the daemon: crashes, reloads on new options, concurrency, memory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestClient
+
+from daemon.config import Settings
+from daemon.errors import InsufficientMemory
+from daemon.memory import MemorySnapshot
+from daemon.options import LoadOptions, llama_params
+from daemon.runner.client import RunnerProcess
+from daemon.scheduler import Scheduler
+from daemon.store import ModelStore
+from tests.conftest import MakeClient, scheduler_of, wait_until
+from tests.test_api_embed import embed
+
+Client = TestClient[Any, Any]
+
+
+async def test_sigkill_mid_request_gives_a_clean_error_and_the_next_request_a_fresh_runner(
+    tiny_client: Client,
+) -> None:
+    await embed(tiny_client, {"model": "tiny"})
+    runner = scheduler_of(tiny_client).loaded()[0].runner
+    os.kill(runner.pid, signal.SIGSTOP)  # hold the request inside the runner
+    held = asyncio.create_task(embed(tiny_client, {"model": "tiny", "input": ["hello", "world"]}))
+    await wait_until(lambda: runner.in_flight == 1)
+    os.kill(runner.pid, signal.SIGKILL)
+    status, body = await held
+    assert status == 500
+    assert "SIGKILL" in body["error"]
+
+    status, body = await embed(tiny_client, {"model": "tiny", "input": "hello"})
+    assert status == 200
+    [loaded] = scheduler_of(tiny_client).loaded()
+    assert loaded.runner.pid != runner.pid
+
+
+async def test_a_runner_dying_while_idle_is_replaced_on_the_next_request(tiny_client: Client) -> None:
+    await embed(tiny_client, {"model": "tiny"})
+    runner = scheduler_of(tiny_client).loaded()[0].runner
+    os.kill(runner.pid, signal.SIGKILL)
+    await asyncio.wait_for(runner.exited.wait(), timeout=10)
+    assert scheduler_of(tiny_client).loaded() == []
+    status, _ = await embed(tiny_client, {"model": "tiny", "input": "hello"})
+    assert status == 200
+
+
+async def test_a_load_failure_is_a_clean_error(make_client: MakeClient, tiny_gguf: Path, tmp_path: Path) -> None:
+    client = await make_client({"tiny": tiny_gguf})
+    # Corrupt the tensor data behind the header: the header still says embedding model.
+    blob = scheduler_of(client)._store.get("tiny").blob_path
+    data = bytearray(blob.read_bytes())
+    blob.write_bytes(bytes(data[: len(data) // 2]))
+    status, body = await embed(client, {"model": "tiny", "input": "hello"})
+    assert status == 500
+    assert "failed to load tiny:latest" in body["error"]
+    assert scheduler_of(client).loaded() == []
+
+
+async def test_new_load_options_reload_the_runner_and_same_ones_reuse_it(tiny_client: Client) -> None:
+    await embed(tiny_client, {"model": "tiny", "input": "hello"})
+    first = scheduler_of(tiny_client).loaded()[0].runner
+    await embed(tiny_client, {"model": "tiny", "input": "hello", "options": {"num_thread": 1}})
+    [loaded] = scheduler_of(tiny_client).loaded()
+    assert loaded.runner.pid != first.pid
+    assert loaded.params.n_threads == 1
+    await embed(tiny_client, {"model": "tiny", "input": "hello", "options": {"num_thread": 1}})
+    assert scheduler_of(tiny_client).loaded()[0].runner.pid == loaded.runner.pid
+    await asyncio.wait_for(first.exited.wait(), timeout=10)
+
+
+@pytest.mark.parametrize("num_gpu", [-1, 0, 999])
+async def test_num_gpu_reaches_llama_cpp_and_a_cpu_build_reports_no_vram(tiny_client: Client, num_gpu: int) -> None:
+    status, _ = await embed(tiny_client, {"model": "tiny", "input": "hello", "options": {"num_gpu": num_gpu}})
+    assert status == 200
+    [loaded] = scheduler_of(tiny_client).loaded()
+    assert loaded.params.n_gpu_layers == (-1 if num_gpu < 0 else min(num_gpu, 2 + 1))
+    ps = await (await tiny_client.get("/api/ps")).json()
+    assert loaded.runner.facts is not None
+    expect_vram = loaded.runner.facts.gpu_offload and num_gpu != 0
+    assert (ps["models"][0]["size_vram"] > 0) == expect_vram
+
+
+async def test_concurrent_requests_are_all_answered_with_their_own_vectors(tiny_client: Client) -> None:
+    texts = [f"hello {'world ' * (i % 7)}{i}" for i in range(48)]
+    expected = {}
+    for text in texts[:6]:
+        expected[text] = (await embed(tiny_client, {"model": "tiny", "input": text}))[1]["embeddings"][0]
+    answers = await asyncio.gather(*(embed(tiny_client, {"model": "tiny", "input": text}) for text in texts))
+    assert all(status == 200 for status, _ in answers)
+    for text, (_, body) in zip(texts, answers, strict=True):
+        if text in expected:
+            assert np.dot(body["embeddings"][0], expected[text]) == pytest.approx(1.0, abs=1e-5)
+    assert scheduler_of(tiny_client).admitted == 0
+
+
+class FixedMemory:
+    def __init__(self, available_bytes: int) -> None:
+        self.available_bytes = available_bytes
+
+    def snapshot(self) -> MemorySnapshot:
+        return MemorySnapshot(self.available_bytes, self.available_bytes)
+
+
+async def _start_runner(model: Any, params: Any) -> RunnerProcess:
+    return await RunnerProcess.start(model.blob_path, params, model.name, 60.0)
+
+
+async def test_an_idle_model_is_evicted_when_the_next_one_does_not_fit(tmp_path: Path, tiny_gguf: Path) -> None:
+    settings = Settings(home=tmp_path, max_loaded_models=1)
+    store = ModelStore(tmp_path)
+    store.open()
+    store.create("first", tiny_gguf)
+    store.create("second", tiny_gguf)
+    scheduler = Scheduler(settings, store, _start_runner, FixedMemory(1 << 40))  # type: ignore[arg-type]
+    try:
+        async with scheduler.lease("first", {}, None):
+            pass
+        first = scheduler.loaded()[0].runner
+        async with scheduler.lease("second", {}, None):
+            assert [loaded.name for loaded in scheduler.loaded()] == ["second:latest"]
+        assert not first.alive
+    finally:
+        await scheduler.close(5.0)
+
+
+async def test_a_model_that_cannot_fit_is_refused_with_507(make_client: MakeClient, tiny_gguf: Path) -> None:
+    client = await make_client({"tiny": tiny_gguf}, memory_reserve_mib=1 << 30)  # reserve 1 PiB
+    status, body = await embed(client, {"model": "tiny", "input": "hello"})
+    assert status == 507
+    assert "GiB is available" in body["error"]
+
+
+async def test_insufficient_memory_error_from_the_scheduler(tmp_path: Path, tiny_gguf: Path) -> None:
+    store = ModelStore(tmp_path)
+    store.open()
+    store.create("tiny", tiny_gguf)
+    scheduler = Scheduler(Settings(home=tmp_path), store, _start_runner, FixedMemory(1024))  # type: ignore[arg-type]
+    with pytest.raises(InsufficientMemory):
+        async with scheduler.lease("tiny", {}, None):
+            pass
+    await scheduler.close(1.0)
+
+
+async def test_runner_reports_its_facts(tiny_gguf: Path) -> None:
+    params = llama_params(LoadOptions(0, 256, 1, 0, 0, True), 64, 2)
+    runner = await RunnerProcess.start(tiny_gguf, params, "tiny", 60.0)
+    try:
+        assert runner.facts is not None
+        assert (runner.facts.n_embd, runner.facts.trained_context, runner.facts.limit_tokens) == (32, 64, 64)
+        assert runner.facts.pid == runner.pid
+        result = await runner.embed([], True)
+        assert result.vectors.shape == (0, 32)
+    finally:
+        await runner.stop(5.0)
+    assert not runner.alive

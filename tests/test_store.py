@@ -1,0 +1,200 @@
+"""The model store, the GGUF reader, the converter, and /api/create."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from daemon.convert import convert_hf_directory
+from daemon.errors import InvalidModelFile, NotEmbeddingModel, UnknownModel
+from daemon.gguf_info import format_parameter_size, read_gguf_facts
+from daemon.store import ModelStore
+from tests.conftest import MakeClient
+from tests.test_api_embed import embed
+from tests.tiny_models import make_header_only_gguf, make_tiny_bert_dir
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    model_store = ModelStore(tmp_path / "home")
+    model_store.open()
+    return model_store
+
+
+def store_files(store: ModelStore) -> list[str]:
+    return sorted(str(p.relative_to(store.models_dir)) for p in store.models_dir.rglob("*") if p.is_file())
+
+
+def test_a_gguf_is_stored_under_its_sha256(store: ModelStore, tiny_gguf: Path) -> None:
+    model = store.create("Tiny", tiny_gguf)
+    digest = hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+    assert model.name == "tiny:latest"
+    assert model.digest == f"sha256:{digest}"
+    assert model.blob_path == store.blobs_dir / f"sha256-{digest}"
+    assert model.blob_path.read_bytes() == tiny_gguf.read_bytes()
+    assert store.get("tiny:latest") == model
+    assert [m.name for m in store.list()] == ["tiny:latest"]
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_two_names_share_a_blob_until_the_last_goes(store: ModelStore, tiny_gguf: Path) -> None:
+    first = store.create("one", tiny_gguf)
+    store.create("two:v1", tiny_gguf)
+    assert len(list(store.blobs_dir.iterdir())) == 1
+    store.delete("one")
+    assert first.blob_path.exists()
+    store.delete("two:v1")
+    assert not first.blob_path.exists()
+    assert store_files(store) == []
+    with pytest.raises(UnknownModel):
+        store.get("one")
+
+
+def test_open_drops_partial_files_left_by_a_crash(store: ModelStore) -> None:
+    (store.tmp_dir / "abc.partial").write_bytes(b"half a model")
+    (store.tmp_dir / "download").mkdir()
+    store.open()
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_a_failed_conversion_leaves_nothing_behind(store: ModelStore, tmp_path: Path) -> None:
+    broken = make_tiny_bert_dir(tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(InvalidModelFile, match="cannot read weights"):
+        store.create("broken", broken)
+    assert store_files(store) == []
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("setup", "error", "message"),
+    [
+        ("missing", InvalidModelFile, "no such file or directory"),
+        ("text_file", InvalidModelFile, "is not a GGUF file"),
+        ("truncated_gguf", InvalidModelFile, "truncated GGUF header"),
+        ("chat_gguf", NotEmbeddingModel, "not an embedding model"),
+        ("empty_dir", InvalidModelFile, "no config.json"),
+        ("llama_dir", InvalidModelFile, "cannot be converted"),
+        ("no_weights_dir", InvalidModelFile, "no .safetensors weights"),
+    ],
+)
+def test_sources_that_are_refused(
+    store: ModelStore, tmp_path: Path, tiny_gguf: Path, setup: str, error: type[Exception], message: str
+) -> None:
+    source = tmp_path / setup
+    if setup == "text_file":
+        source.write_text("hello")
+    elif setup == "truncated_gguf":
+        source.write_bytes(tiny_gguf.read_bytes()[:40])
+    elif setup == "chat_gguf":
+        make_header_only_gguf(source)
+    elif setup == "empty_dir":
+        source.mkdir()
+    elif setup == "llama_dir":
+        source.mkdir()
+        (source / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    elif setup == "no_weights_dir":
+        make_tiny_bert_dir(source)
+        (source / "model.safetensors").unlink()
+    with pytest.raises(error, match=message):
+        store.create("refused", source)
+    assert store_files(store) == []
+
+
+def test_gguf_facts_of_a_converted_model(tiny_gguf: Path) -> None:
+    facts = read_gguf_facts(tiny_gguf)
+    assert (facts.architecture, facts.context_length, facts.embedding_length, facts.block_count) == ("bert", 64, 32, 2)
+    assert (facts.pooling_name, facts.causal_attention, facts.file_type) == ("mean", False, "F32")
+    assert facts.is_embedding_model
+    assert facts.metadata["tokenizer.ggml.model"] == "bert"
+    assert facts.metadata["tokenizer.ggml.tokens"].startswith("[")
+
+
+@pytest.mark.parametrize(("count", "text"), [(22_565_376, "22.57M"), (137_000_000, "137M"), (1_200_000_000, "1.20B")])
+def test_parameter_size(count: int, text: str) -> None:
+    assert format_parameter_size(count) == text
+
+
+@pytest.mark.parametrize(("output_type", "file_type"), [("f32", "F32"), ("f16", "F16"), ("q8_0", "Q8_0")])
+async def test_every_output_type_converts_and_embeds_close_to_f32(
+    make_client: MakeClient, tiny_dir: Path, tiny_gguf: Path, tmp_path: Path, output_type: str, file_type: str
+) -> None:
+    path = tmp_path / f"tiny-{output_type}.gguf"
+    convert_hf_directory(make_tiny_bert_dir(tmp_path / "dir", hidden=64, heads=2), path, output_type)
+    reference = tmp_path / "reference.gguf"
+    convert_hf_directory(tmp_path / "dir", reference, "f32")
+    assert read_gguf_facts(path).file_type == file_type
+    client = await make_client({"converted": path, "reference": reference})
+    _, converted = await embed(client, {"model": "converted", "input": "why is the sky blue?"})
+    _, expected = await embed(client, {"model": "reference", "input": "why is the sky blue?"})
+    assert np.dot(converted["embeddings"][0], expected["embeddings"][0]) >= 0.99
+
+
+# -- /api/create ------------------------------------------------------------------------------------
+
+
+async def test_create_streams_progress_then_the_model_answers(make_client: MakeClient, tiny_dir: Path) -> None:
+    client = await make_client({})
+    response = await client.post("/api/create", json={"model": "made", "from": str(tiny_dir)})
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "application/x-ndjson"
+    lines = [orjson.loads(line) for line in (await response.read()).splitlines()]
+    assert lines[-1] == {"status": "success"}
+    assert any("converting" in line["status"] for line in lines[:-1])
+    status, body = await embed(client, {"model": "made", "input": "hello"})
+    assert status == 200
+    tags = await (await client.get("/api/tags")).json()
+    [entry] = tags["models"]
+    assert entry["name"] == "made:latest"
+    assert entry["details"]["quantization_level"] == "F16"
+    assert entry["capabilities"] == ["embedding"]
+
+
+async def test_create_without_streaming_from_a_gguf(make_client: MakeClient, tiny_gguf: Path) -> None:
+    client = await make_client({})
+    response = await client.post("/api/create", json={"model": "copy", "from": str(tiny_gguf), "stream": False})
+    assert (response.status, await response.json()) == (200, {"status": "success"})
+
+
+@pytest.mark.parametrize(
+    ("body_of", "message"),
+    [
+        (lambda p: {"model": "x", "from": str(p / "nowhere")}, "no such file or directory"),
+        (lambda p: {"model": "x", "from": str(p / "notes.txt")}, "is not a GGUF file"),
+        (lambda p: {"model": "x", "from": str(p / "chat.gguf")}, "not an embedding model"),
+        (lambda p: {"model": "x"}, '"from" is required'),
+        (lambda p: {"model": "../x", "from": str(p / "notes.txt")}, "invalid model name"),
+        (lambda p: {"model": "x", "from": str(p), "quantize": "q4_k_m"}, "unsupported quantize"),
+    ],
+)
+async def test_create_refusals_are_400(make_client: MakeClient, tmp_path: Path, body_of: Any, message: str) -> None:
+    client = await make_client({})
+    (tmp_path / "notes.txt").write_text("not a model")
+    make_header_only_gguf(tmp_path / "chat.gguf")
+    response = await client.post("/api/create", json=body_of(tmp_path))
+    assert response.status == 400
+    assert message in (await response.json())["error"]
+
+
+async def test_create_over_an_existing_name_replaces_it_and_reloads(
+    make_client: MakeClient, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    client = await make_client({"m": tiny_gguf})
+    _, before = await embed(client, {"model": "m", "input": "hello"})
+    other = make_tiny_bert_dir(tmp_path / "other", seed=7)
+    shutil.rmtree(other / "1_Pooling")  # no pooling config: mean, like sentence-transformers
+    response = await client.post("/api/create", json={"model": "m", "from": str(other), "stream": False})
+    assert response.status == 200
+    _, after = await embed(client, {"model": "m", "input": "hello"})
+    assert after["load_duration"] > 0
+    assert abs(np.dot(before["embeddings"][0], after["embeddings"][0])) < 0.99
