@@ -191,9 +191,7 @@ async def test_queue_full_answers_503_and_the_held_request_still_completes(
     assert len(body["embeddings"]) == 1
 
 
-async def test_a_model_without_pooling_is_refused_with_501_before_loading(
-    tiny_client: Client, tmp_path: Path
-) -> None:
+async def test_a_model_without_pooling_is_refused_with_501_before_loading(tiny_client: Client, tmp_path: Path) -> None:
     store: ModelStore = tiny_client.server.app[STORE]
     partial = make_header_only_gguf(store.tmp_dir / "chat.gguf.partial")
     store.publish("chat-model", partial, "0" * 64, "test")

@@ -151,7 +151,7 @@ async def test_create_streams_progress_then_the_model_answers(make_client: MakeC
     lines = [orjson.loads(line) for line in (await response.read()).splitlines()]
     assert lines[-1] == {"status": "success"}
     assert any("converting" in line["status"] for line in lines[:-1])
-    status, body = await embed(client, {"model": "made", "input": "hello"})
+    status, _ = await embed(client, {"model": "made", "input": "hello"})
     assert status == 200
     tags = await (await client.get("/api/tags")).json()
     [entry] = tags["models"]

@@ -53,7 +53,7 @@ def main() -> None:
             "versions": {"sentence_transformers": sentence_transformers.__version__, "torch": torch.__version__},
             "texts": [
                 {"text": text, "token_count": count, "vector": [float(x) for x in vector]}
-                for text, count, vector in zip(TEXTS, token_counts, vectors)
+                for text, count, vector in zip(TEXTS, token_counts, vectors, strict=True)
             ],
         },
         sys.stdout,

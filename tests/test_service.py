@@ -1,0 +1,155 @@
+"""`emberd serve` as a real process, driven by the CLI as a user would, and its shutdown."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from daemon.service import sd_notify
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Any, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        time.sleep(0.02)
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def post_json(url: str, body: dict[str, Any]) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.status, json.loads(response.read())
+
+
+class Daemon:
+    def __init__(self, process: subprocess.Popen[bytes], environ: dict[str, str], url: str) -> None:
+        self.process = process
+        self.environ = environ
+        self.url = url
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "daemon", *args], env=self.environ, capture_output=True, text=True, timeout=120
+        )
+
+    def runner_pids(self) -> list[int]:
+        return [child.pid for child in psutil.Process(self.process.pid).children()]
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, tiny_dir: Path) -> Iterator[Daemon]:
+    port = free_port()
+    environ = {**os.environ, "EMBERD_HOST": f"127.0.0.1:{port}", "EMBERD_HOME": str(tmp_path / "home")}
+    environ.pop("EMBERD_CONFIG", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "serve", "--ensure-model", f"tiny={tiny_dir}"],
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: answers(url) or process.poll() is not None)
+        assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+        yield Daemon(process, environ, url)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stderr:
+            process.stderr.close()
+
+
+def test_the_cli_drives_a_running_daemon(daemon: Daemon, tiny_gguf: Path) -> None:
+    created = daemon.cli("create", "second", "--from", str(tiny_gguf))
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.strip().splitlines()[-1] == "success"
+
+    listed = daemon.cli("list")
+    assert "tiny:latest" in listed.stdout and "second:latest" in listed.stdout
+
+    embedded = daemon.cli("embed", "tiny", "why is the sky blue?", "hello")
+    assert embedded.returncode == 0, embedded.stderr
+    assert len(json.loads(embedded.stdout)["embeddings"]) == 2
+
+    assert "tiny:latest" in daemon.cli("ps").stdout
+    assert daemon.cli("stop", "tiny").returncode == 0
+    assert "tiny:latest" not in daemon.cli("ps").stdout
+
+    missing = daemon.cli("embed", "nothing-here", "hello")
+    assert missing.returncode == 1
+    assert 'model "nothing-here" not found' in missing.stderr
+
+
+def test_sigterm_answers_the_request_in_flight_then_exits_cleanly(daemon: Daemon) -> None:
+    post_json(daemon.url + "/api/embed", {"model": "tiny"})  # preload
+    [runner_pid] = daemon.runner_pids()
+    os.kill(runner_pid, signal.SIGSTOP)  # hold the next request inside the runner
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(post_json, daemon.url + "/api/embed", {"model": "tiny", "input": "hello"})
+        wait_for(lambda: _bytes_waiting_in_stdin(runner_pid) > 0)  # the request reached the runner
+        daemon.process.send_signal(signal.SIGTERM)
+        os.kill(runner_pid, signal.SIGCONT)
+        status, body = held.result(timeout=60)
+    assert status == 200
+    assert len(body["embeddings"]) == 1
+    assert daemon.process.wait(timeout=60) == 0
+    assert not psutil.pid_exists(runner_pid) or psutil.Process(runner_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def _bytes_waiting_in_stdin(pid: int) -> int:
+    """Bytes written to a process's stdin pipe and not read yet (it is stopped, so it reads none)."""
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+    finally:
+        os.close(fd)
+
+
+def test_a_bad_setting_stops_serve_with_a_message(tmp_path: Path) -> None:
+    environ = {**os.environ, "EMBERD_HOME": str(tmp_path), "EMBERD_MAX_QUEUE": "none"}
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "serve"], env=environ, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "max_queue" in result.stderr
+
+
+def test_sd_notify_sends_to_the_socket(tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        sd_notify(str(path), "READY=1")
+        assert server.recv(64) == b"READY=1"
+    sd_notify(None, "READY=1")  # outside systemd: nothing happens, nothing fails
