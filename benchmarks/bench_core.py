@@ -153,13 +153,16 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in results.items()}
     best_raw_single = min(median[f"raw{n} single"] for n in raws)
     print(f"\nall-MiniLM-L6-v2 f16, {args.threads} threads, {args.rounds} rounds (medians)\n")
-    print(f"| measure | raw llama-cpp-python (n_batch 128 / 512) | emberd | emberd vs best raw |")
+    print("| measure | raw llama-cpp-python (n_batch 128 / 512) | emberd | emberd vs best raw |")
     print("|---|---|---|---|")
     print(
         f"| single short request p50 | {median['raw128 single']:.2f} / {median['raw512 single']:.2f} ms "
         f"| {median['emberd single']:.2f} ms | {median['emberd single'] - best_raw_single:+.2f} ms (target <= +3 ms) |"
     )
-    for key, label in (("short32", "32 short texts per request"), ("passage32", "32 passages (~60 tokens) per request")):
+    for key, label in (
+        ("short32", "32 short texts per request"),
+        ("passage32", "32 passages (~60 tokens) per request"),
+    ):
         best_raw = max(median[f"raw{n} {key}"] for n in raws)
         print(
             f"| {label}, texts/s | {median[f'raw128 {key}']:.0f} / {median[f'raw512 {key}']:.0f} "
