@@ -21,24 +21,12 @@ import psutil
 
 from daemon.errors import ContextExceeded, ModelLoadFailed, RunnerCrashed, ShuttingDown
 from daemon.options import LlamaParams
-from daemon.runner.protocol import FRAME_PREFIX, encode_frame
+from daemon.runner.protocol import FRAME_PREFIX, RunnerFacts, encode_frame
 
 log = logging.getLogger(__name__)
 _STDERR_TAIL_LINES = 20
 # Two llama.cpp processes spinning at once on few cores collapse throughput (see DESIGN.md).
 RUNNER_ENVIRONMENT: dict[str, str] = {}
-
-
-@dataclass(frozen=True)
-class RunnerFacts:
-    n_embd: int
-    trained_context: int
-    limit_tokens: int
-    batch_tokens: int
-    max_sequences: int
-    pooling_type: int
-    gpu_offload: bool
-    pid: int
 
 
 @dataclass(frozen=True)

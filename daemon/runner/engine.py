@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,19 +13,9 @@ from llama_cpp import _internals as internals
 
 from daemon.options import LlamaParams
 from daemon.runner.batching import fit_tokens, special_token_split
+from daemon.runner.protocol import RunnerFacts
 
 _PROBE_TEXT = b"probe"
-
-
-@dataclass(frozen=True)
-class EngineFacts:
-    n_embd: int
-    trained_context: int
-    limit_tokens: int
-    batch_tokens: int
-    max_sequences: int
-    pooling_type: int
-    gpu_offload: bool  # this llama.cpp build can offload layers (CUDA, Metal, ...)
 
 
 @dataclass
@@ -69,7 +60,7 @@ class EmbeddingEngine:
         self._context = internals.LlamaContext(model=self._model, params=context_params, verbose=False)
         self._batch = internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False)
 
-        self.facts = EngineFacts(
+        self.facts = RunnerFacts(
             n_embd=self._model.n_embd(),
             trained_context=self._model.n_ctx_train(),
             limit_tokens=params.limit_tokens,
@@ -77,6 +68,7 @@ class EmbeddingEngine:
             max_sequences=max_sequences,
             pooling_type=llama_cpp.llama_pooling_type(self._context.ctx),
             gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
+            pid=os.getpid(),
         )
         self._head_specials, self._tail_specials = special_token_split(
             self._tokenize(_PROBE_TEXT, add_special=True), self._tokenize(_PROBE_TEXT, add_special=False)

@@ -16,11 +16,28 @@ Parent -> child headers:
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import orjson
 
 FRAME_PREFIX = struct.Struct(">II")
+
+
+@dataclass(frozen=True)
+class RunnerFacts:
+    """What a runner reports once its model is loaded (the "facts" of the ready frame)."""
+
+    n_embd: int
+    trained_context: int
+    limit_tokens: int  # longest single input, special tokens included
+    batch_tokens: int  # token budget of one decode
+    max_sequences: int  # sequences one decode may hold
+    pooling_type: int
+    gpu_offload: bool  # this llama.cpp build can offload layers (CUDA, Metal, ...)
+    pid: int
+
+
 MAX_HEADER_BYTES = 256 * 1024 * 1024
 
 

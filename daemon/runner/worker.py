@@ -8,6 +8,7 @@ Closing stdin asks it to finish what it holds and exit.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import queue
@@ -143,7 +144,7 @@ def main() -> int:
         writer.send({"type": "load_failed", "message": f"{type(error).__name__}: {error}"})
         return 1
     facts = engine.facts
-    writer.send({"type": "ready", "facts": {**facts.__dict__, "pid": os.getpid()}})
+    writer.send({"type": "ready", "facts": dataclasses.asdict(facts)})
     inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
     threading.Thread(target=_read_requests, args=(sys.stdin.buffer, inbox), daemon=True).start()
     serve(engine, inbox, writer)
