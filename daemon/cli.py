@@ -1,4 +1,5 @@
-"""`emberd serve|create|embed|list|ps|stop`. Everything but `serve` is an HTTP client of the daemon."""
+"""`emberd serve|create|pull|list|show|rm|ps|embed|stop`. Everything but `serve` is an HTTP client
+of the daemon."""
 
 from __future__ import annotations
 
@@ -48,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     embed_parser.add_argument("name")
     embed_parser.add_argument("texts", nargs="+")
 
+    pull_parser = commands.add_parser("pull", help="download a model from the Hugging Face Hub")
+    pull_parser.add_argument("name", help="an alias (configs/models.toml) or hf.co/{owner}/{repo}[:{quant}]")
+    show_parser = commands.add_parser("show", help="a model's details and GGUF metadata")
+    show_parser.add_argument("name")
+    rm_parser = commands.add_parser("rm", help="remove a model (unloading it first)")
+    rm_parser.add_argument("name")
+
     commands.add_parser("list", help="models in the store")
     commands.add_parser("ps", help="loaded models")
     stop_parser = commands.add_parser("stop", help="unload a model")
@@ -80,12 +88,28 @@ class _Client:
             return json.loads(response.read() or b"null")
 
     def stream(self, path: str, body: dict[str, Any]) -> None:
+        """Print NDJSON progress: status lines, and one redrawn bar per downloading file."""
+        bar_open = False
         with self._open("POST", path, body) as response:
             for line in response:
                 message = json.loads(line)
                 if "error" in message:
-                    raise SystemExit(f"Error: {message['error']}")
-                print(message.get("status", ""), flush=True)
+                    raise SystemExit(("\n" if bar_open else "") + f"Error: {message['error']}")
+                if "total" in message:
+                    sys.stdout.write("\r" + progress_line(message["status"], message["completed"], message["total"]))
+                    bar_open = True
+                else:
+                    print(("\n" if bar_open else "") + message.get("status", ""))
+                    bar_open = False
+                sys.stdout.flush()
+
+
+def progress_line(status: str, completed: int, total: int, width: int = 30) -> str:
+    fraction = completed / total if total else 1.0
+    filled = int(fraction * width)
+    return (
+        f"{status} {fraction:4.0%} [{'#' * filled}{'.' * (width - filled)}] {completed / 1e6:.1f}/{total / 1e6:.1f} MB"
+    )
 
 
 def _print_table(rows: list[list[str]], header: list[str]) -> None:
@@ -128,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.quantize:
             body["quantize"] = args.quantize
         client.stream("/api/create", body)
+    elif args.command == "pull":
+        client.stream("/api/pull", {"model": args.name})
+    elif args.command == "show":
+        print(json.dumps(client.call("POST", "/api/show", {"model": args.name}), indent=2))
+    elif args.command == "rm":
+        client.call("DELETE", "/api/delete", {"model": args.name})
+        print(f"deleted '{args.name}'")
     elif args.command == "embed":
         print(json.dumps(client.call("POST", "/api/embed", {"model": args.name, "input": args.texts})))
     elif args.command == "list":

@@ -117,6 +117,14 @@ class Settings:
     shutdown_timeout_s: float = 30.0
     max_body_bytes: int = 32 * 1024 * 1024
     log_level: str = "info"
+    # /api/embed on a model that is not local pulls it (when its name resolves on the Hub).
+    auto_pull: bool = False
+    # Model aliases (name -> Hub repo, file, revision, sha256); "" means configs/models.toml.
+    models_file: str = ""
+    # The Hugging Face Hub: "" means huggingface_hub's default (HF_ENDPOINT is honoured too).
+    hub_endpoint: str = ""
+    # Never contact the Hub (HF_HUB_OFFLINE=1 is honoured too).
+    hub_offline: bool = False
 
 
 _DURATION_SETTINGS = {"keep_alive_s", "load_timeout_s", "shutdown_timeout_s"}
@@ -214,6 +222,11 @@ def load_settings(
             if key not in _FILE_KEYS:
                 raise InvalidConfig(f"{path}: unknown setting {key!r}")
             values[key] = (raw, False)
+    # huggingface_hub's own variables, so a machine set up for it needs nothing more.
+    if environ.get("HF_ENDPOINT"):
+        values["hub_endpoint"] = (environ["HF_ENDPOINT"], True)
+    if environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        values["hub_offline"] = (True, False)
     for key in _FILE_KEYS:
         env_value = environ.get(f"EMBERD_{key.upper()}")
         if env_value is not None and env_value != "":

@@ -65,3 +65,15 @@ class RunnerCrashed(EmberdError):
 
 class ShuttingDown(EmberdError):
     """The daemon is draining and takes no new work."""
+
+
+class HubUnavailable(EmberdError):
+    """The Hub cannot be used: offline mode, or it could not be reached."""
+
+
+class DownloadFailed(EmberdError):
+    """A download broke off for good, or its content did not match the Hub's sha256."""
+
+
+class InsufficientDisk(EmberdError):
+    """Not enough free disk in EMBERD_HOME for a download."""

@@ -51,7 +51,7 @@ class GGUFFacts:
     file_type: str  # "F16", "Q8_0", ...
     parameter_count: int
     tensor_count: int
-    # Scalar and short string metadata (arrays are summarised by length), for /api/show.
+    # Scalar and string metadata (arrays are None: skipped, not read), for /api/show.
     metadata: dict[str, Any]
 
     @property
@@ -107,7 +107,7 @@ def _read_value(cursor: _Cursor, value_type: int) -> Any:
             cursor.skip(count * struct.calcsize(_SCALAR_FORMATS[GGUFValueType(item_type)]))
         else:
             raise InvalidModelFile(f"{cursor.path.name}: unsupported GGUF array item type {item_type}")
-        return f"[{count} items]"
+        return None  # arrays (vocabularies, merges) are skipped, as Ollama's /api/show leaves them out
     return cursor.unpack(_SCALAR_FORMATS[kind])
 
 

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -26,26 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from daemon.convert import convert_hf_directory, inspect_hf_directory
-from daemon.errors import InvalidModelFile, InvalidModelName, NotEmbeddingModel, UnknownModel
+from daemon.errors import InvalidModelFile, NotEmbeddingModel, UnknownModel
 from daemon.gguf_info import GGUFFacts, read_gguf_facts
+from daemon.names import canonical_name
 
-MAX_NAME_LENGTH = 200
-DEFAULT_TAG = "latest"
-_SEGMENT = r"[a-z0-9][a-z0-9._-]*"
-_NAME_PATTERN = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*(?::{_SEGMENT})?")
 _COPY_CHUNK_BYTES = 4 * 1024 * 1024
-
-
-def canonical_name(name: str) -> str:
-    """ "All-MiniLM" -> "all-minilm:latest". Raises InvalidModelName for names that could escape."""
-    candidate = name.strip(" ").lower()
-    if not candidate:
-        raise UnknownModel(f"model '{name}' not found")
-    if len(candidate) > MAX_NAME_LENGTH:
-        raise InvalidModelName(f"invalid model name: longer than {MAX_NAME_LENGTH} characters")
-    if ".." in candidate or not _NAME_PATTERN.fullmatch(candidate):
-        raise InvalidModelName(f"invalid model name {name!r}")
-    return candidate if ":" in candidate else f"{candidate}:{DEFAULT_TAG}"
 
 
 @dataclass(frozen=True)
@@ -72,11 +56,13 @@ class ModelStore:
         self.blobs_dir = self.models_dir / "blobs"
         self.manifests_dir = self.models_dir / "manifests"
         self.tmp_dir = home / "tmp"
+        # Downloads in progress; kept across restarts so a pull resumes where it broke off.
+        self.downloads_dir = home / "downloads"
         self._lock = threading.Lock()
 
     def open(self) -> None:
         """Create the layout and drop partial files a previous run left behind."""
-        for directory in (self.blobs_dir, self.manifests_dir, self.tmp_dir):
+        for directory in (self.blobs_dir, self.manifests_dir, self.tmp_dir, self.downloads_dir):
             directory.mkdir(parents=True, exist_ok=True)
         for leftover in self.tmp_dir.iterdir():
             if leftover.is_dir():
@@ -160,7 +146,7 @@ class ModelStore:
         return digest.hexdigest()
 
     @staticmethod
-    def _hash_file(path: Path) -> str:
+    def hash_file(path: Path) -> str:
         digest = hashlib.sha256()
         with path.open("rb") as reader:
             while chunk := reader.read(_COPY_CHUNK_BYTES):
@@ -194,7 +180,7 @@ class ModelStore:
                 with partial.open("rb+") as handle:
                     os.fsync(handle.fileno())
                 progress("computing sha256 digest")
-                digest_hex = self._hash_file(partial)
+                digest_hex = self.hash_file(partial)
             else:
                 progress("copying gguf into the store")
                 digest_hex = self._hash_copy(source, partial)
@@ -205,13 +191,31 @@ class ModelStore:
             partial.unlink(missing_ok=True)
 
     def publish(self, name: str, partial: Path, digest_hex: str, source: str) -> StoredModel:
-        """Make a complete, fsynced file in tmp/ the blob of `name` (any GGUF: the embed path refuses
-        models without pooling with its own error, which downloads can bring in)."""
-        canonical = canonical_name(name)
-        facts = read_gguf_facts(partial)
+        """Make a complete, fsynced file the blob of `name`."""
+        self.adopt_blob(partial, digest_hex)
+        return self.publish_blob(name, digest_hex, source)
+
+    def adopt_blob(self, complete: Path, digest_hex: str) -> None:
+        """Move a complete file, whose sha256 was checked, into the blobs (same filesystem)."""
+        with complete.open("rb+") as handle:
+            os.fsync(handle.fileno())
         with self._lock:
-            blob = self._publish_blob(partial, digest_hex)
+            self._publish_blob(complete, digest_hex)
+
+    def publish_blob(self, name: str, digest_hex: str, source: str) -> StoredModel:
+        """Point `name` at an existing blob. Any GGUF is accepted: a download may bring a model
+        without pooling, which /api/embed then refuses with its own error."""
+        canonical = canonical_name(name)
+        blob = self.blobs_dir / f"sha256-{digest_hex}"
+        facts = read_gguf_facts(blob)
+        with self._lock:
             return self._write_manifest(canonical, blob, facts, source)
+
+    def has_blob(self, digest_hex: str) -> bool:
+        return (self.blobs_dir / f"sha256-{digest_hex}").is_file()
+
+    def download_dir(self, digest_hex: str) -> Path:
+        return self.downloads_dir / digest_hex
 
     def delete(self, name: str) -> StoredModel:
         """Remove a name; its blob goes too unless another name still uses it."""

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from daemon.config import Settings
 from daemon.convert import convert_hf_directory
 from daemon.scheduler import Scheduler
 from daemon.store import ModelStore
+from tests.hub_server import FakeHub
 from tests.tiny_models import make_tiny_bert_dir
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -52,6 +53,28 @@ def minilm_gguf(models_dir: Path) -> Path:
     path = models_dir / "all-minilm-f16.gguf"
     convert_hf_directory(MINILM_DIR, path, "f16", "all-minilm")
     return path
+
+
+REPO = "Owner/Tiny-Embed-GGUF"
+
+
+@pytest.fixture(scope="session")
+def quant_files(models_dir: Path, tiny_dir: Path) -> dict[str, bytes]:
+    files = {}
+    for output_type, filename in (("f16", "tiny-embed-F16.gguf"), ("q8_0", "tiny-embed-Q8_0.gguf")):
+        path = models_dir / filename
+        convert_hf_directory(tiny_dir, path, output_type, "tiny-embed")
+        files[filename] = path.read_bytes()
+    return files
+
+
+@pytest.fixture
+def fake_hub(quant_files: dict[str, bytes]) -> Iterator[FakeHub]:
+    hub = FakeHub()
+    hub.add_repo(REPO, {**quant_files, "README.md": b"# tiny"})
+    hub.start()
+    yield hub
+    hub.stop()
 
 
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]

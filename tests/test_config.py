@@ -100,3 +100,10 @@ def test_go_durations(text: str, expected_s: float) -> None:
 def test_settings_are_frozen() -> None:
     with pytest.raises(AttributeError):
         Settings().port = 1  # type: ignore[misc]
+
+
+def test_huggingface_hub_variables_are_honoured() -> None:
+    settings = load_settings({"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"})
+    assert (settings.hub_endpoint, settings.hub_offline) == ("http://127.0.0.1:9", True)
+    assert load_settings({"HF_HUB_OFFLINE": "0"}).hub_offline is False
+    assert load_settings({"HF_HUB_OFFLINE": "1", "EMBERD_HUB_OFFLINE": "false"}).hub_offline is False

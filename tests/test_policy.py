@@ -12,9 +12,9 @@ from daemon.api.common import parse_keep_alive_s
 from daemon.config import Settings
 from daemon.errors import ContextExceeded, InvalidEmbedding, InvalidInput, InvalidModelName, UnknownModel
 from daemon.memory import EvictionCandidate, MemoryProbe, estimate_runner_bytes, fits, pick_victim
+from daemon.names import canonical_name
 from daemon.options import LoadOptions, context_limit, llama_params, n_gpu_layers, parse_options, resolve_load_options
 from daemon.runner.batching import fit_tokens, special_token_split, take_batch
-from daemon.store import canonical_name
 from daemon.vectors import finish_embeddings, normalize_rows
 
 # -- truncation -------------------------------------------------------------------------------------

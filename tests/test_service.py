@@ -22,6 +22,8 @@ import psutil
 import pytest
 
 from daemon.service import sd_notify
+from tests.conftest import REPO
+from tests.hub_server import FakeHub
 
 
 def free_port() -> int:
@@ -68,9 +70,10 @@ class Daemon:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, tiny_dir: Path) -> Iterator[Daemon]:
+def daemon(tmp_path: Path, tiny_dir: Path, fake_hub: FakeHub) -> Iterator[Daemon]:
     port = free_port()
     environ = {**os.environ, "EMBERD_HOST": f"127.0.0.1:{port}", "EMBERD_HOME": str(tmp_path / "home")}
+    environ["HF_ENDPOINT"] = fake_hub.url  # huggingface_hub's own variable, honoured as is
     environ.pop("EMBERD_CONFIG", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "daemon", "serve", "--ensure-model", f"tiny={tiny_dir}"],
@@ -110,6 +113,29 @@ def test_the_cli_drives_a_running_daemon(daemon: Daemon, tiny_gguf: Path) -> Non
     missing = daemon.cli("embed", "nothing-here", "hello")
     assert missing.returncode == 1
     assert 'model "nothing-here" not found' in missing.stderr
+
+
+def test_pull_list_embed_rm_from_the_command_line(daemon: Daemon) -> None:
+    name = f"hf.co/{REPO}:Q8_0"
+    pulled = daemon.cli("pull", name)
+    assert pulled.returncode == 0, pulled.stderr
+    output = pulled.stdout
+    assert output.startswith("pulling manifest\n")
+    assert "100% [" in output and "MB" in output  # the progress bar reached the end
+    assert output.rstrip().endswith("verifying sha256 digest\nwriting manifest\nsuccess")
+
+    assert name.lower() in daemon.cli("list").stdout
+    shown = json.loads(daemon.cli("show", name).stdout)
+    assert shown["details"]["quantization_level"] == "Q8_0"
+    embedded = daemon.cli("embed", name, "hello")
+    assert len(json.loads(embedded.stdout)["embeddings"][0]) == 32
+
+    removed = daemon.cli("rm", name)
+    assert removed.returncode == 0
+    assert name.lower() not in daemon.cli("list").stdout
+    failed = daemon.cli("pull", "hf.co/owner/not-there")
+    assert failed.returncode == 1
+    assert "not found on the Hugging Face Hub" in failed.stderr
 
 
 def test_sigterm_answers_the_request_in_flight_then_exits_cleanly(daemon: Daemon) -> None:

@@ -117,7 +117,8 @@ def test_gguf_facts_of_a_converted_model(tiny_gguf: Path) -> None:
     assert (facts.pooling_name, facts.causal_attention, facts.file_type) == ("mean", False, "F32")
     assert facts.is_embedding_model
     assert facts.metadata["tokenizer.ggml.model"] == "bert"
-    assert facts.metadata["tokenizer.ggml.tokens"].startswith("[")
+    assert "tokenizer.ggml.tokens" in facts.metadata
+    assert facts.metadata["tokenizer.ggml.tokens"] is None  # arrays are skipped, not read
 
 
 @pytest.mark.parametrize(("count", "text"), [(22_565_376, "22.57M"), (137_000_000, "137M"), (1_200_000_000, "1.20B")])

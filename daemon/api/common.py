@@ -9,12 +9,16 @@ from aiohttp import web
 
 from daemon.config import Settings, parse_go_duration_s
 from daemon.errors import InvalidInput, MissingBody
+from daemon.hub import HubClient
+from daemon.pulls import PullManager
 from daemon.scheduler import Scheduler
 from daemon.store import ModelStore
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", ModelStore)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
+HUB = web.AppKey("hub", HubClient)
+PULLS = web.AppKey("pulls", PullManager)
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 TRUNCATED_HEADER = "X-Emberd-Truncated-Inputs"
@@ -73,8 +77,11 @@ def parse_keep_alive_s(raw: Any) -> float | None:
 
 
 def model_name(document: dict[str, Any]) -> str:
-    """The request's `model` string (may be empty: the dialect decides what that means)."""
+    """The request's `model` string (may be empty: the dialect decides what that means).
+    Older Ollama clients send `name` instead."""
     value = document.get("model")
+    if value is None:
+        value = document.get("name")
     if value is None:
         return ""
     if not isinstance(value, str):

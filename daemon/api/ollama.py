@@ -14,7 +14,10 @@ from aiohttp import web
 
 from daemon import __version__
 from daemon.api.common import (
+    HUB,
+    PULLS,
     SCHEDULER,
+    SETTINGS,
     STORE,
     TRUNCATED_HEADER,
     json_response,
@@ -25,10 +28,11 @@ from daemon.api.common import (
 )
 from daemon.convert import OUTPUT_TYPES
 from daemon.errors import EmberdError, InvalidInput, InvalidModelFile, NotEmbeddingModel, UnknownModel
-from daemon.gguf_info import format_parameter_size
+from daemon.gguf_info import format_parameter_size, read_gguf_facts
+from daemon.names import canonical_name
 from daemon.options import parse_options
 from daemon.scheduler import LoadedModel
-from daemon.store import StoredModel, canonical_name
+from daemon.store import StoredModel
 from daemon.vectors import finish_embeddings
 
 # Ollama shows a model kept forever as expiring in the far future.
@@ -77,6 +81,7 @@ def decode_embed_request(document: dict[str, Any]) -> EmbedRequest:
 async def embed(request: web.Request) -> web.Response:
     started_ns = time.perf_counter_ns()
     embed_request = decode_embed_request(await read_json_object(request))
+    await pull_if_allowed(request.app, embed_request.model)
     scheduler = request.app[SCHEDULER]
     empty_answer = {"model": embed_request.model, "embeddings": []}
     async with scheduler.admit():
@@ -98,6 +103,18 @@ async def embed(request: web.Request) -> web.Response:
         },
         headers={TRUNCATED_HEADER: str(result.truncated_count)},
     )
+
+
+async def pull_if_allowed(app: web.Application, name: str) -> None:
+    """With auto_pull on, fetch a model that is not local but that the Hub can provide."""
+    if not app[SETTINGS].auto_pull:
+        return
+    try:
+        await asyncio.to_thread(app[STORE].get, name)
+    except UnknownModel:
+        if not app[HUB].knows(name):
+            raise
+        await app[PULLS].pull(name)
 
 
 # -- model descriptions -----------------------------------------------------------------------------
@@ -205,6 +222,65 @@ async def create(request: web.Request) -> web.StreamResponse:
     return response
 
 
+# -- pull, show, delete -----------------------------------------------------------------------------
+
+
+async def pull(request: web.Request) -> web.StreamResponse:
+    """Ollama's pull: NDJSON progress lines, or one object with stream:false."""
+    document = await read_json_object(request)
+    name = model_name(document)
+    canonical_name(name)  # an invalid name is a 400 before anything streams
+    stream = require_type(document, "stream", bool, "true or false")
+    job = request.app[PULLS].start(name)
+    if stream is False:
+        async for _event in job.follow():
+            pass
+        return json_response({"status": "success"})
+    events = job.follow()
+    try:
+        first = await anext(events)  # errors found before the first line are plain HTTP errors
+    except StopAsyncIteration:  # pragma: no cover - a pull always says something
+        first = {"status": "success"}
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    await response.write(orjson.dumps(first) + b"\n")
+    try:
+        async for event in events:
+            await response.write(orjson.dumps(event) + b"\n")
+    except EmberdError as error:
+        await response.write(orjson.dumps({"error": error.message}) + b"\n")
+    await response.write_eof()
+    return response
+
+
+async def show(request: web.Request) -> web.Response:
+    document = await read_json_object(request)
+    model = await asyncio.to_thread(request.app[STORE].get, model_name(document))
+    facts = await asyncio.to_thread(read_gguf_facts, model.blob_path)
+    model_info = {**facts.metadata, "general.parameter_count": facts.parameter_count}
+    return json_response(
+        {
+            "license": str(facts.metadata.get("general.license", "")),
+            "modelfile": f"# emberd model {model.name}\nFROM {model.blob_path}\n",
+            "parameters": "",
+            "template": "",
+            "details": model_details(model),
+            "model_info": model_info,
+            "capabilities": ["embedding"] if facts.is_embedding_model else [],
+            "modified_at": model.modified_at,
+        }
+    )
+
+
+async def delete(request: web.Request) -> web.Response:
+    document = await read_json_object(request)
+    store = request.app[STORE]
+    model = await asyncio.to_thread(store.get, model_name(document))
+    await request.app[SCHEDULER].unload_canonical(model.name)  # a loaded model is unloaded first
+    await asyncio.to_thread(store.delete, model.name)
+    return web.Response(status=200)
+
+
 # -- small endpoints --------------------------------------------------------------------------------
 
 
@@ -224,3 +300,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/create", create)
     app.router.add_get("/api/tags", tags)
     app.router.add_get("/api/ps", ps)
+    app.router.add_post("/api/pull", pull)
+    app.router.add_post("/api/show", show)
+    app.router.add_delete("/api/delete", delete)

@@ -1,0 +1,216 @@
+"""The Hugging Face Hub: which file a name means, and downloading it (through huggingface_hub).
+
+Resolution policy (aliases, tag -> file) is pure and table-tested; `HubClient` does the blocking
+HTTP through huggingface_hub, which honours HF_TOKEN for gated repos and resumes cut transfers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tomllib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils.tqdm import tqdm as hub_tqdm
+
+from daemon.errors import DownloadFailed, HubUnavailable, InvalidConfig, UnknownModel
+from daemon.names import canonical_name, parse_hub_name
+
+# With no tag, the file to prefer for embeddings: full precision first, then the best quant.
+PREFERRED_QUANTS = ("F16", "FP16", "BF16", "Q8_0", "F32", "FP32")
+_QUANT_ALIASES = {"FP16": "F16", "FP32": "F32"}
+_SPLIT_FILE = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
+OFFLINE_MESSAGE = (
+    "the Hugging Face Hub is not reachable in offline mode (HF_HUB_OFFLINE / hub_offline); "
+    "copy the model here and register it with `emberd create NAME --from PATH`"
+)
+
+
+@dataclass(frozen=True)
+class AliasEntry:
+    repo_id: str
+    filename: str | None  # None: picked from the repo like an hf.co name without a tag
+    revision: str
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of one commit of one repo: what a pull downloads."""
+
+    repo_id: str
+    filename: str
+    revision: str  # a commit hash once resolved
+    sha256: str  # the Hub's LFS hash, checked before the blob is published
+    size_bytes: int
+
+    @property
+    def source(self) -> str:
+        return f"hf.co/{self.repo_id}@{self.revision}/{self.filename}"
+
+
+def load_aliases(path: Path) -> dict[str, AliasEntry]:
+    """configs/models.toml: one table per model name, e.g. ["all-minilm:latest"], with repo, revision,
+    and optionally file and sha256."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise InvalidConfig(f"cannot read aliases file {path}: {error}") from None
+    aliases: dict[str, AliasEntry] = {}
+    for name, entry in document.items():
+        try:
+            sha256 = entry.get("sha256") or None
+            filename = entry.get("file") or None
+            aliases[canonical_name(name)] = AliasEntry(entry["repo"], filename, entry["revision"], sha256)
+        except (KeyError, AttributeError, TypeError):
+            raise InvalidConfig(f"{path}: alias {name!r} needs repo and revision") from None
+    return aliases
+
+
+def quant_of(filename: str) -> str:
+    """The quant a GGUF file name ends with: "Qwen3-Embedding-0.6B-Q8_0.gguf" -> "Q8_0"."""
+    stem = filename.rsplit("/", 1)[-1].removesuffix(".gguf").removesuffix(".GGUF")
+    last = re.split(r"[-.]", stem)[-1].upper()
+    return _QUANT_ALIASES.get(last, last)
+
+
+def pick_gguf_file(filenames: Sequence[str], tag: str | None, repo_id: str) -> str:
+    """The GGUF file a tag means. With no tag: the first of PREFERRED_QUANTS present, or the only file."""
+    candidates = [
+        name
+        for name in filenames
+        if name.lower().endswith(".gguf") and not _SPLIT_FILE.search(name) and "mmproj" not in name.lower()
+    ]
+    if not candidates:
+        raise UnknownModel(f"hf.co/{repo_id} has no single-file GGUF model")
+    by_quant: dict[str, list[str]] = {}
+    for name in sorted(candidates):
+        by_quant.setdefault(quant_of(name), []).append(name)
+    available = ", ".join(sorted(by_quant))
+    if tag is None:
+        for quant in PREFERRED_QUANTS:
+            if quant in by_quant:
+                return by_quant[quant][0]
+        if len(candidates) == 1:
+            return candidates[0]
+        raise UnknownModel(f"hf.co/{repo_id} has several GGUF files; pick one with a tag: {available}")
+    wanted = _QUANT_ALIASES.get(tag.upper(), tag.upper())
+    if wanted not in by_quant:
+        raise UnknownModel(f"hf.co/{repo_id} has no {tag} file; available: {available}")
+    return by_quant[wanted][0]
+
+
+def _progress_class(report: Callable[[int, int], None]) -> type[hub_tqdm]:
+    """A tqdm that reports bytes instead of drawing (huggingface_hub takes a tqdm class)."""
+
+    class Progress(hub_tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+            self._done = int(kwargs.get("initial") or 0)
+            self._total = int(kwargs.get("total") or 0)
+            report(self._done, self._total)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self._done += int(n or 0)
+            report(self._done, self._total)
+            return None
+
+    return Progress
+
+
+class HubClient:
+    def __init__(self, endpoint: str, offline: bool, aliases: dict[str, AliasEntry]) -> None:
+        self._endpoint = endpoint or None
+        self._offline = offline
+        self.aliases = aliases
+
+    def knows(self, name: str) -> bool:
+        """Whether a name could be pulled (an alias or an hf.co/ name)."""
+        return canonical_name(name) in self.aliases or parse_hub_name(name) is not None
+
+    def check_pullable(self, name: str) -> None:
+        """Fail at once, before any streaming, for a pull that cannot start."""
+        if not self.knows(name):
+            raise UnknownModel(
+                f'model "{name}" is neither an alias in configs/models.toml nor an hf.co/{{owner}}/{{repo}} name'
+            )
+        if self._offline:
+            raise HubUnavailable(OFFLINE_MESSAGE)
+
+    def resolve(self, name: str) -> HubFile:
+        """The exact file (commit, sha256, size) `name` means. Blocking: talks to the Hub."""
+        self.check_pullable(name)
+        alias = self.aliases.get(canonical_name(name))
+        hub_name = parse_hub_name(name)
+        if alias is not None:
+            repo_id, revision, filename, tag = alias.repo_id, alias.revision, alias.filename, None
+        else:
+            assert hub_name is not None
+            repo_id, revision, filename, tag = hub_name.repo_id, None, None, hub_name.tag
+        with _translated_errors(repo_id):
+            info = HfApi(endpoint=self._endpoint).model_info(repo_id, revision=revision, files_metadata=True)
+        siblings = {sibling.rfilename: sibling for sibling in info.siblings or []}
+        filename = filename or pick_gguf_file(list(siblings), tag, repo_id)
+        sibling = siblings.get(filename)
+        if sibling is None:
+            raise UnknownModel(f"hf.co/{repo_id} has no file {filename}")
+        if sibling.lfs is None or not info.sha:
+            raise DownloadFailed(f"hf.co/{repo_id}/{filename} has no sha256 on the Hub to verify it against")
+        if alias and alias.sha256 and alias.sha256 != sibling.lfs.sha256:
+            raise DownloadFailed(
+                f"{filename}: the Hub's sha256 {sibling.lfs.sha256} differs from the pinned {alias.sha256}"
+            )
+        return HubFile(repo_id, filename, info.sha, sibling.lfs.sha256, sibling.lfs.size)
+
+    def download(self, hub_file: HubFile, directory: Path, report: Callable[[int, int], None]) -> Path:
+        """Download into `directory` (resuming a partial file left there). Blocking."""
+        if self._offline:
+            raise HubUnavailable(OFFLINE_MESSAGE)
+        with _translated_errors(hub_file.repo_id):
+            path = hf_hub_download(
+                hub_file.repo_id,
+                hub_file.filename,
+                revision=hub_file.revision,
+                local_dir=directory,
+                endpoint=self._endpoint,
+                tqdm_class=_progress_class(report),
+            )
+        return Path(path)
+
+
+@contextlib.contextmanager
+def _translated_errors(repo_id: str) -> Iterator[None]:
+    """huggingface_hub's exceptions as the daemon's domain errors, each with a message to act on."""
+    repo = f"hf.co/{repo_id}"
+    try:
+        yield
+    except GatedRepoError:
+        raise UnknownModel(f"{repo} is gated: accept its terms on the Hub and set HF_TOKEN") from None
+    except RevisionNotFoundError:
+        raise UnknownModel(f"{repo}: revision not found") from None
+    except EntryNotFoundError:
+        raise UnknownModel(f"{repo}: file not found") from None
+    except RepositoryNotFoundError:
+        raise UnknownModel(f"{repo} not found on the Hugging Face Hub (or private: set HF_TOKEN)") from None
+    except OfflineModeIsEnabled:
+        raise HubUnavailable(OFFLINE_MESSAGE) from None
+    except HfHubHTTPError as error:
+        raise DownloadFailed(f"{repo}: the Hub answered {error}") from None
+    except Exception as error:
+        # Connection failures surface as huggingface_hub's HTTP library's own exception types.
+        if isinstance(error, OSError | ValueError) or type(error).__module__.startswith("httpx"):
+            raise DownloadFailed(f"{repo}: download failed: {error}") from None
+        raise

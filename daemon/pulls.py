@@ -1,0 +1,168 @@
+"""Pulls: Hub file -> verified blob -> manifest, with Ollama's progress events.
+
+Two pulls of one model share one download: the second subscribes to the first's events (replayed
+from the start). A pull keeps going if its client disconnects, so a retry finds it done or joins it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import DownloadFailed, EmberdError, InsufficientDisk
+from daemon.hub import HubClient, HubFile
+from daemon.names import canonical_name
+from daemon.store import ModelStore
+
+log = logging.getLogger(__name__)
+# Room kept free beyond the download itself, for manifests and the rest of the machine.
+DISK_MARGIN_BYTES = 64 * 1024 * 1024
+# Progress events per file: enough for a smooth bar, few enough to replay to a late subscriber.
+PROGRESS_STEPS = 200
+
+Event = dict[str, Any]
+
+
+def disk_free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def bytes_needed(total_bytes: int, already_bytes: int) -> int:
+    return max(0, total_bytes - already_bytes) + DISK_MARGIN_BYTES
+
+
+class PullJob:
+    """The events of one pull, for any number of followers. Touched only from the event loop."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.error: EmberdError | None = None
+        self.finished = False
+        self._changed = asyncio.Event()
+        self._last_step = -1
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def add(self, event: Event) -> None:
+        self.events.append(event)
+        self._wake()
+
+    def progress(self, status: str, digest: str, total: int, completed: int) -> None:
+        step = completed * PROGRESS_STEPS // total if total else 0
+        if step == self._last_step and completed != total:
+            return
+        self._last_step = step
+        self.add({"status": status, "digest": digest, "total": total, "completed": completed})
+
+    def finish(self, error: EmberdError | None) -> None:
+        self.error = error
+        self.finished = True
+        self._wake()
+
+    async def follow(self) -> AsyncIterator[Event]:
+        """Every event from the first, then new ones as they come; raises the pull's error at the end."""
+        index = 0
+        while True:
+            changed = self._changed
+            while index < len(self.events):
+                yield self.events[index]
+                index += 1
+            if self.finished:
+                if self.error is not None:
+                    raise self.error
+                return
+            await changed.wait()
+
+
+class PullManager:
+    def __init__(
+        self,
+        store: ModelStore,
+        hub: HubClient,
+        free_bytes: Callable[[Path], int] = disk_free_bytes,
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._free_bytes = free_bytes
+        self._jobs: dict[str, PullJob] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._jobs)
+
+    def start(self, name: str) -> PullJob:
+        """Start pulling `name`, or join the pull of it already under way."""
+        canonical = canonical_name(name)
+        job = self._jobs.get(canonical)
+        if job is None:
+            self._hub.check_pullable(name)
+            job = PullJob()
+            self._jobs[canonical] = job
+            task = asyncio.create_task(self._run(name, canonical, job), name=f"pull-{canonical}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return job
+
+    async def pull(self, name: str) -> None:
+        """Pull to completion, ignoring progress (stream:false and auto_pull)."""
+        async for _event in self.start(name).follow():
+            pass
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(self, name: str, canonical: str, job: PullJob) -> None:
+        error: EmberdError | None = None
+        try:
+            job.add({"status": "pulling manifest"})
+            hub_file = await asyncio.to_thread(self._hub.resolve, name)
+            if not self._store.has_blob(hub_file.sha256):
+                await self._download(hub_file, job)
+            job.add({"status": "writing manifest"})
+            await asyncio.to_thread(self._store.publish_blob, canonical, hub_file.sha256, hub_file.source)
+            job.add({"status": "success"})
+        except EmberdError as failure:
+            error = failure
+        except Exception as failure:  # a bug must still end the stream with an error line
+            log.exception("pull of %s failed", canonical)
+            error = DownloadFailed(f"pull failed: {failure}")
+        finally:
+            del self._jobs[canonical]
+            job.finish(error)
+
+    async def _download(self, hub_file: HubFile, job: PullJob) -> None:
+        directory = self._store.download_dir(hub_file.sha256)
+        directory.mkdir(parents=True, exist_ok=True)
+        already = sum(p.stat().st_size for p in directory.rglob("*.incomplete"))
+        needed, free = bytes_needed(hub_file.size_bytes, already), self._free_bytes(directory)
+        if free < needed:
+            raise InsufficientDisk(
+                f"not enough disk space for {hub_file.filename}: it needs {needed / 2**20:.0f} MiB, "
+                f"{free / 2**20:.0f} MiB are free"
+            )
+        loop = asyncio.get_running_loop()
+        status, digest = f"pulling {hub_file.sha256[:12]}", f"sha256:{hub_file.sha256}"
+
+        def report(completed: int, total: int) -> None:  # called from the download thread
+            loop.call_soon_threadsafe(job.progress, status, digest, total or hub_file.size_bytes, completed)
+
+        path = await asyncio.to_thread(self._hub.download, hub_file, directory, report)
+        job.progress(status, digest, hub_file.size_bytes, hub_file.size_bytes)
+        job.add({"status": "verifying sha256 digest"})
+        actual = await asyncio.to_thread(ModelStore.hash_file, path)
+        if actual != hub_file.sha256:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise DownloadFailed(
+                f"digest mismatch, file must be downloaded again: want sha256:{hub_file.sha256}, got sha256:{actual}"
+            )
+        await asyncio.to_thread(self._store.adopt_blob, path, actual)
+        shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,337 @@
+"""Pulling from the Hugging Face Hub (a local server speaking its protocol), and model management."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+
+from daemon.api.app import DEFAULT_MODELS_FILE, build_app
+from daemon.api.common import PULLS, STORE
+from daemon.config import Settings
+from daemon.errors import UnknownModel
+from daemon.hub import load_aliases, pick_gguf_file, quant_of
+from daemon.store import ModelStore
+from tests.conftest import REPO, scheduler_of, wait_until
+from tests.hub_server import FakeHub
+from tests.test_api_embed import embed
+
+Client = TestClient[Any, Any]
+
+
+def sha_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def aliases_file(tmp_path: Path, fake_hub: FakeHub, quant_files: dict[str, bytes]) -> Path:
+    repo = fake_hub.repos[REPO]
+    path = tmp_path / "models.toml"
+    path.write_text(
+        f'["tiny-alias:latest"]\nrepo = "{REPO}"\nfile = "tiny-embed-Q8_0.gguf"\nrevision = "{repo.commit}"\n'
+        f'sha256 = "{sha_of(quant_files["tiny-embed-Q8_0.gguf"])}"\n\n'
+        f'["pinned-wrong"]\nrepo = "{REPO}"\nfile = "tiny-embed-F16.gguf"\nrevision = "main"\nsha256 = "{"0" * 64}"\n'
+    )
+    return path
+
+
+@pytest.fixture
+def make_hub_client(aiohttp_client: Any, tmp_path: Path, fake_hub: FakeHub, aliases_file: Path) -> Any:
+    async def make(**overrides: Any) -> Client:
+        disk_free = overrides.pop("disk_free_bytes", None)
+        settings = Settings(
+            home=tmp_path / "home", hub_endpoint=fake_hub.url, models_file=str(aliases_file), **overrides
+        )
+        client: Client = await aiohttp_client(build_app(settings, disk_free_bytes=disk_free))
+        return client
+
+    return make
+
+
+@pytest.fixture
+async def hub_client(make_hub_client: Any) -> Client:
+    client: Client = await make_hub_client()
+    return client
+
+
+async def pull_lines(client: Client, name: str) -> tuple[int, list[dict[str, Any]]]:
+    response = await client.post("/api/pull", json={"model": name})
+    if response.headers["Content-Type"] != "application/x-ndjson":
+        return response.status, [await response.json()]
+    return response.status, [orjson.loads(line) for line in (await response.read()).splitlines()]
+
+
+def store_of(client: Client) -> ModelStore:
+    return client.server.app[STORE]
+
+
+# -- tag selection (pure) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("files", "tag", "expected"),
+    [
+        (["m-Q8_0.gguf", "m-F16.gguf", "m-Q4_K_M.gguf"], None, "m-F16.gguf"),
+        (["m-Q8_0.gguf", "m-Q4_K_M.gguf"], None, "m-Q8_0.gguf"),
+        (["m-q8_0.gguf", "m-f16.gguf"], "Q8_0", "m-q8_0.gguf"),
+        (["m-Q8_0.gguf", "m-F16.gguf"], "q8_0", "m-Q8_0.gguf"),
+        (["bge-m3-FP16.gguf", "bge-m3-Q8_0.gguf"], "F16", "bge-m3-FP16.gguf"),
+        (["m.Q4_K_M.gguf", "m.f16.gguf"], "q4_k_m", "m.Q4_K_M.gguf"),
+        (["snowflake-m--Q4_K_M.GGUF", "snowflake-m-f16.GGUF"], None, "snowflake-m-f16.GGUF"),
+        (["only-one-model.gguf", "README.md"], None, "only-one-model.gguf"),
+        (["m-F16-00001-of-00002.gguf", "m-F16-00002-of-00002.gguf", "m-Q8_0.gguf"], None, "m-Q8_0.gguf"),
+        (["mmproj-F16.gguf", "m-Q8_0.gguf"], None, "m-Q8_0.gguf"),
+        (["gguf/m-f16.gguf"], None, "gguf/m-f16.gguf"),
+    ],
+)
+def test_pick_gguf_file(files: list[str], tag: str | None, expected: str) -> None:
+    assert pick_gguf_file(files, tag, "o/r") == expected
+
+
+@pytest.mark.parametrize(
+    ("files", "tag", "message"),
+    [
+        (["m-Q8_0.gguf"], "Q4_K_M", "has no Q4_K_M file; available: Q8_0"),
+        (["README.md"], None, "no single-file GGUF"),
+        (["a-Q4_K_M.gguf", "a-Q5_K_M.gguf"], None, "pick one with a tag: Q4_K_M, Q5_K_M"),
+    ],
+)
+def test_pick_gguf_file_refusals(files: list[str], tag: str | None, message: str) -> None:
+    with pytest.raises(UnknownModel, match=message):
+        pick_gguf_file(files, tag, "o/r")
+
+
+@pytest.mark.parametrize(
+    ("filename", "quant"),
+    [
+        ("Qwen3-Embedding-0.6B-Q8_0.gguf", "Q8_0"),
+        ("x.f16.gguf", "F16"),
+        ("x-fp32.gguf", "F32"),
+        ("a/b-bf16.gguf", "BF16"),
+    ],
+)
+def test_quant_of(filename: str, quant: str) -> None:
+    assert quant_of(filename) == quant
+
+
+# -- pulling ----------------------------------------------------------------------------------------
+
+
+async def test_pull_streams_ollamas_progress_then_the_model_is_listed_and_embeds(
+    hub_client: Client, quant_files: dict[str, bytes]
+) -> None:
+    status, lines = await pull_lines(hub_client, f"hf.co/{REPO}:Q8_0")
+    assert status == 200
+    expected_sha = sha_of(quant_files["tiny-embed-Q8_0.gguf"])
+    statuses = [line["status"] for line in lines]
+    assert statuses[0] == "pulling manifest"
+    assert statuses[-3:] == ["verifying sha256 digest", "writing manifest", "success"]
+    progress = [line for line in lines if "total" in line]
+    assert progress, "no progress lines"
+    assert all(line["digest"] == f"sha256:{expected_sha}" for line in progress)
+    assert all(line["status"] == f"pulling {expected_sha[:12]}" for line in progress)
+    assert progress[-1]["completed"] == progress[-1]["total"] == len(quant_files["tiny-embed-Q8_0.gguf"])
+    completed = [line["completed"] for line in progress]
+    assert completed == sorted(completed)
+
+    tags = await (await hub_client.get("/api/tags")).json()
+    [entry] = tags["models"]
+    assert entry["name"] == f"hf.co/{REPO.lower()}:q8_0"
+    assert entry["digest"] == expected_sha
+    assert entry["details"]["quantization_level"] == "Q8_0"
+    status, body = await embed(hub_client, {"model": f"hf.co/{REPO}:Q8_0", "input": "hello"})
+    assert status == 200
+    assert len(body["embeddings"][0]) == 32
+
+
+async def test_no_tag_prefers_f16_and_huggingface_co_names_work(
+    hub_client: Client, quant_files: dict[str, bytes]
+) -> None:
+    _, lines = await pull_lines(hub_client, f"huggingface.co/{REPO}")
+    assert lines[-1] == {"status": "success"}
+    model = store_of(hub_client).get(f"hf.co/{REPO}")
+    assert model.digest == f"sha256:{sha_of(quant_files['tiny-embed-F16.gguf'])}"
+
+
+async def test_stream_false_answers_one_object(hub_client: Client) -> None:
+    response = await hub_client.post("/api/pull", json={"model": f"hf.co/{REPO}:Q8_0", "stream": False})
+    assert (response.status, await response.json()) == (200, {"status": "success"})
+
+
+async def test_a_cut_transfer_resumes_where_it_broke_off(
+    hub_client: Client, fake_hub: FakeHub, quant_files: dict[str, bytes]
+) -> None:
+    data = quant_files["tiny-embed-F16.gguf"]
+    fake_hub.cut_next.add(sha_of(data))
+    _, lines = await pull_lines(hub_client, f"hf.co/{REPO}:F16")
+    assert lines[-1] == {"status": "success"}
+    assert fake_hub.transfers_started[sha_of(data)] == 2  # the first broke off; the second resumed
+    assert store_of(hub_client).get(f"hf.co/{REPO}:F16").blob_path.read_bytes() == data
+
+
+async def test_a_sha256_mismatch_leaves_nothing_in_the_store(
+    hub_client: Client, fake_hub: FakeHub, quant_files: dict[str, bytes]
+) -> None:
+    fake_hub.tamper.add(sha_of(quant_files["tiny-embed-Q8_0.gguf"]))
+    _, lines = await pull_lines(hub_client, f"hf.co/{REPO}:Q8_0")
+    assert "digest mismatch" in lines[-1]["error"]
+    store = store_of(hub_client)
+    assert list(store.blobs_dir.iterdir()) == []
+    assert list(store.manifests_dir.rglob("*.json")) == []
+    assert list(store.downloads_dir.iterdir()) == []
+    response = await hub_client.post("/api/pull", json={"model": f"hf.co/{REPO}:Q8_0", "stream": False})
+    assert response.status == 502
+
+
+async def test_a_full_disk_fails_before_downloading(make_hub_client: Any, fake_hub: FakeHub) -> None:
+    client = await make_hub_client(disk_free_bytes=lambda _path: 10 * 1024 * 1024)
+    _, lines = await pull_lines(client, f"hf.co/{REPO}:Q8_0")
+    assert "not enough disk space" in lines[-1]["error"]
+    assert sum(fake_hub.downloads.values()) == 0
+    assert list(store_of(client).blobs_dir.iterdir()) == []
+
+
+async def test_offline_fails_at_once_and_suggests_create(make_hub_client: Any, fake_hub: FakeHub) -> None:
+    client = await make_hub_client(hub_offline=True)
+    status, [body] = await pull_lines(client, f"hf.co/{REPO}:Q8_0")
+    assert status == 503
+    assert "offline" in body["error"] and "emberd create" in body["error"]
+    assert sum(fake_hub.downloads.values()) == 0
+
+
+async def test_two_pulls_of_one_model_share_one_download(
+    hub_client: Client, fake_hub: FakeHub, quant_files: dict[str, bytes]
+) -> None:
+    sha = sha_of(quant_files["tiny-embed-Q8_0.gguf"])
+    release = threading.Event()
+    fake_hub.hold[sha] = release
+    first = asyncio.create_task(pull_lines(hub_client, f"hf.co/{REPO}:Q8_0"))
+    await wait_until(lambda: fake_hub.transfers_started[sha] == 1)
+    second = asyncio.create_task(pull_lines(hub_client, f"HF.CO/{REPO}:q8_0"))
+    pulls = hub_client.server.app[PULLS]
+    await wait_until(lambda: second.done() or pulls.in_flight == 1)
+    release.set()
+    (_, first_lines), (_, second_lines) = await asyncio.gather(first, second)
+    assert first_lines[-1] == second_lines[-1] == {"status": "success"}
+    assert second_lines[0] == {"status": "pulling manifest"}  # the follower sees the whole story
+    assert fake_hub.downloads[sha] == 1
+
+
+async def test_an_alias_pulls_its_pinned_file(hub_client: Client, quant_files: dict[str, bytes]) -> None:
+    _, lines = await pull_lines(hub_client, "tiny-alias")
+    assert lines[-1] == {"status": "success"}
+    assert (
+        store_of(hub_client).get("tiny-alias:latest").digest == f"sha256:{sha_of(quant_files['tiny-embed-Q8_0.gguf'])}"
+    )
+
+
+async def test_an_alias_whose_pinned_sha256_differs_is_refused(hub_client: Client) -> None:
+    _, lines = await pull_lines(hub_client, "pinned-wrong")
+    assert "differs from the pinned" in lines[-1]["error"]
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("hf.co/owner/missing-repo", "not found on the Hugging Face Hub"),
+        (f"hf.co/{REPO}:Q2_K", "has no Q2_K file; available: F16, Q8_0"),
+        ("hf.co/owner/gated", "is gated"),
+    ],
+)
+async def test_pull_errors_after_the_stream_began_end_it_with_an_error_line(
+    hub_client: Client, fake_hub: FakeHub, quant_files: dict[str, bytes], name: str, message: str
+) -> None:
+    fake_hub.add_repo("owner/gated", quant_files, gated=True)
+    status, lines = await pull_lines(hub_client, name)
+    assert status == 200
+    assert lines[0] == {"status": "pulling manifest"}
+    assert message in lines[-1]["error"]
+
+
+@pytest.mark.parametrize("name", ["nomic-embed-text-unknown", "../escape", "hf.co/only-owner", "hf.co/a/b/c"])
+async def test_names_that_cannot_be_pulled_are_refused_before_streaming(hub_client: Client, name: str) -> None:
+    status, [body] = await pull_lines(hub_client, name)
+    assert status in (400, 404)
+    assert body["error"]
+
+
+async def test_auto_pull_fetches_a_missing_model_for_embed(make_hub_client: Any) -> None:
+    off = await make_hub_client()
+    status, body = await embed(off, {"model": f"hf.co/{REPO}:Q8_0", "input": "hello"})
+    assert (status, body["error"]) == (404, f'model "hf.co/{REPO}:Q8_0" not found, try pulling it first')
+    on = await make_hub_client(auto_pull=True)
+    status, body = await embed(on, {"model": f"hf.co/{REPO}:Q8_0", "input": "hello"})
+    assert status == 200
+
+
+# -- show, delete, list -----------------------------------------------------------------------------
+
+
+async def test_show_gives_details_gguf_metadata_and_capabilities(hub_client: Client) -> None:
+    await pull_lines(hub_client, f"hf.co/{REPO}:Q8_0")
+    response = await hub_client.post("/api/show", json={"model": f"hf.co/{REPO}:Q8_0"})
+    body = await response.json()
+    assert response.status == 200
+    assert body["capabilities"] == ["embedding"]
+    assert body["details"]["family"] == "bert"
+    assert body["model_info"]["bert.context_length"] == 64
+    assert body["model_info"]["bert.pooling_type"] == 1
+    assert body["model_info"]["general.parameter_count"] > 0
+    assert body["model_info"]["tokenizer.ggml.tokens"] is None
+    missing = await hub_client.post("/api/show", json={"model": "nothing"})
+    assert missing.status == 404
+
+
+async def test_delete_unloads_a_loaded_model_and_keeps_shared_blobs(hub_client: Client) -> None:
+    await pull_lines(hub_client, f"hf.co/{REPO}:Q8_0")
+    await pull_lines(hub_client, "tiny-alias")  # the same file under a second name
+    await embed(hub_client, {"model": f"hf.co/{REPO}:Q8_0", "input": "hello"})
+    runner = scheduler_of(hub_client).loaded()[0].runner
+    response = await hub_client.delete("/api/delete", json={"model": f"hf.co/{REPO}:Q8_0"})
+    assert (response.status, await response.read()) == (200, b"")
+    assert scheduler_of(hub_client).loaded() == []
+    await asyncio.wait_for(runner.exited.wait(), timeout=10)
+    store = store_of(hub_client)
+    assert [m.name for m in store.list()] == ["tiny-alias:latest"]
+    assert store.get("tiny-alias").blob_path.exists()
+    status, _ = await embed(hub_client, {"model": "tiny-alias", "input": "hello"})
+    assert status == 200
+    again = await hub_client.delete("/api/delete", json={"model": f"hf.co/{REPO}:Q8_0"})
+    assert again.status == 404
+    escape = await hub_client.delete("/api/delete", json={"model": "../../etc"})
+    assert escape.status == 400
+
+
+async def test_openai_model_list_and_lookup(hub_client: Client) -> None:
+    await pull_lines(hub_client, "tiny-alias")
+    listing = await (await hub_client.get("/v1/models")).json()
+    assert listing["object"] == "list"
+    assert [m["id"] for m in listing["data"]] == ["tiny-alias"]
+    assert listing["data"][0]["object"] == "model"
+    one = await hub_client.get("/v1/models/tiny-alias")
+    assert (await one.json())["id"] == "tiny-alias"
+    missing = await hub_client.get("/v1/models/nothing")
+    assert missing.status == 404
+    error = (await missing.json())["error"]
+    assert error["type"] == "not_found_error" and "nothing" in error["message"]
+
+
+def test_the_shipped_aliases_cover_the_documented_models() -> None:
+    aliases = load_aliases(DEFAULT_MODELS_FILE)
+    wanted = [
+        "all-minilm", "nomic-embed-text", "mxbai-embed-large", "bge-m3", "bge-small-en-v1.5", "bge-large-en-v1.5",
+        "snowflake-arctic-embed", "snowflake-arctic-embed2", "granite-embedding", "embeddinggemma",
+        "qwen3-embedding", "paraphrase-multilingual",
+    ]  # fmt: skip
+    for name in wanted:
+        entry = aliases[f"{name}:latest"]
+        assert "/" in entry.repo_id
+        assert entry.revision == "main" or len(entry.revision) == 40
+        assert entry.sha256 is None or len(entry.sha256) == 64
+    assert aliases["nomic-embed-text:v1.5"] == aliases["nomic-embed-text:latest"]
