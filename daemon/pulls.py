@@ -44,6 +44,7 @@ class PullJob:
         self.finished = False
         self._changed = asyncio.Event()
         self._last_step = -1
+        self._last_completed = -1
 
     def _wake(self) -> None:
         self._changed.set()
@@ -55,9 +56,9 @@ class PullJob:
 
     def progress(self, status: str, digest: str, total: int, completed: int) -> None:
         step = completed * PROGRESS_STEPS // total if total else 0
-        if step == self._last_step and completed != total:
+        if step == self._last_step and (completed != total or self._last_completed == completed):
             return
-        self._last_step = step
+        self._last_step, self._last_completed = step, completed
         self.add({"status": status, "digest": digest, "total": total, "completed": completed})
 
     def finish(self, error: EmberdError | None) -> None:

@@ -166,3 +166,29 @@ class FakeHub:
 def _hub_error(status: int, code: str, message: str) -> web.HTTPException:
     error_class = {401: web.HTTPUnauthorized, 403: web.HTTPForbidden, 404: web.HTTPNotFound}[status]
     return error_class(headers={"X-Error-Code": code, "X-Error-Message": message}, text=message)
+
+
+def main() -> None:
+    """Serve GGUF files as a Hub repo, by hand:
+
+    python -m tests.hub_server --repo owner/repo model-F16.gguf model-Q8_0.gguf
+    HF_ENDPOINT=http://127.0.0.1:PORT emberd serve    # then: emberd pull hf.co/owner/repo:Q8_0
+    """
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo", required=True)
+    parser.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args()
+    hub = FakeHub()
+    hub.add_repo(args.repo, {path.name: path.read_bytes() for path in args.files})
+    print(f"serving {args.repo} at {hub.start()}  (HF_ENDPOINT={hub.url}); Ctrl-C stops", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        hub.stop()
+
+
+if __name__ == "__main__":
+    main()

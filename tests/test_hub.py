@@ -17,6 +17,7 @@ from daemon.api.common import PULLS, STORE
 from daemon.config import Settings
 from daemon.errors import UnknownModel
 from daemon.hub import load_aliases, pick_gguf_file, quant_of
+from daemon.pulls import PROGRESS_STEPS, PullJob
 from daemon.store import ModelStore
 from tests.conftest import REPO, scheduler_of, wait_until
 from tests.hub_server import FakeHub
@@ -335,3 +336,14 @@ def test_the_shipped_aliases_cover_the_documented_models() -> None:
         assert entry.revision == "main" or len(entry.revision) == 40
         assert entry.sha256 is None or len(entry.sha256) == 64
     assert aliases["nomic-embed-text:v1.5"] == aliases["nomic-embed-text:latest"]
+
+
+async def test_progress_events_are_throttled_and_the_end_is_reported_once() -> None:
+    job = PullJob()
+    total = 10_000
+    for completed in [0, *range(1, total + 1, 7), total, total]:
+        job.progress("pulling x", "sha256:x", total, completed)
+    completed_values = [event["completed"] for event in job.events]
+    assert len(completed_values) <= PROGRESS_STEPS + 2
+    assert completed_values == sorted(completed_values)
+    assert completed_values.count(total) == 1
