@@ -125,6 +125,10 @@ class Settings:
     hub_endpoint: str = ""
     # Never contact the Hub (HF_HUB_OFFLINE=1 is honoured too).
     hub_offline: bool = False
+    # What token ids sent to /v1/embeddings mean: "cl100k_base" (OpenAI's tokenizer, which OpenAI
+    # clients such as LangChain use: decoded, then tokenized by the model) or "model" (ids of the
+    # model's own vocabulary, as llama.cpp's server reads them).
+    openai_token_ids: str = "cl100k_base"
 
 
 _DURATION_SETTINGS = {"keep_alive_s", "load_timeout_s", "shutdown_timeout_s"}
@@ -196,6 +200,8 @@ def _validate(settings: Settings) -> Settings:
             raise InvalidConfig(f"{name}: must not be negative, got {value}")
     if settings.load_timeout_s <= 0 or settings.shutdown_timeout_s < 0:
         raise InvalidConfig("load_timeout must be positive and shutdown_timeout not negative")
+    if settings.openai_token_ids not in {"cl100k_base", "model"}:
+        raise InvalidConfig(f"openai_token_ids: expected cl100k_base or model, got {settings.openai_token_ids!r}")
     if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise InvalidConfig(f"log_level: expected debug, info, warning or error, got {settings.log_level!r}")
     return settings

@@ -65,6 +65,8 @@ def parse_options(raw: Any) -> dict[str, Any]:
         raise InvalidInput("options must be an object")
     options: dict[str, Any] = {}
     for key, value in raw.items():
+        if value is None:
+            continue  # clients (LangChain) send every option, null meaning "unset", as Go reads it
         expected = _LOAD_OPTION_TYPES.get(key)
         if expected is None:
             if key not in _IGNORED_OPTIONS:

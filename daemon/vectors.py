@@ -16,11 +16,15 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
     return (vectors / safe).astype(np.float32, copy=False)
 
 
+def check_finite(vectors: np.ndarray) -> None:
+    if not np.isfinite(vectors).all():
+        raise InvalidEmbedding(NON_FINITE_MESSAGE)
+
+
 def finish_embeddings(pooled: np.ndarray, dimensions: int | None) -> np.ndarray:
     """What /api/embed returns: normalised, optionally cut to the first `dimensions` values and
     renormalised. `dimensions` outside 0 < d < width is ignored, like Ollama."""
-    if not np.isfinite(pooled).all():
-        raise InvalidEmbedding(NON_FINITE_MESSAGE)
+    check_finite(pooled)
     vectors = normalize_rows(pooled)
     if dimensions is not None and 0 < dimensions < vectors.shape[1]:
         vectors = normalize_rows(np.ascontiguousarray(vectors[:, :dimensions]))

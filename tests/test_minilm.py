@@ -78,3 +78,12 @@ async def test_the_full_trained_context_is_honoured_with_no_hidden_cap(minilm_cl
     body = await response.json()
     assert body["prompt_eval_count"] == 512  # the model's trained context, not less
     assert response.headers["X-Emberd-Truncated-Inputs"] == "1"
+
+
+async def test_the_legacy_endpoint_matches_ollamas_raw_vector_and_scale(minilm_client: Client) -> None:
+    legacy = OLLAMA_REFERENCE["legacy_api_embeddings"]
+    response = await minilm_client.post("/api/embeddings", json={"model": "all-minilm", "prompt": legacy["prompt"]})
+    vector = (await response.json())["embedding"]
+    assert cosine(vector, legacy["vector"]) >= 0.99
+    # Ollama returns all-MiniLM's mean-pooled vector unnormalised; so does emberd.
+    assert np.linalg.norm(vector) == pytest.approx(np.linalg.norm(legacy["vector"]), rel=0.01)

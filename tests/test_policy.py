@@ -126,6 +126,7 @@ def test_request_options_override_the_settings() -> None:
         ({"num_ctx": 2048.0}, {"num_ctx": 2048}),
         ({"temperature": 0.5, "unknown": 1}, {}),
         ({"use_mmap": False, "num_gpu": -1}, {"use_mmap": False, "num_gpu": -1}),
+        ({"num_ctx": None, "num_gpu": None, "temperature": None}, {}),
     ],
 )
 def test_parse_options_accepts(raw: Any, expected: dict[str, Any]) -> None:

@@ -11,12 +11,9 @@ import struct
 import subprocess
 import sys
 import termios
-import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -24,74 +21,14 @@ import pytest
 from daemon.service import sd_notify
 from tests.conftest import REPO
 from tests.hub_server import FakeHub
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Any, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.02)
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
-def post_json(url: str, body: dict[str, Any]) -> tuple[int, Any]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return response.status, json.loads(response.read())
-
-
-class Daemon:
-    def __init__(self, process: subprocess.Popen[bytes], environ: dict[str, str], url: str) -> None:
-        self.process = process
-        self.environ = environ
-        self.url = url
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "daemon", *args], env=self.environ, capture_output=True, text=True, timeout=120
-        )
-
-    def runner_pids(self) -> list[int]:
-        return [child.pid for child in psutil.Process(self.process.pid).children()]
+from tests.live import Daemon, post_json, running_daemon, wait_for
 
 
 @pytest.fixture
 def daemon(tmp_path: Path, tiny_dir: Path, fake_hub: FakeHub) -> Iterator[Daemon]:
-    port = free_port()
-    environ = {**os.environ, "EMBERD_HOST": f"127.0.0.1:{port}", "EMBERD_HOME": str(tmp_path / "home")}
-    environ["HF_ENDPOINT"] = fake_hub.url  # huggingface_hub's own variable, honoured as is
-    environ.pop("EMBERD_CONFIG", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "serve", "--ensure-model", f"tiny={tiny_dir}"],
-        env=environ,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: answers(url) or process.poll() is not None)
-        assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-        yield Daemon(process, environ, url)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        if process.stderr:
-            process.stderr.close()
+    # HF_ENDPOINT: huggingface_hub's own variable, honoured as is.
+    with running_daemon(tmp_path / "home", {"tiny": tiny_dir}, {"HF_ENDPOINT": fake_hub.url}) as live:
+        yield live
 
 
 def test_the_cli_drives_a_running_daemon(daemon: Daemon, tiny_gguf: Path) -> None:

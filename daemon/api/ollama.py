@@ -14,10 +14,8 @@ from aiohttp import web
 
 from daemon import __version__
 from daemon.api.common import (
-    HUB,
     PULLS,
     SCHEDULER,
-    SETTINGS,
     STORE,
     TRUNCATED_HEADER,
     json_response,
@@ -26,6 +24,7 @@ from daemon.api.common import (
     read_json_object,
     require_type,
 )
+from daemon.api.embedding import embed_inputs
 from daemon.convert import OUTPUT_TYPES
 from daemon.errors import EmberdError, InvalidInput, InvalidModelFile, NotEmbeddingModel, UnknownModel
 from daemon.gguf_info import format_parameter_size, read_gguf_facts
@@ -33,7 +32,7 @@ from daemon.names import canonical_name
 from daemon.options import parse_options
 from daemon.scheduler import LoadedModel
 from daemon.store import StoredModel
-from daemon.vectors import finish_embeddings
+from daemon.vectors import check_finite, finish_embeddings
 
 # Ollama shows a model kept forever as expiring in the far future.
 _FOREVER = datetime(2318, 1, 1, tzinfo=UTC).isoformat()
@@ -81,40 +80,54 @@ def decode_embed_request(document: dict[str, Any]) -> EmbedRequest:
 async def embed(request: web.Request) -> web.Response:
     started_ns = time.perf_counter_ns()
     embed_request = decode_embed_request(await read_json_object(request))
-    await pull_if_allowed(request.app, embed_request.model)
-    scheduler = request.app[SCHEDULER]
     empty_answer = {"model": embed_request.model, "embeddings": []}
-    async with scheduler.admit():
-        if not embed_request.texts and embed_request.keep_alive_s == 0:
-            await scheduler.unload(embed_request.model)  # the unload idiom: never load to unload
-            return json_response(empty_answer)
-        async with scheduler.lease(embed_request.model, embed_request.options, embed_request.keep_alive_s) as lease:
-            if not embed_request.texts:
-                return json_response(empty_answer)  # the preload idiom
-            result = await lease.loaded.runner.embed(embed_request.texts, embed_request.truncate)
-    vectors = finish_embeddings(result.vectors, embed_request.dimensions)
+    if not embed_request.texts and embed_request.keep_alive_s == 0:
+        async with request.app[SCHEDULER].admit():
+            await request.app[SCHEDULER].unload(embed_request.model)  # the unload idiom: never load to unload
+        return json_response(empty_answer)
+    embedded = await embed_inputs(
+        request.app,
+        embed_request.model,
+        embed_request.texts,
+        embed_request.truncate,
+        embed_request.options,
+        embed_request.keep_alive_s,
+    )
+    if not embed_request.texts:
+        return json_response(empty_answer)  # the preload idiom
+    vectors = finish_embeddings(embedded.vectors, embed_request.dimensions)
     return json_response(
         {
             "model": embed_request.model,
             "embeddings": vectors,
             "total_duration": time.perf_counter_ns() - started_ns,
-            "load_duration": lease.load_duration_ns,
-            "prompt_eval_count": result.token_count,
+            "load_duration": embedded.load_duration_ns,
+            "prompt_eval_count": embedded.token_count,
         },
-        headers={TRUNCATED_HEADER: str(result.truncated_count)},
+        headers={TRUNCATED_HEADER: str(embedded.truncated_count)},
     )
 
 
-async def pull_if_allowed(app: web.Application, name: str) -> None:
-    """With auto_pull on, fetch a model that is not local but that the Hub can provide."""
-    if not app[SETTINGS].auto_pull:
-        return
-    try:
-        await asyncio.to_thread(app[STORE].get, name)
-    except UnknownModel:
-        if not app[HUB].knows(name):
-            raise
-        await app[PULLS].pull(name)
+async def legacy_embeddings(request: web.Request) -> web.Response:
+    """/api/embeddings: {"model", "prompt"} -> {"embedding": [...]}, the model's pooled vector as
+    is (not normalised here), no truncation; an empty prompt only loads the model."""
+    document = await read_json_object(request)
+    name = model_name(document)
+    if not name.strip():
+        raise InvalidInput("model is required")
+    prompt = require_type(document, "prompt", str, "a string") or ""
+    embedded = await embed_inputs(
+        request.app,
+        name,
+        [prompt] if prompt else [],
+        False,
+        parse_options(document.get("options")),
+        parse_keep_alive_s(document.get("keep_alive")),
+    )
+    if not prompt:
+        return json_response({"embedding": []})
+    check_finite(embedded.vectors)
+    return json_response({"embedding": embedded.vectors[0]})
 
 
 # -- model descriptions -----------------------------------------------------------------------------
@@ -297,6 +310,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/", root)  # aiohttp answers HEAD for every GET route
     app.router.add_get("/api/version", version)
     app.router.add_post("/api/embed", embed)
+    app.router.add_post("/api/embeddings", legacy_embeddings)
     app.router.add_post("/api/create", create)
     app.router.add_get("/api/tags", tags)
     app.router.add_get("/api/ps", ps)

@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 import psutil
 
-from daemon.errors import ContextExceeded, ModelLoadFailed, RunnerCrashed, ShuttingDown
+from daemon.errors import ContextExceeded, InvalidInput, ModelLoadFailed, RunnerCrashed, ShuttingDown
 from daemon.options import LlamaParams
 from daemon.runner.protocol import FRAME_PREFIX, RunnerFacts, encode_frame
 
@@ -120,7 +120,8 @@ class RunnerProcess:
     def on_exit(self, callback: Callable[[RunnerProcess], None]) -> None:
         self._exit_callbacks.append(callback)
 
-    async def embed(self, texts: list[str], truncate: bool) -> EmbedResult:
+    async def embed(self, texts: list[str] | list[str | list[int]], truncate: bool) -> EmbedResult:
+        """Embed texts, or token-id lists of the model's own vocabulary."""
         if not self.alive or self._stopping:
             raise ShuttingDown(f"runner for {self.label} is stopping")
         request_id = next(self._ids)
@@ -177,6 +178,8 @@ class RunnerProcess:
             future.set_result(EmbedResult(vectors, header["token_count"], header["truncated"]))
         elif header.get("kind") == "context_exceeded":
             future.set_exception(ContextExceeded(header["message"]))
+        elif header.get("kind") == "invalid_input":
+            future.set_exception(InvalidInput(header["message"]))
         else:
             future.set_exception(RunnerCrashed(f"model runner failed: {header['message']}"))
 

@@ -11,6 +11,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
+from daemon.errors import InvalidInput
 from daemon.options import LlamaParams
 from daemon.runner.batching import fit_tokens, special_token_split
 from daemon.runner.protocol import RunnerFacts
@@ -70,16 +71,29 @@ class EmbeddingEngine:
             gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
             pid=os.getpid(),
         )
+        probe_with_specials = self._tokenize(_PROBE_TEXT, add_special=True)
         self._head_specials, self._tail_specials = special_token_split(
-            self._tokenize(_PROBE_TEXT, add_special=True), self._tokenize(_PROBE_TEXT, add_special=False)
+            probe_with_specials, self._tokenize(_PROBE_TEXT, add_special=False)
         )
+        # The special tokens themselves, to wrap inputs that arrive as token ids.
+        self._head_tokens = probe_with_specials[: self._head_specials]
+        self._tail_tokens = probe_with_specials[len(probe_with_specials) - self._tail_specials :]
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._model.vocab)
 
     def _tokenize(self, text: bytes, add_special: bool) -> list[int]:
         # special=False: text that spells "[SEP]" is text, not a control token.
         return list(self._model.tokenize(text, add_special, False))
 
-    def tokenize(self, text: str, truncate: bool) -> TokenizedInput:
-        tokens = self._tokenize(text.encode("utf-8"), add_special=True)
+    def tokenize(self, item: str | list[int], truncate: bool) -> TokenizedInput:
+        """A text, or token ids of this model's vocabulary (wrapped in the special tokens, as a
+        text would be), cut to the context."""
+        if isinstance(item, str):
+            tokens = self._tokenize(item.encode("utf-8"), add_special=True)
+        else:
+            for token in item:
+                if not 0 <= token < self._n_vocab:
+                    raise InvalidInput(f"token id {token} is outside the model's vocabulary (0..{self._n_vocab - 1})")
+            tokens = [*self._head_tokens, *item, *self._tail_tokens]
         fitted, truncated = fit_tokens(
             tokens, self._head_specials, self._tail_specials, self.facts.limit_tokens, truncate
         )

@@ -8,9 +8,9 @@ Child -> parent headers:
     {"type": "ready", "facts": {...}}                 once, after the model loaded
     {"type": "load_failed", "message": "..."}         instead of ready, then the child exits
     {"type": "result", "id": N, "rows": R, "dims": D, "token_count": T, "truncated": K}
-    {"type": "error", "id": N, "kind": "context_exceeded" | "failed", "message": "..."}
+    {"type": "error", "id": N, "kind": "context_exceeded" | "invalid_input" | "failed", "message": "..."}
 Parent -> child headers:
-    {"type": "embed", "id": N, "texts": [...], "truncate": bool}
+    {"type": "embed", "id": N, "texts": [text or [token ids], ...], "truncate": bool}
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import orjson
 
-from daemon.errors import ContextExceeded
+from daemon.errors import ContextExceeded, InvalidInput
 from daemon.options import LlamaParams
 from daemon.runner.batching import take_batch
 from daemon.runner.protocol import encode_frame, read_frame_blocking
@@ -71,11 +71,14 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
 
     def accept(message: dict[str, Any]) -> None:
         request_id = message["id"]
-        texts: list[str] = message["texts"]
+        texts: list[str | list[int]] = message["texts"]
         try:
             tokenized = [engine.tokenize(text, message["truncate"]) for text in texts]
         except ContextExceeded as error:
             writer.send({"type": "error", "id": request_id, "kind": "context_exceeded", "message": error.message})
+            return
+        except InvalidInput as error:
+            writer.send({"type": "error", "id": request_id, "kind": "invalid_input", "message": error.message})
             return
         request = _Request(request_id, np.empty((len(texts), facts.n_embd), dtype=np.float32), len(texts))
         for row, item in enumerate(tokenized):

@@ -1,0 +1,83 @@
+"""A real `emberd serve` process for tests that drive it from outside, as users and clients do."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Any, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        time.sleep(0.02)
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def post_json(url: str, body: dict[str, Any]) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.status, json.loads(response.read())
+
+
+class Daemon:
+    def __init__(self, process: subprocess.Popen[bytes], environ: dict[str, str], url: str) -> None:
+        self.process = process
+        self.environ = environ
+        self.url = url
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "daemon", *args], env=self.environ, capture_output=True, text=True, timeout=120
+        )
+
+    def runner_pids(self) -> list[int]:
+        return [child.pid for child in psutil.Process(self.process.pid).children()]
+
+
+@contextmanager
+def running_daemon(home: Path, ensure: dict[str, Path], extra_environ: dict[str, str]) -> Iterator[Daemon]:
+    """`emberd serve` on a free port with its own store, stopped (and reaped) at the end."""
+    port = free_port()
+    environ = {**os.environ, "EMBERD_HOST": f"127.0.0.1:{port}", "EMBERD_HOME": str(home), **extra_environ}
+    environ.pop("EMBERD_CONFIG", None)
+    command = [sys.executable, "-m", "daemon", "serve"]
+    for name, path in ensure.items():
+        command += ["--ensure-model", f"{name}={path}"]
+    process = subprocess.Popen(command, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: answers(url) or process.poll() is not None)
+        assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+        yield Daemon(process, environ, url)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stderr:
+            process.stderr.close()
