@@ -1,4 +1,5 @@
-"""Ollama's dialect: /api/embed, /api/create, /api/ps, /api/tags, /api/version, GET /."""
+"""Ollama's dialect: /api/embed, /api/embeddings (legacy), /api/create, /api/pull, /api/show,
+/api/delete, /api/tags, /api/ps, /api/version, GET /."""
 
 from __future__ import annotations
 
