@@ -52,11 +52,12 @@ def free_port() -> int:
 
 
 class EmberdClient:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, model: str = "all-minilm") -> None:
         self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        self.model = model
 
     def embed(self, texts: str | list[str]) -> Any:
-        body = json.dumps({"model": "all-minilm", "input": texts})
+        body = json.dumps({"model": self.model, "input": texts})
         self.connection.request("POST", "/api/embed", body, {"Content-Type": "application/json"})
         response = self.connection.getresponse()
         payload = response.read()
@@ -84,11 +85,18 @@ def texts_per_s(call: Callable[[list[str]], Any], batch: list[str], seconds: flo
     return done / (time.perf_counter() - started)
 
 
-def start_daemon(home: Path, port: int, model_dir: Path, threads: int) -> subprocess.Popen[bytes]:
+def start_daemon(
+    home: Path, port: int, model_dir: Path, threads: int, extra_models: dict[str, Path] | None = None
+) -> subprocess.Popen[bytes]:
+    """emberd with all-minilm (and `extra_models`); `threads` 0 leaves the thread count automatic."""
     environ = {**os.environ, "EMBERD_HOST": f"127.0.0.1:{port}", "EMBERD_HOME": str(home)}
-    environ["EMBERD_NUM_THREAD"] = str(threads)
+    if threads:
+        environ["EMBERD_NUM_THREAD"] = str(threads)
+    command = [sys.executable, "-m", "daemon", "serve", "--ensure-model", f"all-minilm={model_dir}"]
+    for name, path in (extra_models or {}).items():
+        command += ["--ensure-model", f"{name}={path}"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "daemon", "serve", "--ensure-model", f"all-minilm={model_dir}"],
+        command,
         env=environ,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -103,7 +103,7 @@ class Settings:
     max_loaded_models: int = 0
     # Memory kept free for the rest of the machine when deciding whether a model fits.
     memory_reserve_mib: int = 512
-    # llama.cpp threads per runner; 0 means the machine's physical cores.
+    # llama.cpp threads per runner; 0 means automatic: busy runners share the CPUs.
     num_thread: int = 0
     # Token budget of one llama.cpp decode. Attention cost grows with its square: tune by measuring.
     batch_tokens: int = 512

@@ -17,7 +17,14 @@ from typing import Any
 from daemon.config import Settings
 from daemon.errors import InsufficientMemory, Overloaded, ShuttingDown
 from daemon.memory import EvictionCandidate, MemoryProbe, estimate_runner_bytes, fits, pick_victim
-from daemon.options import LlamaParams, LoadOptions, llama_params, resolve_load_options
+from daemon.options import (
+    LlamaParams,
+    LoadOptions,
+    available_cpu_count,
+    llama_params,
+    resolve_load_options,
+    thread_share,
+)
 from daemon.runner.client import RunnerProcess
 from daemon.store import ModelStore, StoredModel, require_embedding_model
 
@@ -38,6 +45,7 @@ class LoadedModel:
     refcount: int = 0
     last_used_s: float = 0.0
     expires_at_wall_s: float | None = None  # None: in use, or kept forever
+    threads: int = 0  # llama.cpp threads the runner uses now
     timer: asyncio.TimerHandle | None = None
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -61,7 +69,9 @@ class Scheduler:
         memory_probe: MemoryProbe,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        cpus: int | None = None,
     ) -> None:
+        self._cpus = cpus or available_cpu_count()
         self._settings = settings
         self._store = store
         self._runner_factory = runner_factory
@@ -130,6 +140,8 @@ class Scheduler:
 
     def _acquire(self, entry: LoadedModel, keep_alive_s: float | None) -> None:
         entry.refcount += 1
+        if entry.refcount == 1:
+            self._share_threads()
         entry.idle.clear()
         entry.expires_at_wall_s = None
         if entry.timer is not None:
@@ -144,6 +156,7 @@ class Scheduler:
         if entry.refcount > 0:
             return
         entry.idle.set()
+        self._share_threads()
         if self._loaded.get(entry.name) is not entry:
             return  # already retired or crashed
         if entry.keep_alive_s < 0:
@@ -160,6 +173,15 @@ class Scheduler:
             # Forget it now, so no request leases a runner that is about to stop.
             self._forget(entry)
             self._spawn(self._stop_when_idle(entry))
+
+    def _share_threads(self) -> None:
+        """Split the CPUs among the busy runners whose threads are automatic (see thread_share)."""
+        automatic = [e for e in self._loaded.values() if e.load.num_thread == 0]
+        share = thread_share(self._cpus, sum(1 for e in automatic if e.refcount > 0))
+        for entry in automatic:
+            if entry.threads != share:
+                entry.runner.set_threads(share)
+                entry.threads = share
 
     def _spawn(self, coroutine: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -184,6 +206,7 @@ class Scheduler:
             keep_alive_s=self._settings.keep_alive_s if keep_alive_s is None else keep_alive_s,
             estimated_bytes=estimated,
             last_used_s=self._clock(),
+            threads=params.n_threads,
         )
         entry.idle.set()
         runner.on_exit(lambda _runner: self._forget(entry))
@@ -194,6 +217,7 @@ class Scheduler:
         """A runner exited (crash or unload): drop it so the next request starts a fresh one."""
         if self._loaded.get(entry.name) is entry:
             del self._loaded[entry.name]
+            self._share_threads()
         if entry.timer is not None:
             entry.timer.cancel()
             entry.timer = None

@@ -12,10 +12,10 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from daemon.api.app import DEFAULT_MODELS_FILE, build_app
+from daemon.api.app import DEFAULT_MODELS_FILE, build_app, read_aliases
 from daemon.api.common import PULLS, STORE
 from daemon.config import Settings
-from daemon.errors import UnknownModel
+from daemon.errors import InvalidConfig, UnknownModel
 from daemon.hub import load_aliases, pick_gguf_file, quant_of
 from daemon.pulls import PROGRESS_STEPS, PullJob
 from daemon.store import ModelStore
@@ -347,3 +347,12 @@ async def test_progress_events_are_throttled_and_the_end_is_reported_once() -> N
     assert len(completed_values) <= PROGRESS_STEPS + 2
     assert completed_values == sorted(completed_values)
     assert completed_values.count(total) == 1
+
+
+def test_a_configured_aliases_file_must_exist_but_the_default_may_be_absent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(InvalidConfig, match="cannot read aliases file"):
+        read_aliases(Settings(home=tmp_path, models_file=str(tmp_path / "missing.toml")))
+    monkeypatch.setattr("daemon.api.app.DEFAULT_MODELS_FILE", tmp_path / "not-shipped.toml")
+    assert read_aliases(Settings(home=tmp_path)) == {}

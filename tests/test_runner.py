@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from daemon.config import Settings
 from daemon.errors import InsufficientMemory
 from daemon.memory import MemorySnapshot
-from daemon.options import LoadOptions, llama_params
+from daemon.options import LoadOptions, llama_params, thread_share
 from daemon.runner.client import RunnerProcess
 from daemon.scheduler import Scheduler
 from daemon.store import ModelStore
@@ -165,3 +165,34 @@ async def test_runner_reports_its_facts(tiny_gguf: Path) -> None:
     finally:
         await runner.stop(5.0)
     assert not runner.alive
+
+
+async def test_busy_runners_share_the_cpus_and_a_lone_one_gets_them_all(tmp_path: Path, tiny_gguf: Path) -> None:
+    store = ModelStore(tmp_path)
+    store.open()
+    for name in ("first", "second", "pinned"):
+        store.create(name, tiny_gguf)
+    scheduler = Scheduler(Settings(home=tmp_path), store, _start_runner, FixedMemory(1 << 40), cpus=4)  # type: ignore[arg-type]
+
+    def threads() -> dict[str, int]:
+        return {loaded.name.split(":")[0]: loaded.threads for loaded in scheduler.loaded()}
+
+    try:
+        async with scheduler.lease("first", {}, -1) as first:
+            assert threads() == {"first": 4}
+            async with scheduler.lease("second", {}, -1) as second:
+                assert threads() == {"first": 2, "second": 2}
+                async with scheduler.lease("pinned", {"num_thread": 1}, -1):
+                    assert threads() == {"first": 2, "second": 2, "pinned": 1}  # explicit: left alone
+                results = await asyncio.gather(
+                    first.loaded.runner.embed(["hello"], True), second.loaded.runner.embed(["world"], True)
+                )
+                assert all(result.vectors.shape == (1, 32) for result in results)
+            assert threads()["first"] == 4
+    finally:
+        await scheduler.close(5.0)
+
+
+@pytest.mark.parametrize(("cpus", "busy", "share"), [(2, 0, 2), (2, 1, 2), (2, 2, 1), (2, 5, 1), (8, 3, 2), (1, 1, 1)])
+def test_thread_share(cpus: int, busy: int, share: int) -> None:
+    assert thread_share(cpus, busy) == share

@@ -28,7 +28,7 @@ from daemon.errors import (
     ShuttingDown,
     UnknownModel,
 )
-from daemon.hub import HubClient, load_aliases
+from daemon.hub import AliasEntry, HubClient, load_aliases
 from daemon.memory import MemoryProbe
 from daemon.options import LlamaParams
 from daemon.pulls import PullManager
@@ -105,8 +105,15 @@ def default_runner_factory(settings: Settings) -> RunnerFactory:
     return start
 
 
-def models_file(settings: Settings) -> Path:
-    return Path(settings.models_file) if settings.models_file else DEFAULT_MODELS_FILE
+def read_aliases(settings: Settings) -> dict[str, AliasEntry]:
+    """The configured aliases file (an error if it is missing), else the clone's configs/models.toml
+    (none when emberd runs from a plain wheel install: hf.co/ names still work)."""
+    if settings.models_file:
+        return load_aliases(Path(settings.models_file))
+    if not DEFAULT_MODELS_FILE.is_file():
+        log.warning("no %s: model aliases are off; set models_file to enable them", DEFAULT_MODELS_FILE)
+        return {}
+    return load_aliases(DEFAULT_MODELS_FILE)
 
 
 def build_app(
@@ -117,7 +124,7 @@ def build_app(
 ) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
     store = ModelStore(settings.home)
-    hub = HubClient(settings.hub_endpoint, settings.hub_offline, load_aliases(models_file(settings)))
+    hub = HubClient(settings.hub_endpoint, settings.hub_offline, read_aliases(settings))
     app[SETTINGS] = settings
     app[STORE] = store
     app[HUB] = hub

@@ -140,6 +140,11 @@ class RunnerProcess:
         finally:
             self._pending.pop(request_id, None)
 
+    def set_threads(self, threads: int) -> None:
+        """Change the runner's llama.cpp threads from its next decode on (no answer is awaited)."""
+        if self.alive and not self._stopping and self._process.stdin is not None:
+            self._process.stdin.write(encode_frame({"type": "set_threads", "threads": threads}))
+
     async def _read_frames(self) -> None:
         stdout = self._process.stdout
         assert stdout is not None

@@ -99,6 +99,9 @@ class EmbeddingEngine:
         )
         return TokenizedInput(fitted, truncated)
 
+    def set_threads(self, threads: int) -> None:
+        llama_cpp.llama_set_n_threads(self._context.ctx, threads, threads)
+
     def embed_batch(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Pooled embeddings (not normalised) of sequences that fit one decode together."""
         batch = self._batch

@@ -11,6 +11,7 @@ Child -> parent headers:
     {"type": "error", "id": N, "kind": "context_exceeded" | "invalid_input" | "failed", "message": "..."}
 Parent -> child headers:
     {"type": "embed", "id": N, "texts": [text or [token ids], ...], "truncate": bool}
+    {"type": "set_threads", "threads": N}             no answer; applies from the next decode
 """
 
 from __future__ import annotations

@@ -107,6 +107,9 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
                 if message is _END:
                     ended = True
                     break
+                if message["type"] == "set_threads":
+                    engine.set_threads(message["threads"])  # takes effect from the next decode
+                    continue
                 accept(message)
         except queue.Empty:
             pass
