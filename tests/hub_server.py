@@ -26,6 +26,7 @@ class FakeRepo:
     commit: str
     files: dict[str, bytes]
     gated: bool = False
+    token: str | None = None  # a gated repo this token may read (sent as "Authorization: Bearer ...")
 
 
 @dataclass
@@ -39,9 +40,11 @@ class FakeHub:
     url: str = ""
     cdn_url: str = ""  # another origin, as the real Hub's CDN is: huggingface_hub follows it only for bytes
 
-    def add_repo(self, repo_id: str, files: dict[str, bytes], gated: bool = False) -> FakeRepo:
+    def add_repo(
+        self, repo_id: str, files: dict[str, bytes], gated: bool = False, token: str | None = None
+    ) -> FakeRepo:
         commit = hashlib.sha1(repo_id.encode() + b"".join(sorted(files.values()))).hexdigest()
-        repo = FakeRepo(commit, files, gated)
+        repo = FakeRepo(commit, files, gated or token is not None, token)
         self.repos[repo_id] = repo
         return repo
 
@@ -50,17 +53,19 @@ class FakeHub:
     def _blobs(self) -> dict[str, bytes]:
         return {hashlib.sha256(data).hexdigest(): data for repo in self.repos.values() for data in repo.files.values()}
 
-    def _repo(self, repo_id: str) -> FakeRepo:
+    def _repo(self, request: web.Request) -> FakeRepo:
+        repo_id = request.match_info["repo"]
         repo = self.repos.get(repo_id)
         if repo is None:
             raise _hub_error(401, "RepoNotFound", f"Repository Not Found for url: {repo_id}")
-        if repo.gated:
+        authorized = repo.token is not None and request.headers.get("Authorization") == f"Bearer {repo.token}"
+        if repo.gated and not authorized:
             raise _hub_error(401, "GatedRepo", f"Access to model {repo_id} is restricted")
         return repo
 
     async def model_info(self, request: web.Request) -> web.Response:
         repo_id = request.match_info["repo"]
-        repo = self._repo(repo_id)
+        repo = self._repo(request)
         revision = request.match_info.get("revision", "main")
         if revision not in ("main", repo.commit):
             raise _hub_error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
@@ -72,7 +77,7 @@ class FakeHub:
         return web.json_response({"id": repo_id, "modelId": repo_id, "sha": repo.commit, "siblings": siblings})
 
     async def resolve(self, request: web.Request) -> web.Response:
-        repo = self._repo(request.match_info["repo"])
+        repo = self._repo(request)
         revision, filename = request.match_info["revision"], request.match_info["filename"]
         if revision not in ("main", repo.commit):
             raise _hub_error(404, "RevisionNotFound", f"Invalid rev id: {revision}")

@@ -310,3 +310,16 @@ async def test_root_and_version(tiny_client: Client) -> None:
     assert (await tiny_client.head("/")).status == 200
     version = await (await tiny_client.get("/api/version")).json()
     assert isinstance(version["version"], str) and version["version"]
+
+
+async def test_generate_with_keep_alive_zero_unloads_as_ollama_stop_does(tiny_client: Client) -> None:
+    await embed(tiny_client, {"model": "tiny", "input": "hello", "keep_alive": -1})
+    response = await tiny_client.post("/api/generate", json={"model": "tiny", "keep_alive": 0})
+    body = await response.json()
+    assert response.status == 200
+    assert (body["done"], body["done_reason"], body["response"]) == (True, "unload", "")
+    assert scheduler_of(tiny_client).loaded() == []
+    refused = await tiny_client.post("/api/generate", json={"model": "tiny", "prompt": "write a poem"})
+    assert (refused.status, await refused.json()) == (400, {"error": '"tiny" does not support generate'})
+    missing = await tiny_client.post("/api/generate", json={"model": "nothing", "keep_alive": 0})
+    assert missing.status == 404

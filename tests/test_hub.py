@@ -356,3 +356,14 @@ def test_a_configured_aliases_file_must_exist_but_the_default_may_be_absent(
         read_aliases(Settings(home=tmp_path, models_file=str(tmp_path / "missing.toml")))
     monkeypatch.setattr("daemon.api.app.DEFAULT_MODELS_FILE", tmp_path / "not-shipped.toml")
     assert read_aliases(Settings(home=tmp_path)) == {}
+
+
+async def test_hf_token_opens_a_gated_repo(
+    hub_client: Client, fake_hub: FakeHub, quant_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_hub.add_repo("owner/gated-with-token", quant_files, token="hf_secret")
+    _, lines = await pull_lines(hub_client, "hf.co/owner/gated-with-token:Q8_0")
+    assert "is gated" in lines[-1]["error"] and "HF_TOKEN" in lines[-1]["error"]
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")  # read by huggingface_hub itself, at each request
+    _, lines = await pull_lines(hub_client, "hf.co/owner/gated-with-token:Q8_0")
+    assert lines[-1] == {"status": "success"}

@@ -1,5 +1,5 @@
 """Ollama's dialect: /api/embed, /api/embeddings (legacy), /api/create, /api/pull, /api/show,
-/api/delete, /api/tags, /api/ps, /api/version, GET /."""
+/api/delete, /api/tags, /api/ps, /api/generate (unload only), /api/version, GET /."""
 
 from __future__ import annotations
 
@@ -129,6 +129,24 @@ async def legacy_embeddings(request: web.Request) -> web.Response:
         return json_response({"embedding": []})
     check_finite(embedded.vectors)
     return json_response({"embedding": embedded.vectors[0]})
+
+
+async def generate(request: web.Request) -> web.Response:
+    """Only the unload idiom `ollama stop` uses ({"model", "keep_alive": 0} and no prompt):
+    emberd serves embedding models, which cannot generate."""
+    document = await read_json_object(request)
+    name = model_name(document)
+    if not name.strip():
+        raise UnknownModel(f"model '{name}' not found")
+    model = await asyncio.to_thread(request.app[STORE].get, name)
+    keep_alive_s = parse_keep_alive_s(document.get("keep_alive"))
+    if keep_alive_s == 0 and not document.get("prompt"):
+        await request.app[SCHEDULER].unload_canonical(model.name)
+        created_at = datetime.now(UTC).isoformat()
+        return json_response(
+            {"model": name, "created_at": created_at, "response": "", "done": True, "done_reason": "unload"}
+        )
+    raise InvalidInput(f'"{name}" does not support generate')
 
 
 # -- model descriptions -----------------------------------------------------------------------------
@@ -312,6 +330,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/version", version)
     app.router.add_post("/api/embed", embed)
     app.router.add_post("/api/embeddings", legacy_embeddings)
+    app.router.add_post("/api/generate", generate)
     app.router.add_post("/api/create", create)
     app.router.add_get("/api/tags", tags)
     app.router.add_get("/api/ps", ps)
