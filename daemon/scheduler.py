@@ -121,22 +121,30 @@ class Scheduler:
         load = resolve_load_options(self._settings, options)
         started_ns = time.perf_counter_ns()
         loaded_now = False
-        async with self._load_lock:
-            entry = self._loaded.get(model.name)
-            if entry is not None and (
-                entry.model.digest != model.digest or entry.load != load or not entry.runner.alive
-            ):
-                await self._retire(entry)
-                entry = None
-            if entry is None:
-                entry = await self._load(model, load, keep_alive_s)
-                loaded_now = True
+        entry = self._loaded.get(model.name)
+        if entry is not None and self._serves(entry, model, load):
+            # Fast path, no lock: a load of another model must not hold up a loaded one.
             self._acquire(entry, keep_alive_s)
+        else:
+            async with self._load_lock:
+                entry = self._loaded.get(model.name)
+                if entry is not None and not self._serves(entry, model, load):
+                    await self._retire(entry)
+                    entry = None
+                if entry is None:
+                    entry = await self._load(model, load, keep_alive_s)
+                    loaded_now = True
+                self._acquire(entry, keep_alive_s)
         load_duration_ns = time.perf_counter_ns() - started_ns if loaded_now else 0
         try:
             yield Lease(entry, load_duration_ns)
         finally:
             self._release(entry)
+
+    @staticmethod
+    def _serves(entry: LoadedModel, model: StoredModel, load: LoadOptions) -> bool:
+        """Whether a loaded runner can take a request: same file, same load options, alive."""
+        return entry.model.digest == model.digest and entry.load == load and entry.runner.alive
 
     def _acquire(self, entry: LoadedModel, keep_alive_s: float | None) -> None:
         entry.refcount += 1
