@@ -35,6 +35,9 @@ _IGNORED_OPTIONS = {
 }  # fmt: skip
 
 
+_OPTION_MAXIMUMS = {"num_batch": 16384, "num_thread": 512}
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """Everything that fixes a runner: a request with different values needs a reload."""
@@ -81,11 +84,15 @@ def parse_options(raw: Any) -> dict[str, Any]:
         elif not isinstance(value, bool):
             raise InvalidInput(f'option "{key}" must be true or false, got {type(value).__name__}')
         options[key] = value
-    for key in ("num_ctx", "num_batch", "num_thread"):
+    for key in ("num_ctx", "num_batch", "num_thread", "main_gpu"):
         if options.get(key, 0) < 0:
             raise InvalidInput(f'option "{key}" must not be negative')
     if options.get("num_batch") == 0:
         raise InvalidInput('option "num_batch" must be positive')
+    # Bounds that keep one request from making a runner allocate or spawn without limit.
+    for key, maximum in _OPTION_MAXIMUMS.items():
+        if options.get(key, 0) > maximum:
+            raise InvalidInput(f'option "{key}" must be at most {maximum}')
     return options
 
 

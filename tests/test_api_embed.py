@@ -239,7 +239,16 @@ async def test_fields_of_the_wrong_type(tiny_client: Client, field: str, value: 
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("num_ctx", "2048"), ("num_batch", 1.5), ("num_thread", True), ("num_gpu", "all"), ("use_mmap", 1)],
+    [
+        ("num_ctx", "2048"),
+        ("num_batch", 1.5),
+        ("num_thread", True),
+        ("num_gpu", "all"),
+        ("use_mmap", 1),
+        ("num_batch", 10**9),  # would make the runner allocate without limit
+        ("num_thread", 10**6),
+        ("main_gpu", -2),
+    ],
 )
 async def test_an_option_of_the_wrong_type_is_a_400_naming_it(tiny_client: Client, option: str, value: Any) -> None:
     status, body = await embed(tiny_client, {"model": "tiny", "input": "hello", "options": {option: value}})

@@ -134,7 +134,18 @@ def test_parse_options_accepts(raw: Any, expected: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", [[], {"num_ctx": "1"}, {"num_ctx": -1}, {"num_batch": 0}, {"use_mmap": "no"}, {"main_gpu": 0.5}]
+    "raw",
+    [
+        [],
+        {"num_ctx": "1"},
+        {"num_ctx": -1},
+        {"num_batch": 0},
+        {"use_mmap": "no"},
+        {"main_gpu": 0.5},
+        {"main_gpu": -1},
+        {"num_batch": 10**9},
+        {"num_thread": 100_000},
+    ],
 )
 def test_parse_options_refuses(raw: Any) -> None:
     with pytest.raises(InvalidInput):
@@ -159,6 +170,9 @@ def test_parse_options_refuses(raw: Any) -> None:
         ("-1m", -1.0),
         ("0", 0.0),
         ("1.5h", 5400.0),
+        (1e308, -1.0),
+        ("200000h", 720_000_000.0),
+        ("2000000h", -1.0),
     ],
 )
 def test_keep_alive_values(raw: Any, expected: float | None) -> None:

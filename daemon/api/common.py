@@ -22,6 +22,7 @@ PULLS = web.AppKey("pulls", PullManager)
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 TRUNCATED_HEADER = "X-Emberd-Truncated-Inputs"
+MAX_KEEP_ALIVE_S = 100 * 365 * 24 * 3600.0
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -73,7 +74,8 @@ def parse_keep_alive_s(raw: Any) -> float | None:
             raise InvalidInput(str(error)) from None
     else:
         seconds = float(raw)
-    return -1.0 if seconds < 0 else seconds
+    # Past a century the difference from "forever" is moot, and such timestamps overflow.
+    return -1.0 if seconds < 0 or seconds > MAX_KEEP_ALIVE_S else seconds
 
 
 def model_name(document: dict[str, Any]) -> str:
