@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import DownloadFailed, EmberdError, InsufficientDisk
+from daemon.errors import DownloadFailed, EmberdError, InsufficientDisk, InvalidModelFile
+from daemon.gguf_info import read_gguf_facts
 from daemon.hub import HubClient, HubFile
 from daemon.names import canonical_name
 from daemon.store import ModelStore
@@ -165,5 +166,10 @@ class PullManager:
             raise DownloadFailed(
                 f"digest mismatch, file must be downloaded again: want sha256:{hub_file.sha256}, got sha256:{actual}"
             )
+        try:
+            await asyncio.to_thread(read_gguf_facts, path)  # only a GGUF becomes a blob
+        except InvalidModelFile:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
         await asyncio.to_thread(self._store.adopt_blob, path, actual)
         shutil.rmtree(directory, ignore_errors=True)

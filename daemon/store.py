@@ -12,6 +12,7 @@ rename after its content is complete and fsynced, so a crash leaves no half-writ
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.convert import convert_hf_directory, inspect_hf_directory
-from daemon.errors import InvalidModelFile, NotEmbeddingModel, UnknownModel
+from daemon.errors import InsufficientDisk, InvalidModelFile, NotEmbeddingModel, UnknownModel
 from daemon.gguf_info import GGUFFacts, read_gguf_facts
 from daemon.names import canonical_name
 
@@ -172,7 +173,9 @@ class ModelStore:
         """Register a GGUF file, or convert a Hugging Face directory, under `name`. Blocking."""
         canonical = canonical_name(name)
         self.check_source(source)
-        partial = Path(tempfile.mkstemp(dir=self.tmp_dir, suffix=".partial")[1])
+        fd, partial_name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".partial")
+        os.close(fd)
+        partial = Path(partial_name)
         try:
             if source.is_dir():
                 progress(f"converting {source.name} to gguf ({output_type})")
@@ -187,6 +190,10 @@ class ModelStore:
             require_embedding_model(read_gguf_facts(partial), source.name)
             progress("writing manifest")
             return self.publish(canonical, partial, digest_hex, str(source))
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise InsufficientDisk(f"no space left in {self.models_dir} to create {canonical}") from None
+            raise InvalidModelFile(f"cannot create {canonical} from {source}: {error}") from None
         finally:
             partial.unlink(missing_ok=True)
 

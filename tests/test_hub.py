@@ -367,3 +367,12 @@ async def test_hf_token_opens_a_gated_repo(
     monkeypatch.setenv("HF_TOKEN", "hf_secret")  # read by huggingface_hub itself, at each request
     _, lines = await pull_lines(hub_client, "hf.co/owner/gated-with-token:Q8_0")
     assert lines[-1] == {"status": "success"}
+
+
+async def test_a_file_that_is_not_gguf_is_not_kept(hub_client: Client, fake_hub: FakeHub) -> None:
+    fake_hub.add_repo("owner/html-instead", {"model-Q8_0.gguf": b"<html>rate limited</html>" * 100})
+    _, lines = await pull_lines(hub_client, "hf.co/owner/html-instead:Q8_0")
+    assert "is not a GGUF file" in lines[-1]["error"]
+    store = store_of(hub_client)
+    assert list(store.blobs_dir.iterdir()) == []
+    assert list(store.downloads_dir.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shutil
@@ -14,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from daemon.convert import convert_hf_directory
-from daemon.errors import InvalidModelFile, NotEmbeddingModel, UnknownModel
+from daemon.errors import InsufficientDisk, InvalidModelFile, NotEmbeddingModel, UnknownModel
 from daemon.gguf_info import format_parameter_size, read_gguf_facts
 from daemon.store import ModelStore
 from tests.conftest import MakeClient
@@ -199,3 +200,16 @@ async def test_create_over_an_existing_name_replaces_it_and_reloads(
     _, after = await embed(client, {"model": "m", "input": "hello"})
     assert after["load_duration"] > 0
     assert abs(np.dot(before["embeddings"][0], after["embeddings"][0])) < 0.99
+
+
+def test_a_full_disk_while_creating_is_a_clear_error_and_leaves_nothing(
+    store: ModelStore, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(_source: Path, _partial: Path) -> str:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "_hash_copy", no_space)
+    with pytest.raises(InsufficientDisk, match="no space left"):
+        store.create("full", tiny_gguf)
+    assert store_files(store) == []
+    assert list(store.tmp_dir.iterdir()) == []

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ from daemon.scheduler import LoadedModel
 from daemon.store import StoredModel
 from daemon.vectors import check_finite, finish_embeddings
 
+log = logging.getLogger(__name__)
 # Ollama shows a model kept forever as expiring in the far future.
 _FOREVER = datetime(2318, 1, 1, tzinfo=UTC).isoformat()
 
@@ -249,6 +251,9 @@ async def create(request: web.Request) -> web.StreamResponse:
         final: dict[str, Any] = {"status": "success"}
     except EmberdError as error:
         final = {"error": error.message}
+    except Exception as error:  # the stream has begun: a bug must still end it with an error line
+        log.exception("create of %s failed", name)
+        final = {"error": f"create failed: {error}"}
     await response.write(orjson.dumps(final) + b"\n")
     await response.write_eof()
     return response
