@@ -268,21 +268,15 @@ async def pull(request: web.Request) -> web.StreamResponse:
     name = model_name(document)
     canonical_name(name)  # an invalid name is a 400 before anything streams
     stream = require_type(document, "stream", bool, "true or false")
-    job = request.app[PULLS].start(name)
+    pulls = request.app[PULLS]
     if stream is False:
-        async for _event in job.follow():
-            pass
+        await pulls.pull(name)
         return json_response({"status": "success"})
-    events = job.follow()
-    try:
-        first = await anext(events)  # errors found before the first line are plain HTTP errors
-    except StopAsyncIteration:  # pragma: no cover - a pull always says something
-        first = {"status": "success"}
+    job = pulls.start(name)  # a name the Hub cannot serve, or offline mode, fails here: a plain error
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    await response.write(orjson.dumps(first) + b"\n")
     try:
-        async for event in events:
+        async for event in job.follow():
             await response.write(orjson.dumps(event) + b"\n")
     except EmberdError as error:
         await response.write(orjson.dumps({"error": error.message}) + b"\n")
