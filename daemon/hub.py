@@ -32,9 +32,9 @@ from daemon.names import canonical_name, parse_hub_name
 PREFERRED_QUANTS = ("F16", "FP16", "BF16", "Q8_0", "F32", "FP32")
 _QUANT_ALIASES = {"FP16": "F16", "FP32": "F32"}
 _SPLIT_FILE = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
+OFFLINE_HINT = "copy the model here and register it with `emberd create NAME --from PATH`"
 OFFLINE_MESSAGE = (
-    "the Hugging Face Hub is not reachable in offline mode (HF_HUB_OFFLINE / hub_offline); "
-    "copy the model here and register it with `emberd create NAME --from PATH`"
+    f"the Hugging Face Hub is not reachable in offline mode (HF_HUB_OFFLINE / hub_offline); {OFFLINE_HINT}"
 )
 
 
@@ -211,6 +211,8 @@ def _translated_errors(repo_id: str) -> Iterator[None]:
         raise DownloadFailed(f"{repo}: the Hub answered {error}") from None
     except Exception as error:
         # Connection failures surface as huggingface_hub's HTTP library's own exception types.
+        if type(error).__name__ in ("ConnectError", "ConnectTimeout") or isinstance(error, ConnectionError):
+            raise HubUnavailable(f"cannot reach the Hugging Face Hub ({error}); {OFFLINE_HINT}") from None
         if isinstance(error, OSError | ValueError) or type(error).__module__.startswith("httpx"):
             raise DownloadFailed(f"{repo}: download failed: {error}") from None
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,8 @@ def aliases_file(tmp_path: Path, fake_hub: FakeHub, quant_files: dict[str, bytes
 def make_hub_client(aiohttp_client: Any, tmp_path: Path, fake_hub: FakeHub, aliases_file: Path) -> Any:
     async def make(**overrides: Any) -> Client:
         disk_free = overrides.pop("disk_free_bytes", None)
-        settings = Settings(
-            home=tmp_path / "home", hub_endpoint=fake_hub.url, models_file=str(aliases_file), **overrides
-        )
+        overrides.setdefault("hub_endpoint", fake_hub.url)
+        settings = Settings(home=tmp_path / "home", models_file=str(aliases_file), **overrides)
         client: Client = await aiohttp_client(build_app(settings, disk_free_bytes=disk_free))
         return client
 
@@ -376,3 +376,13 @@ async def test_a_file_that_is_not_gguf_is_not_kept(hub_client: Client, fake_hub:
     store = store_of(hub_client)
     assert list(store.blobs_dir.iterdir()) == []
     assert list(store.downloads_dir.iterdir()) == []
+
+
+async def test_an_unreachable_hub_says_so_and_suggests_create(make_hub_client: Any) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # nothing listens here once the socket closes
+    client = await make_hub_client(hub_endpoint=f"http://127.0.0.1:{port}")
+    _, lines = await pull_lines(client, f"hf.co/{REPO}:Q8_0")
+    assert "cannot reach the Hugging Face Hub" in lines[-1]["error"]
+    assert "emberd create" in lines[-1]["error"]
