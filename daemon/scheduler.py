@@ -271,20 +271,16 @@ class Scheduler:
 
     async def unload(self, name: str) -> bool:
         """Unload a model now (after its in-flight requests); False if it was not loaded."""
-        model = self._store.get(name)
+        return await self.unload_canonical(self._store.get(name).name)
+
+    async def unload_canonical(self, canonical: str) -> bool:
+        """Unload by canonical name, whether or not the store still has it (used by delete)."""
         async with self._load_lock:
-            entry = self._loaded.get(model.name)
+            entry = self._loaded.get(canonical)
             if entry is None:
                 return False
             await self._retire(entry)
             return True
-
-    async def unload_canonical(self, canonical: str) -> None:
-        """Unload by canonical name, whether or not the store still has it (used by delete)."""
-        async with self._load_lock:
-            entry = self._loaded.get(canonical)
-            if entry is not None:
-                await self._retire(entry)
 
     # -- shutdown --------------------------------------------------------------------------------
 
