@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from daemon.config import Settings
@@ -48,9 +48,6 @@ class LoadOptions:
     num_gpu: int  # layers to offload; -1 = all
     main_gpu: int
     use_mmap: bool
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def available_cpu_count() -> int:

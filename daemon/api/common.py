@@ -45,15 +45,13 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     return document
 
 
-def require_type(document: dict[str, Any], key: str, expected: type | tuple[type, ...], label: str) -> Any:
+def require_type(document: dict[str, Any], key: str, expected: type, label: str) -> Any:
     """The value of an optional key, or None; InvalidInput naming the key if its type is wrong."""
     value = document.get(key)
     if value is None:
         return None
     # JSON booleans are not numbers here, though Python's bool is an int.
-    if isinstance(value, bool) and bool not in (expected if isinstance(expected, tuple) else (expected,)):
-        raise InvalidInput(f"{key} must be {label}")
-    if not isinstance(value, expected):
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise InvalidInput(f"{key} must be {label}")
     return value
 
