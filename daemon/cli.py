@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import sys
 import urllib.error
@@ -18,8 +17,7 @@ from typing import Any
 from daemon import __version__
 from daemon.config import Settings, load_settings
 from daemon.errors import EmberdError
-from daemon.service import ensure_models, serve
-from daemon.store import ModelStore
+from daemon.logs import configure_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--config", type=Path, help="settings file (default: EMBERD_CONFIG)")
     serve_parser.add_argument("--home", help="model store and state (default: EMBERD_HOME)")
     serve_parser.add_argument("--log-level", help="debug, info, warning or error")
+    serve_parser.add_argument("--log-format", help="text or json")
     serve_parser.add_argument(
         "--ensure-model",
         action="append",
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides: dict[str, Any] = {"host": args.host}
     if args.command == "serve":
-        overrides.update(home=args.home, log_level=args.log_level)
+        overrides.update(home=args.home, log_level=args.log_level, log_format=args.log_format)
     try:
         settings = load_settings(os.environ, getattr(args, "config", None), overrides)
     except EmberdError as error:
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.command == "serve":
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(settings.log_level, settings.log_format)
         wanted = []
         for item in args.ensure_model:
             name, separator, path = item.partition("=")
@@ -138,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Error: --ensure-model expects NAME=PATH, got {item!r}", file=sys.stderr)
                 return 2
             wanted.append((name, Path(path)))
+        from daemon.service import SystemdLink, serve  # the server's imports, for `serve` alone
+
         try:
-            ensure_models(ModelStore(settings.home), wanted)
-        except EmberdError as error:
+            return asyncio.run(serve(settings, wanted, SystemdLink.from_environment(os.environ)))
+        except EmberdError as error:  # a setting found unusable at start, such as api_keys_file
             print(f"Error: {error.message}", file=sys.stderr)
-            return 1
-        asyncio.run(serve(settings, os.environ.get("NOTIFY_SOCKET")))
-        return 0
+            return 2
 
     client = _Client(settings)
     if args.command == "create":

@@ -114,9 +114,27 @@ class Settings:
     main_gpu: int = 0
     use_mmap: bool = True
     load_timeout_s: float = 120.0
+    # The whole shutdown budget after SIGTERM/SIGINT: lame duck, drain, cancelled jobs, runners.
+    # systemd's TimeoutStopSec (45s in the shipped unit) must exceed it.
     shutdown_timeout_s: float = 30.0
+    # After SIGTERM, /readyz answers 503 while emberd keeps serving for this long, so a load
+    # balancer stops sending before the listener closes. 0 closes it at once.
+    drain_delay_s: float = 0.0
+    # Long jobs (downloads, hashing, conversions) running at once; more wait their turn. They have
+    # their own threads, so they never hold up short requests.
+    max_jobs: int = 2
     max_body_bytes: int = 32 * 1024 * 1024
+    # The most inputs one request may carry (OpenAI's own limit; LangChain sends at most 1000).
+    max_inputs: int = 2048
     log_level: str = "info"
+    # "text" or "json" (one object a line, for journald and Loki).
+    log_format: str = "text"
+    # A file with one API key a line, re-read on SIGHUP; "" means no keys are needed.
+    api_keys_file: str = ""
+    # Host headers accepted besides localhost, 127.0.0.1 and [::1] while bound to loopback.
+    allowed_hosts: tuple[str, ...] = ()
+    # Origins a browser may call emberd from (CORS); empty means CORS is off.
+    cors_origins: tuple[str, ...] = ()
     # /api/embed on a model that is not local pulls it (when its name resolves on the Hub).
     auto_pull: bool = False
     # Model aliases (name -> Hub repo, file, revision, sha256); "" means configs/models.toml.
@@ -131,7 +149,7 @@ class Settings:
     openai_token_ids: str = "cl100k_base"
 
 
-_DURATION_SETTINGS = {"keep_alive_s", "load_timeout_s", "shutdown_timeout_s"}
+_DURATION_SETTINGS = {"keep_alive_s", "load_timeout_s", "shutdown_timeout_s", "drain_delay_s"}
 _FILE_KEYS = {
     # The file and the environment use the names people type; durations drop the "_s".
     (f.name.removesuffix("_s") if f.name in _DURATION_SETTINGS else f.name): f.name
@@ -174,6 +192,12 @@ def _coerce(name: str, raw: Any, from_text: bool, environ: Mapping[str, str]) ->
             except ValueError:
                 pass
         raise InvalidConfig(f"{name}: expected an integer, got {raw!r}")
+    if field_type == "tuple[str, ...]":
+        # A TOML array of strings, or comma-separated text in an environment variable.
+        items = raw.split(",") if isinstance(raw, str) and from_text else raw
+        if isinstance(items, list | tuple) and all(isinstance(item, str) for item in items):
+            return tuple(item.strip() for item in items if item.strip())
+        raise InvalidConfig(f"{name}: expected a list of strings, got {raw!r}")
     if field_type == "Path":
         if isinstance(raw, str):
             return Path(raw).expanduser() if raw else default_home(environ)
@@ -184,7 +208,12 @@ def _coerce(name: str, raw: Any, from_text: bool, environ: Mapping[str, str]) ->
 
 
 def _validate(settings: Settings) -> Settings:
-    positive = {"max_queue": settings.max_queue, "batch_tokens": settings.batch_tokens}
+    positive = {
+        "max_queue": settings.max_queue,
+        "batch_tokens": settings.batch_tokens,
+        "max_jobs": settings.max_jobs,
+        "max_inputs": settings.max_inputs,
+    }
     for name, value in positive.items():
         if value <= 0:
             raise InvalidConfig(f"{name}: must be positive, got {value}")
@@ -200,6 +229,10 @@ def _validate(settings: Settings) -> Settings:
             raise InvalidConfig(f"{name}: must not be negative, got {value}")
     if settings.load_timeout_s <= 0 or settings.shutdown_timeout_s < 0:
         raise InvalidConfig("load_timeout must be positive and shutdown_timeout not negative")
+    if not 0 <= settings.drain_delay_s < max(settings.shutdown_timeout_s, 1e-9):
+        raise InvalidConfig("drain_delay must be shorter than shutdown_timeout, which includes it")
+    if settings.log_format not in {"text", "json"}:
+        raise InvalidConfig(f"log_format: expected text or json, got {settings.log_format!r}")
     if settings.openai_token_ids not in {"cl100k_base", "model"}:
         raise InvalidConfig(f"openai_token_ids: expected cl100k_base or model, got {settings.openai_token_ids!r}")
     if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:

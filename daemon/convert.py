@@ -27,6 +27,7 @@ from gguf.quants import quantize
 from safetensors import SafetensorError, safe_open
 
 from daemon.errors import InvalidModelFile
+from daemon.jobs import NEVER_CANCELLED, CancelToken
 
 BERT_ARCHITECTURES = {"BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification"}
 OUTPUT_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
@@ -140,8 +141,10 @@ def convert_hf_directory(
     output_type: str = "f16",
     model_name: str = "",
     progress: Callable[[str], None] = lambda _status: None,
+    token: CancelToken = NEVER_CANCELLED,
 ) -> None:
-    """Write `directory` (a BERT model) as a GGUF embedding model at `output`."""
+    """Write `directory` (a BERT model) as a GGUF embedding model at `output`. A cancelled `token`
+    stops it between two tensors."""
     if output_type not in OUTPUT_TYPES:
         raise InvalidModelFile(f"unknown output type {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
     source = inspect_hf_directory(directory)
@@ -168,24 +171,25 @@ def convert_hf_directory(
     writer.add_token_types([TokenType.CONTROL if t in specials else TokenType.NORMAL for t in source.vocab])
     writer.add_token_type_count(int(config.get("type_vocab_size", 1)))
     token_ids = {token: index for index, token in enumerate(source.vocab)}
-    for token, add in (
+    for special, add in (
         ("[CLS]", writer.add_bos_token_id),
         ("[SEP]", writer.add_sep_token_id),
         ("[UNK]", writer.add_unk_token_id),
         ("[PAD]", writer.add_pad_token_id),
         ("[MASK]", writer.add_mask_token_id),
     ):
-        if token in token_ids:
-            add(token_ids[token])
+        if special in token_ids:
+            add(token_ids[special])
     writer.add_add_bos_token(True)
     writer.add_add_sep_token(True)
 
     progress("converting tensors")
     try:
-        _add_tensors(writer, source, name_map, qtype)
+        _add_tensors(writer, source, name_map, qtype, token)
     except (OSError, ValueError, SafetensorError) as error:
         raise InvalidModelFile(f"{directory.name}: cannot read weights: {error}") from None
 
+    token.check()
     progress("writing gguf")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -194,11 +198,16 @@ def convert_hf_directory(
 
 
 def _add_tensors(
-    writer: GGUFWriter, source: HFModelDirectory, name_map: TensorNameMap, qtype: GGMLQuantizationType
+    writer: GGUFWriter,
+    source: HFModelDirectory,
+    name_map: TensorNameMap,
+    qtype: GGMLQuantizationType,
+    token: CancelToken,
 ) -> None:
     for weights in source.weights:
         with safe_open(str(weights), framework="numpy") as tensors:
             for hf_name in tensors.keys():  # noqa: SIM118 (safe_open is not iterable)
+                token.check()
                 bare = hf_name.removeprefix("bert.")
                 if bare.startswith(("pooler.", "cls.")) or bare.endswith("position_ids"):
                     continue  # not part of the encoder llama.cpp runs

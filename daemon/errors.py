@@ -77,3 +77,15 @@ class DownloadFailed(EmberdError):
 
 class InsufficientDisk(EmberdError):
     """Not enough free disk in EMBERD_HOME for a download."""
+
+
+class TooManyInputs(InvalidInput):
+    """A request carries more inputs than max_inputs allows."""
+
+
+class Unauthorized(EmberdError):
+    """API keys are on and the request has no valid `Authorization: Bearer KEY`."""
+
+
+class ForbiddenHost(EmberdError):
+    """A Host header that is not local reached a loopback-bound daemon (DNS rebinding)."""

@@ -7,14 +7,16 @@ HTTP through huggingface_hub, which honours HF_TOKEN for gated repos and resumes
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from huggingface_hub import HfApi, hf_hub_download
+import httpx2
+from huggingface_hub import HfApi, hf_hub_url
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -23,16 +25,26 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils.tqdm import tqdm as hub_tqdm
+from huggingface_hub.utils._headers import build_hf_headers
+from huggingface_hub.utils._http import get_session, hf_raise_for_status
 
 from daemon.errors import DownloadFailed, HubUnavailable, InvalidConfig, UnknownModel
+from daemon.jobs import NEVER_CANCELLED, CancelToken
 from daemon.names import canonical_name, parse_hub_name
+
+log = logging.getLogger(__name__)
 
 # With no tag, the file to prefer for embeddings: full precision first, then the best quant.
 PREFERRED_QUANTS = ("F16", "FP16", "BF16", "Q8_0", "F32", "FP32")
 _QUANT_ALIASES = {"FP16": "F16", "FP32": "F32"}
 _SPLIT_FILE = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 OFFLINE_HINT = "copy the model here and register it with `emberd create NAME --from PATH`"
+# Bytes read between two cancellation checks and progress reports.
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+# A stalled transfer fails after this long without a byte (and is resumed by the next attempt).
+READ_TIMEOUT_S = 10.0
+# Attempts per download: a cut connection resumes from the bytes already on disk.
+TRANSFER_ATTEMPTS = 4
 OFFLINE_MESSAGE = (
     f"the Hugging Face Hub is not reachable in offline mode (HF_HUB_OFFLINE / hub_offline); {OFFLINE_HINT}"
 )
@@ -112,25 +124,6 @@ def pick_gguf_file(filenames: Sequence[str], tag: str | None, repo_id: str) -> s
     return by_quant[wanted][0]
 
 
-def _progress_class(report: Callable[[int, int], None]) -> type[hub_tqdm]:
-    """A tqdm that reports bytes instead of drawing (huggingface_hub takes a tqdm class)."""
-
-    class Progress(hub_tqdm):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-            self._done = int(kwargs.get("initial") or 0)
-            self._total = int(kwargs.get("total") or 0)
-            report(self._done, self._total)
-
-        def update(self, n: float | None = 1) -> bool | None:
-            self._done += int(n or 0)
-            report(self._done, self._total)
-            return None
-
-    return Progress
-
-
 class HubClient:
     def __init__(self, endpoint: str, offline: bool, aliases: dict[str, AliasEntry]) -> None:
         self._endpoint = endpoint or None
@@ -175,20 +168,63 @@ class HubClient:
             )
         return HubFile(repo_id, filename, info.sha, sibling.lfs.sha256, sibling.lfs.size)
 
-    def download(self, hub_file: HubFile, directory: Path, report: Callable[[int, int], None]) -> Path:
-        """Download into `directory` (resuming a partial file left there). Blocking."""
+    def download(
+        self,
+        hub_file: HubFile,
+        directory: Path,
+        report: Callable[[int, int], None],
+        token: CancelToken = NEVER_CANCELLED,
+    ) -> Path:
+        """Download into `directory`, resuming the partial file an earlier attempt left there (in this
+        run, or in one that was stopped). Blocking; once `token` is cancelled it stops at the next
+        chunk with the partial file kept. The bytes are not verified here: the caller hashes them."""
         if self._offline:
             raise HubUnavailable(OFFLINE_MESSAGE)
+        name = Path(hub_file.filename).name
+        partial, complete = directory / f"{name}.partial", directory / name
+        if complete.is_file():
+            return complete  # an earlier run finished the transfer but not the verification
+        url = hf_hub_url(hub_file.repo_id, hub_file.filename, revision=hub_file.revision, endpoint=self._endpoint)
         with _translated_errors(hub_file.repo_id):
-            path = hf_hub_download(
-                hub_file.repo_id,
-                hub_file.filename,
-                revision=hub_file.revision,
-                local_dir=directory,
-                endpoint=self._endpoint,
-                tqdm_class=_progress_class(report),
-            )
-        return Path(path)
+            for attempt in range(1, TRANSFER_ATTEMPTS + 1):
+                try:
+                    _transfer(url, partial, hub_file.size_bytes, report, token)
+                    break
+                except httpx2.TransportError as error:
+                    if attempt == TRANSFER_ATTEMPTS:
+                        raise
+                    log.warning("download of %s broke off (%s); resuming", hub_file.filename, error)
+        have = partial.stat().st_size
+        if have != hub_file.size_bytes:
+            raise DownloadFailed(f"{hub_file.filename}: the Hub sent {have} bytes, {hub_file.size_bytes} expected")
+        os.replace(partial, complete)
+        return complete
+
+
+def _transfer(url: str, partial: Path, size_bytes: int, report: Callable[[int, int], None], token: CancelToken) -> None:
+    """GET the bytes `partial` lacks (a Range request when it has some) and append them."""
+    start = partial.stat().st_size if partial.exists() else 0
+    if start >= size_bytes > 0:
+        return
+    headers = build_hf_headers()  # HF_TOKEN, for gated repos; dropped on the redirect to the CDN
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    timeout = httpx2.Timeout(READ_TIMEOUT_S, connect=READ_TIMEOUT_S)
+    with get_session().stream("GET", url, headers=headers, timeout=timeout) as response:
+        hf_raise_for_status(response)
+        if response.status_code != 206:
+            start = 0  # the server sent the whole file: start over
+        with partial.open("r+b" if start else "wb") as file:
+            file.seek(start)
+            done = start
+            report(done, size_bytes)
+            for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
+                file.write(chunk)
+                done += len(chunk)
+                report(done, size_bytes)
+                token.check()  # after the write: what arrived is kept for the next attempt
+            file.flush()
+            os.fsync(file.fileno())
 
 
 @contextlib.contextmanager

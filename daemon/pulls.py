@@ -16,6 +16,7 @@ from typing import Any
 from daemon.errors import DownloadFailed, EmberdError, InsufficientDisk, InvalidModelFile
 from daemon.gguf_info import read_gguf_facts
 from daemon.hub import HubClient, HubFile
+from daemon.jobs import CancelToken, JobExecutor
 from daemon.names import canonical_name
 from daemon.store import ModelStore
 
@@ -87,11 +88,15 @@ class PullManager:
         self,
         store: ModelStore,
         hub: HubClient,
+        jobs: JobExecutor,
         free_bytes: Callable[[Path], int] = disk_free_bytes,
+        on_bytes: Callable[[int], None] = lambda _count: None,
     ) -> None:
         self._store = store
         self._hub = hub
+        self._executor = jobs
         self._free_bytes = free_bytes
+        self._on_bytes = on_bytes  # bytes received from the Hub, for /metrics
         self._jobs: dict[str, PullJob] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -117,16 +122,15 @@ class PullManager:
         async for _event in self.start(name).follow():
             pass
 
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+    async def wait_finished(self) -> None:
+        """Until every pull has ended (after the job executor's cancel_all, they end at their next chunk)."""
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _run(self, name: str, canonical: str, job: PullJob) -> None:
         error: EmberdError | None = None
         try:
             job.add({"status": "pulling manifest"})
-            hub_file = await asyncio.to_thread(self._hub.resolve, name)
+            hub_file = await self._executor.run(lambda _token: self._hub.resolve(name))
             if not self._store.has_blob(hub_file.sha256):
                 await self._download(hub_file, job)
             job.add({"status": "writing manifest"})
@@ -153,14 +157,22 @@ class PullManager:
             )
         loop = asyncio.get_running_loop()
         status, digest = f"pulling {hub_file.sha256[:12]}", f"sha256:{hub_file.sha256}"
+        received: int | None = None  # the first report is where the transfer starts (resumes)
 
         def report(completed: int, total: int) -> None:  # called from the download thread
+            nonlocal received
+            if received is not None and completed > received:
+                loop.call_soon_threadsafe(self._on_bytes, completed - received)
+            received = completed
             loop.call_soon_threadsafe(job.progress, status, digest, total or hub_file.size_bytes, completed)
 
-        path = await asyncio.to_thread(self._hub.download, hub_file, directory, report)
+        def download(token: CancelToken) -> Path:
+            return self._hub.download(hub_file, directory, report, token)
+
+        path = await self._executor.run(download)
         job.progress(status, digest, hub_file.size_bytes, hub_file.size_bytes)
         job.add({"status": "verifying sha256 digest"})
-        actual = await asyncio.to_thread(ModelStore.hash_file, path)
+        actual = await self._executor.run(lambda token: ModelStore.hash_file(path, token))
         if actual != hub_file.sha256:
             shutil.rmtree(directory, ignore_errors=True)
             raise DownloadFailed(

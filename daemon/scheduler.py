@@ -17,6 +17,7 @@ from typing import Any
 from daemon.config import Settings
 from daemon.errors import InsufficientMemory, Overloaded, ShuttingDown
 from daemon.memory import EvictionCandidate, MemoryProbe, estimate_runner_bytes, fits, pick_victim
+from daemon.metrics import Metrics
 from daemon.options import (
     LlamaParams,
     LoadOptions,
@@ -70,8 +71,10 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         cpus: int | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._cpus = cpus or available_cpu_count()
+        self._metrics = metrics or Metrics()
         self._settings = settings
         self._store = store
         self._runner_factory = runner_factory
@@ -129,7 +132,7 @@ class Scheduler:
             async with self._load_lock:
                 entry = self._loaded.get(model.name)
                 if entry is not None and not self._serves(entry, model, load):
-                    await self._retire(entry)
+                    await self._retire(entry, "reloaded")
                     entry = None
                 if entry is None:
                     entry = await self._load(model, load, keep_alive_s)
@@ -180,7 +183,7 @@ class Scheduler:
             log.info("unloading %s (keep_alive expired)", entry.name)
             # Forget it now, so no request leases a runner that is about to stop.
             self._forget(entry)
-            self._spawn(self._stop_when_idle(entry))
+            self._spawn(self._stop_when_idle(entry, "expired"))
 
     def _share_threads(self) -> None:
         """Split the CPUs among the busy runners whose threads are automatic (see thread_share)."""
@@ -205,7 +208,9 @@ class Scheduler:
         log.info(
             "loading %s (%s, ctx %d, %d threads)", model.name, model.facts.file_type, params.n_ctx, params.n_threads
         )
+        started_s = self._clock()
         runner = await self._runner_factory(model, params)
+        self._metrics.model_loaded(model.name, self._clock() - started_s)
         entry = LoadedModel(
             model=model,
             load=load,
@@ -217,9 +222,14 @@ class Scheduler:
             threads=params.n_threads,
         )
         entry.idle.set()
-        runner.on_exit(lambda _runner: self._forget(entry))
+        runner.on_exit(lambda _runner: self._runner_exited(entry))
         self._loaded[model.name] = entry
         return entry
+
+    def _runner_exited(self, entry: LoadedModel) -> None:
+        if not entry.runner.stopping:
+            self._metrics.runner_crashed(entry.name)
+        self._forget(entry)
 
     def _forget(self, entry: LoadedModel) -> None:
         """A runner exited (crash or unload): drop it so the next request starts a fresh one."""
@@ -230,14 +240,16 @@ class Scheduler:
             entry.timer.cancel()
             entry.timer = None
 
-    async def _retire(self, entry: LoadedModel) -> None:
+    async def _retire(self, entry: LoadedModel, reason: str) -> None:
         """Unload a model once the requests holding it are answered."""
         self._forget(entry)
-        await self._stop_when_idle(entry)
+        await self._stop_when_idle(entry, reason)
 
-    async def _stop_when_idle(self, entry: LoadedModel) -> None:
+    async def _stop_when_idle(self, entry: LoadedModel, reason: str) -> None:
+        started_s = self._clock()
         await entry.idle.wait()
         await entry.runner.stop(self._settings.shutdown_timeout_s)
+        self._metrics.model_unloaded(entry.name, reason, self._clock() - started_s)
 
     async def _make_room(self, required_bytes: int) -> None:
         reserve_bytes = self._settings.memory_reserve_mib * 1024 * 1024
@@ -267,33 +279,41 @@ class Scheduler:
                         waiter.cancel()
                 continue
             log.info("unloading %s to make room", victim.name)
-            await self._retire(self._loaded[victim.name])
+            await self._retire(self._loaded[victim.name], "evicted")
 
     async def unload(self, name: str) -> bool:
         """Unload a model now (after its in-flight requests); False if it was not loaded."""
         return await self.unload_canonical(self._store.get(name).name)
 
-    async def unload_canonical(self, canonical: str) -> bool:
+    async def unload_canonical(self, canonical: str, reason: str = "requested") -> bool:
         """Unload by canonical name, whether or not the store still has it (used by delete)."""
         async with self._load_lock:
             entry = self._loaded.get(canonical)
             if entry is None:
                 return False
-            await self._retire(entry)
+            await self._retire(entry, reason)
             return True
 
     # -- shutdown --------------------------------------------------------------------------------
 
-    async def close(self, drain_timeout_s: float) -> None:
-        """Stop admitting, let admitted requests finish (bounded), then stop every runner."""
+    async def close(self, timeout_s: float) -> None:
+        """Stop admitting; let admitted requests finish, then stop every runner, all within
+        `timeout_s`. A runner still busy at the end is killed, and its requests get ShuttingDown."""
         self._shutting_down = True
+        deadline_s = asyncio.get_running_loop().time() + timeout_s
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(drain_timeout_s):
+            async with asyncio.timeout_at(deadline_s):
                 await self._drained.wait()
         entries = list(self._loaded.values())
         for entry in entries:
             self._forget(entry)
-        await asyncio.gather(*(entry.runner.stop(drain_timeout_s) for entry in entries))
+        remaining_s = max(0.0, deadline_s - asyncio.get_running_loop().time())
+        await asyncio.gather(*(self._stop_now(entry, remaining_s) for entry in entries))
         for task in list(self._background):
             with contextlib.suppress(Exception):
                 await task
+
+    async def _stop_now(self, entry: LoadedModel, timeout_s: float) -> None:
+        started_s = self._clock()
+        await entry.runner.stop(timeout_s)
+        self._metrics.model_unloaded(entry.name, "shutdown", self._clock() - started_s)

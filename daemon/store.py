@@ -28,6 +28,7 @@ from typing import Any
 from daemon.convert import convert_hf_directory, inspect_hf_directory
 from daemon.errors import InsufficientDisk, InvalidModelFile, NotEmbeddingModel, UnknownModel
 from daemon.gguf_info import GGUFFacts, read_gguf_facts
+from daemon.jobs import NEVER_CANCELLED, CancelToken
 from daemon.names import canonical_name
 
 _COPY_CHUNK_BYTES = 4 * 1024 * 1024
@@ -136,10 +137,11 @@ class ModelStore:
         _fsync_directory(path.parent)
         return self._read_manifest(path)
 
-    def _hash_copy(self, source: Path, partial: Path) -> str:
+    def _hash_copy(self, source: Path, partial: Path, token: CancelToken) -> str:
         digest = hashlib.sha256()
         with source.open("rb") as reader, partial.open("wb") as writer:
             while chunk := reader.read(_COPY_CHUNK_BYTES):
+                token.check()
                 digest.update(chunk)
                 writer.write(chunk)
             writer.flush()
@@ -147,10 +149,11 @@ class ModelStore:
         return digest.hexdigest()
 
     @staticmethod
-    def hash_file(path: Path) -> str:
+    def hash_file(path: Path, token: CancelToken = NEVER_CANCELLED) -> str:
         digest = hashlib.sha256()
         with path.open("rb") as reader:
             while chunk := reader.read(_COPY_CHUNK_BYTES):
+                token.check()
                 digest.update(chunk)
         return digest.hexdigest()
 
@@ -169,8 +172,10 @@ class ModelStore:
         source: Path,
         output_type: str = "f16",
         progress: Callable[[str], None] = lambda _status: None,
+        token: CancelToken = NEVER_CANCELLED,
     ) -> StoredModel:
-        """Register a GGUF file, or convert a Hugging Face directory, under `name`. Blocking."""
+        """Register a GGUF file, or convert a Hugging Face directory, under `name`. Blocking; a
+        cancelled `token` stops it at the next chunk or tensor, leaving nothing behind."""
         canonical = canonical_name(name)
         self.check_source(source)
         fd, partial_name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".partial")
@@ -179,14 +184,14 @@ class ModelStore:
         try:
             if source.is_dir():
                 progress(f"converting {source.name} to gguf ({output_type})")
-                convert_hf_directory(source, partial, output_type, canonical.split(":")[0], progress)
+                convert_hf_directory(source, partial, output_type, canonical.split(":")[0], progress, token)
                 with partial.open("rb+") as handle:
                     os.fsync(handle.fileno())
                 progress("computing sha256 digest")
-                digest_hex = self.hash_file(partial)
+                digest_hex = self.hash_file(partial, token)
             else:
                 progress("copying gguf into the store")
-                digest_hex = self._hash_copy(source, partial)
+                digest_hex = self._hash_copy(source, partial, token)
             require_embedding_model(read_gguf_facts(partial), source.name)
             progress("writing manifest")
             return self.publish(canonical, partial, digest_hex, str(source))

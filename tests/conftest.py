@@ -112,3 +112,15 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> 
         if time.monotonic() > deadline:
             raise AssertionError("condition not met before the deadline")
         await asyncio.sleep(0.005)
+
+
+@pytest.fixture(scope="session")
+def big_ggufs(models_dir: Path) -> list[bytes]:
+    """Four different GGUF embedding models of about 8 MB: transfers long enough to stop midway."""
+    files = []
+    for seed in range(4):
+        directory = make_tiny_bert_dir(models_dir / f"big-bert-{seed}", hidden=256, layers=4, context=512, seed=seed)
+        path = models_dir / f"big-{seed}.gguf"
+        convert_hf_directory(directory, path, "f32", f"big-{seed}")
+        files.append(path.read_bytes())
+    return files

@@ -37,6 +37,8 @@ class FakeHub:
     tamper: set[str] = field(default_factory=set)  # sha256s served with one byte changed
     hold: dict[str, threading.Event] = field(default_factory=dict)  # sha256 -> released when set
     transfers_started: Counter[str] = field(default_factory=Counter)
+    throttle_bytes_per_s: dict[str, int] = field(default_factory=dict)  # sha256 -> a slow link's speed
+    range_starts: dict[str, list[int]] = field(default_factory=dict)  # sha256 -> first byte of each transfer
     url: str = ""
     cdn_url: str = ""  # another origin, as the real Hub's CDN is: huggingface_hub follows it only for bytes
 
@@ -107,6 +109,7 @@ class FakeHub:
         range_header = request.headers.get("Range", "")
         if range_header.startswith("bytes="):
             start = int(range_header.removeprefix("bytes=").split("-")[0])
+        self.range_starts.setdefault(sha256, []).append(start)
         held = self.hold.get(sha256)
         if held is not None:
             await asyncio.to_thread(held.wait, 30)
@@ -123,7 +126,14 @@ class FakeHub:
             assert request.transport is not None
             request.transport.close()  # the connection drops with half the promised bytes sent
             return response
-        await response.write(body)
+        rate = self.throttle_bytes_per_s.get(sha256)
+        if rate is None:
+            await response.write(body)
+        else:
+            piece = max(1, rate // 20)
+            for offset in range(0, len(body), piece):
+                await response.write(body[offset : offset + piece])
+                await asyncio.sleep(piece / rate)  # a slow link's pace, not a wait for an event
         await response.write_eof()
         return response
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,10 +48,18 @@ def post_json(url: str, body: dict[str, Any]) -> tuple[int, Any]:
 
 
 class Daemon:
-    def __init__(self, process: subprocess.Popen[bytes], environ: dict[str, str], url: str) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], environ: dict[str, str], url: str, log_path: Path) -> None:
         self.process = process
         self.environ = environ
         self.url = url
+        self.log_path = log_path
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal_group(self, signum: int) -> None:
+        """What systemd (KillMode=control-group) and a terminal's Ctrl-C do: signal every process."""
+        os.killpg(self.process.pid, signum)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -69,15 +79,46 @@ def running_daemon(home: Path, ensure: dict[str, Path], extra_environ: dict[str,
     command = [sys.executable, "-m", "daemon", "serve"]
     for name, path in ensure.items():
         command += ["--ensure-model", f"{name}={path}"]
-    process = subprocess.Popen(command, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Logs go to a file (a pipe nobody reads would fill up and block the daemon).
+    log_path = home.parent / f"emberd-{port}.log"
+    with log_path.open("wb") as log_file:
+        # A process group of its own, as systemd and a terminal give it: tests signal the whole group.
+        process = subprocess.Popen(
+            command, env=environ, stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: answers(url) or process.poll() is not None)
-        assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-        yield Daemon(process, environ, url)
+        wait_for(lambda: answers(url + "/readyz") or process.poll() is not None)
+        assert process.poll() is None, log_path.read_text(errors="replace")
+        yield Daemon(process, environ, url, log_path)
     finally:
         if process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        if process.stderr:
-            process.stderr.close()
+
+
+def read_metrics(
+    url: str, headers: dict[str, str] | None = None
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics, parsed with prometheus_client's own parser: {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(url + "/metrics", headers=headers or {})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def refuses_connections(url: str) -> bool:
+    """True once nothing listens at url (the daemon closed its listener)."""
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=1):
+            return False
+    except urllib.error.HTTPError:
+        return False
+    except OSError:
+        return True

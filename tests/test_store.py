@@ -205,7 +205,7 @@ async def test_create_over_an_existing_name_replaces_it_and_reloads(
 def test_a_full_disk_while_creating_is_a_clear_error_and_leaves_nothing(
     store: ModelStore, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_space(_source: Path, _partial: Path) -> str:
+    def no_space(_source: Path, _partial: Path, _token: object) -> str:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(store, "_hash_copy", no_space)

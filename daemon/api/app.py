@@ -2,21 +2,46 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from daemon import __version__
-from daemon.api import ollama, openai
-from daemon.api.common import HUB, PULLS, SCHEDULER, SETTINGS, STORE, json_response
+from daemon.api import ollama, openai, ops
+from daemon.api.access import (
+    API_KEYS,
+    ApiKeys,
+    add_cors_headers,
+    api_key_middleware,
+    cors_preflight_middleware,
+    host_guard_middleware,
+)
+from daemon.api.common import (
+    HUB,
+    JOBS,
+    LIFECYCLE,
+    METRICS,
+    PULLS,
+    REQUEST_STATS,
+    SCHEDULER,
+    SETTINGS,
+    STORE,
+    Lifecycle,
+    error_response,
+)
 from daemon.config import Settings
 from daemon.errors import (
     ContextExceeded,
     DownloadFailed,
     EmberdError,
+    ForbiddenHost,
     HubUnavailable,
     InsufficientDisk,
     InsufficientMemory,
@@ -26,10 +51,15 @@ from daemon.errors import (
     Overloaded,
     RunnerCrashed,
     ShuttingDown,
+    TooManyInputs,
+    Unauthorized,
     UnknownModel,
 )
 from daemon.hub import AliasEntry, HubClient, load_aliases
+from daemon.jobs import JobExecutor
+from daemon.logs import log_request
 from daemon.memory import MemoryProbe
+from daemon.metrics import DaemonState, Metrics, RunnerState
 from daemon.options import LlamaParams
 from daemon.pulls import PullManager
 from daemon.pulls import disk_free_bytes as disk_free
@@ -45,7 +75,10 @@ DEFAULT_MODELS_FILE = Path(__file__).resolve().parents[2] / "configs" / "models.
 # only the body differs (see error_body).
 ERROR_STATUS: list[tuple[type[EmberdError], int]] = [
     (ContextExceeded, 400),
+    (TooManyInputs, 413),
     (InvalidInput, 400),
+    (Unauthorized, 401),
+    (ForbiddenHost, 403),
     (UnknownModel, 404),
     (NotEmbeddingModel, 501),
     (DownloadFailed, 502),
@@ -57,7 +90,6 @@ ERROR_STATUS: list[tuple[type[EmberdError], int]] = [
     (ModelLoadFailed, 500),
     (RunnerCrashed, 500),
 ]
-_OPENAI_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
 
 
 def status_for(error: EmberdError) -> int:
@@ -67,15 +99,43 @@ def status_for(error: EmberdError) -> int:
     return 500
 
 
-def error_body(path: str, status: int, message: str) -> dict[str, Any]:
-    """Ollama's {"error": message}, or OpenAI's {"error": {...}} on the /v1/ routes."""
-    if path.startswith("/v1/"):
-        kind = _OPENAI_ERROR_TYPES.get(status, "api_error")
-        return {"error": {"message": message, "type": kind, "param": None, "code": None}}
-    return {"error": message}
+def route_of(request: web.Request) -> str:
+    """The route's pattern ("/v1/models/{model}"), so metrics and logs have few distinct values."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+@web.middleware
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: counts requests in progress (the drain waits for them), then one log line and
+    the request counter for each answer."""
+    lifecycle = request.app[LIFECYCLE]
+    lifecycle.request_started()
+    started_s = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as error:
+        status = error.status
+        raise
+    finally:
+        lifecycle.request_finished()
+        route = route_of(request)
+        request.app[METRICS].request_answered(route, status)
+        fields: dict[str, Any] = {"method": request.method, "route": route, "status": status}
+        stats = request.get(REQUEST_STATS)
+        if stats is not None:
+            fields.update(
+                model=stats.model,
+                inputs=stats.inputs,
+                tokens=stats.tokens,
+                queue_ms=round(stats.queue_ms, 2),
+                inference_ms=round(stats.inference_ms, 2),
+            )
+        fields.update(total_ms=round((time.perf_counter() - started_s) * 1e3, 2), remote=request.remote)
+        log_request(fields)
 
 
 @web.middleware
@@ -86,16 +146,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         status = status_for(error)
         if status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.path, status, error.message)
-        return json_response(error_body(request.path, status, error.message), status=status)
+        return error_response(request, status, error.message)
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        return json_response(error_body(request.path, error.status, error.reason.lower()), status=error.status)
+        return error_response(request, error.status, error.reason.lower())
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
-        return json_response(error_body(request.path, 500, "internal server error"), status=500)
-    response.headers.setdefault("Server", f"emberd/{__version__}")
+        return error_response(request, 500, "internal server error")
     return response
+
+
+async def add_server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.setdefault("Server", f"emberd/{__version__}")
 
 
 def default_runner_factory(settings: Settings) -> RunnerFactory:
@@ -122,12 +185,28 @@ def build_app(
     memory_probe: MemoryProbe | None = None,
     disk_free_bytes: Callable[[Path], int] | None = None,
 ) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    # Middlewares run in this order, the first outermost: every answer is counted and logged, a
+    # foreign Host or an unknown key is refused before any work, and domain errors become statuses.
+    middlewares = [
+        observe_middleware,
+        host_guard_middleware,
+        cors_preflight_middleware,
+        api_key_middleware,
+        error_middleware,
+    ]
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
+    app.on_response_prepare.append(add_cors_headers)
+    app.on_response_prepare.append(add_server_header)
     store = ModelStore(settings.home)
     hub = HubClient(settings.hub_endpoint, settings.hub_offline, read_aliases(settings))
+    metrics = Metrics()
     app[SETTINGS] = settings
     app[STORE] = store
     app[HUB] = hub
+    app[METRICS] = metrics
+    app[LIFECYCLE] = Lifecycle()
+    if settings.api_keys_file:
+        app[API_KEYS] = ApiKeys(Path(settings.api_keys_file))
 
     async def scheduler_lifetime(app: web.Application) -> AsyncIterator[None]:
         store.open()
@@ -136,15 +215,32 @@ def build_app(
             store,
             runner_factory or default_runner_factory(settings),
             memory_probe or MemoryProbe(),
+            metrics=metrics,
         )
+        jobs = JobExecutor(settings.max_jobs)
         app[SCHEDULER] = scheduler
-        pulls = PullManager(store, hub, disk_free_bytes or disk_free)
-        app[PULLS] = pulls
+        app[JOBS] = jobs
+        app[PULLS] = PullManager(store, hub, jobs, disk_free_bytes or disk_free, metrics.pulled)
+        metrics.watch_state(lambda: daemon_state(app))
         yield
-        await pulls.close()
+        # Shutdown: long jobs stop at their next chunk, then requests drain and runners stop.
+        jobs.cancel_all()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(settings.shutdown_timeout_s):
+                await app[PULLS].wait_finished()
         await scheduler.close(settings.shutdown_timeout_s)
+        jobs.close()
 
     app.cleanup_ctx.append(scheduler_lifetime)
     ollama.add_routes(app)
     openai.add_routes(app)
+    ops.add_routes(app)
     return app
+
+
+def daemon_state(app: web.Application) -> DaemonState:
+    """What /metrics reads at scrape time."""
+    scheduler = app[SCHEDULER]
+    runners = [RunnerState(e.name, e.refcount, e.runner.rss_bytes()) for e in scheduler.loaded()]
+    lifecycle = app[LIFECYCLE]
+    return DaemonState(runners, scheduler.admitted, app[JOBS].running, lifecycle.ready and not lifecycle.draining)

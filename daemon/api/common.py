@@ -2,27 +2,80 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from daemon.config import Settings, parse_go_duration_s
-from daemon.errors import InvalidInput, MissingBody
+from daemon.errors import InvalidInput, MissingBody, TooManyInputs
 from daemon.hub import HubClient
+from daemon.jobs import JobExecutor
+from daemon.metrics import Metrics
 from daemon.pulls import PullManager
 from daemon.scheduler import Scheduler
 from daemon.store import ModelStore
+
+
+@dataclass
+class Lifecycle:
+    """Where the daemon is in its life, as /readyz reports it, and the HTTP requests in progress
+    (the shutdown sequence waits for them)."""
+
+    ready: bool = False  # listening, and the models of --ensure-model are in the store
+    draining: bool = False  # a stop signal came: finishing what was accepted
+    in_progress: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def request_started(self) -> None:
+        self.in_progress += 1
+        self.idle.clear()
+
+    def request_finished(self) -> None:
+        self.in_progress -= 1
+        if self.in_progress == 0:
+            self.idle.set()
+
+
+@dataclass
+class RequestStats:
+    """What the access log and /metrics say about an embedding request."""
+
+    model: str
+    inputs: int
+    tokens: int = 0
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", ModelStore)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 HUB = web.AppKey("hub", HubClient)
 PULLS = web.AppKey("pulls", PullManager)
+JOBS = web.AppKey("jobs", JobExecutor)
+METRICS = web.AppKey("metrics", Metrics)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+REQUEST_STATS = web.RequestKey("request_stats", RequestStats)
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 TRUNCATED_HEADER = "X-Emberd-Truncated-Inputs"
 MAX_KEEP_ALIVE_S = 100 * 365 * 24 * 3600.0
+
+
+_OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+}
+_OPENAI_ERROR_CODES = {401: "invalid_api_key"}
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -30,6 +83,29 @@ def json_response(payload: Any, status: int = 200, headers: dict[str, str] | Non
     response = web.Response(body=body, status=status, headers=headers)
     response.headers["Content-Type"] = JSON_CONTENT_TYPE
     return response
+
+
+def error_body(path: str, status: int, message: str) -> dict[str, Any]:
+    """Ollama's {"error": message}, or OpenAI's {"error": {...}} on the /v1/ routes."""
+    if path.startswith("/v1/"):
+        kind = _OPENAI_ERROR_TYPES.get(status, "api_error")
+        return {"error": {"message": message, "type": kind, "param": None, "code": _OPENAI_ERROR_CODES.get(status)}}
+    return {"error": message}
+
+
+def error_response(
+    request: web.Request, status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return json_response(error_body(request.path, status, message), status=status, headers=headers)
+
+
+def check_input_count(count: int, settings: Settings) -> None:
+    """max_inputs, checked before anything is tokenized or loaded."""
+    if count > settings.max_inputs:
+        raise TooManyInputs(
+            f"too many inputs: {count} in one request, the limit is {settings.max_inputs} (max_inputs); "
+            "send them in several requests"
+        )
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:

@@ -1,15 +1,16 @@
-"""The embedding path every dialect shares: (auto-pull), admit, lease a runner, embed."""
+"""The embedding path every dialect shares: (auto-pull), admit, lease a runner, embed, record."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from aiohttp import web
 
-from daemon.api.common import HUB, PULLS, SCHEDULER, SETTINGS, STORE
+from daemon.api.common import HUB, METRICS, PULLS, REQUEST_STATS, SCHEDULER, SETTINGS, STORE, RequestStats
 from daemon.errors import UnknownModel
 
 
@@ -34,7 +35,7 @@ async def pull_if_allowed(app: web.Application, name: str) -> None:
 
 
 async def embed_inputs(
-    app: web.Application,
+    request: web.Request,
     model: str,
     inputs: list[str] | list[str | list[int]],
     truncate: bool,
@@ -42,11 +43,21 @@ async def embed_inputs(
     keep_alive_s: float | None,
 ) -> Embedded:
     """Embed texts (or token-id lists of the model's vocabulary). With no inputs, the model is
-    only loaded: the preload idiom."""
+    only loaded: the preload idiom. What happened is left in request[REQUEST_STATS] for the log."""
+    app = request.app
+    started_s = time.perf_counter()
+    stats = request[REQUEST_STATS] = RequestStats(model, len(inputs))
     await pull_if_allowed(app, model)
     scheduler = app[SCHEDULER]
     async with scheduler.admit(), scheduler.lease(model, options, keep_alive_s) as lease:
+        stats.model = lease.loaded.name
         if not inputs:
             return Embedded(np.empty((0, 0), np.float32), 0, 0, lease.load_duration_ns)
         result = await lease.loaded.runner.embed(inputs, truncate)
+    # Queue time is everything but the runner's decoding: admission, loading, the runner's queue.
+    queue_s = max(0.0, time.perf_counter() - started_s - result.inference_s)
+    stats.tokens, stats.queue_ms, stats.inference_ms = result.token_count, queue_s * 1e3, result.inference_s * 1e3
+    metrics = app[METRICS]
+    metrics.embedded(stats.model, len(inputs), result.token_count, result.truncated_count, queue_s, result.inference_s)
+    metrics.decoded(stats.model, result.decodes)
     return Embedded(result.vectors, result.token_count, result.truncated_count, lease.load_duration_ns)

@@ -16,10 +16,13 @@ from aiohttp import web
 
 from daemon import __version__
 from daemon.api.common import (
+    JOBS,
     PULLS,
     SCHEDULER,
+    SETTINGS,
     STORE,
     TRUNCATED_HEADER,
+    check_input_count,
     json_response,
     model_name,
     parse_keep_alive_s,
@@ -83,13 +86,14 @@ def decode_embed_request(document: dict[str, Any]) -> EmbedRequest:
 async def embed(request: web.Request) -> web.Response:
     started_ns = time.perf_counter_ns()
     embed_request = decode_embed_request(await read_json_object(request))
+    check_input_count(len(embed_request.texts), request.app[SETTINGS])
     empty_answer = {"model": embed_request.model, "embeddings": []}
     if not embed_request.texts and embed_request.keep_alive_s == 0:
         async with request.app[SCHEDULER].admit():
             await request.app[SCHEDULER].unload(embed_request.model)  # the unload idiom: never load to unload
         return json_response(empty_answer)
     embedded = await embed_inputs(
-        request.app,
+        request,
         embed_request.model,
         embed_request.texts,
         embed_request.truncate,
@@ -120,7 +124,7 @@ async def legacy_embeddings(request: web.Request) -> web.Response:
         raise InvalidInput("model is required")
     prompt = require_type(document, "prompt", str, "a string") or ""
     embedded = await embed_inputs(
-        request.app,
+        request,
         name,
         [prompt] if prompt else [],
         False,
@@ -228,8 +232,9 @@ async def create(request: web.Request) -> web.StreamResponse:
     if source.is_file() and "quantize" in document:
         raise InvalidInput("quantize applies to Hugging Face directories; a GGUF file is stored as it is")
 
+    jobs = request.app[JOBS]  # a conversion is a long job: its own bounded threads, cancelled at shutdown
     if stream is False:
-        await asyncio.to_thread(store.create, name, source, output_type)
+        await jobs.run(lambda token: store.create(name, source, output_type, token=token))
         return json_response({"status": "success"})
 
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -240,7 +245,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     def progress(status: str) -> None:
         loop.call_soon_threadsafe(statuses.put_nowait, status)
 
-    work = asyncio.ensure_future(asyncio.to_thread(store.create, name, source, output_type, progress))
+    work = asyncio.ensure_future(jobs.run(lambda token: store.create(name, source, output_type, progress, token)))
     # Progress lines are queued from the thread before the work's own completion, so the end marker
     # added on completion comes after all of them.
     work.add_done_callback(lambda _work: statuses.put_nowait(None))
@@ -307,7 +312,7 @@ async def delete(request: web.Request) -> web.Response:
     document = await read_json_object(request)
     store = request.app[STORE]
     model = await asyncio.to_thread(store.get, model_name(document))
-    await request.app[SCHEDULER].unload_canonical(model.name)  # a loaded model is unloaded first
+    await request.app[SCHEDULER].unload_canonical(model.name, "deleted")  # a loaded model is unloaded first
     await asyncio.to_thread(store.delete, model.name)
     return web.Response(status=200)
 

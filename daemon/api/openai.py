@@ -1,4 +1,4 @@
-"""OpenAI's dialect: /v1/embeddings and /v1/models (errors use OpenAI's body, see api.app.error_body)."""
+"""OpenAI's dialect: /v1/embeddings and /v1/models (errors use OpenAI's body, see api.common.error_body)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from daemon.api.common import SETTINGS, STORE, json_response, model_name, read_json_object, require_type
+from daemon.api.common import (
+    SETTINGS,
+    STORE,
+    check_input_count,
+    json_response,
+    model_name,
+    read_json_object,
+    require_type,
+)
 from daemon.api.embedding import embed_inputs
 from daemon.errors import InvalidInput
 from daemon.store import StoredModel
@@ -72,13 +80,14 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> Any:
 
 async def embeddings(request: web.Request) -> web.Response:
     embed_request = decode_openai_request(await read_json_object(request))
+    check_input_count(len(embed_request.texts) + len(embed_request.token_lists), request.app[SETTINGS])
     inputs: list[str | list[int]] = list(embed_request.texts)
     if embed_request.token_lists:
         if request.app[SETTINGS].openai_token_ids == "cl100k_base":
             inputs = list(await asyncio.to_thread(lambda: [decode_cl100k(t) for t in embed_request.token_lists]))
         else:
             inputs = list(embed_request.token_lists)
-    embedded = await embed_inputs(request.app, embed_request.model, inputs, True, {}, None)
+    embedded = await embed_inputs(request, embed_request.model, inputs, True, {}, None)
     vectors = finish_embeddings(embedded.vectors, embed_request.dimensions)
     data = [
         {"object": "embedding", "embedding": encode_vector(vector, embed_request.encoding_format), "index": index}

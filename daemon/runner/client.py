@@ -21,7 +21,7 @@ import psutil
 
 from daemon.errors import ContextExceeded, InvalidInput, ModelLoadFailed, RunnerCrashed, ShuttingDown
 from daemon.options import LlamaParams
-from daemon.runner.protocol import FRAME_PREFIX, RunnerFacts, encode_frame
+from daemon.runner.protocol import FRAME_PREFIX, GROUP_SIGNALS, RunnerFacts, encode_frame
 
 log = logging.getLogger(__name__)
 _STDERR_TAIL_LINES = 20
@@ -34,6 +34,8 @@ class EmbedResult:
     vectors: np.ndarray  # (inputs, n_embd) float32, as pooled by the model (not normalised)
     token_count: int
     truncated_count: int
+    inference_s: float  # from the request's first decode to its answer, measured in the runner
+    decodes: list[tuple[int, int]]  # (tokens, sequences) of the decodes run since the last result
 
 
 def _describe_exit(returncode: int | None) -> str:
@@ -75,18 +77,26 @@ class RunnerProcess:
         load_timeout_s: float,
         environment: Mapping[str, str] | None = None,
     ) -> RunnerProcess:
-        config = orjson.dumps({"model_path": str(model_path), "params": params.__dict__}).decode()
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "daemon.runner.worker",
-            config,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**(environment if environment is not None else os.environ), **RUNNER_ENVIRONMENT},
-            limit=1 << 20,
-        )
+        config = orjson.dumps(
+            {"model_path": str(model_path), "params": params.__dict__, "parent_pid": os.getpid()}
+        ).decode()
+        # The child inherits a signal mask that blocks the group's signals until it ignores them,
+        # so a Ctrl-C or a systemd stop that arrives while it starts cannot kill it (see worker).
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "daemon.runner.worker",
+                config,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={**(environment if environment is not None else os.environ), **RUNNER_ENVIRONMENT},
+                limit=1 << 20,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         runner = cls(process, label)
         try:
             async with asyncio.timeout(load_timeout_s):
@@ -110,6 +120,11 @@ class RunnerProcess:
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+    @property
+    def stopping(self) -> bool:
+        """The daemon asked it to stop (an exit now is not a crash)."""
+        return self._stopping
 
     def rss_bytes(self) -> int:
         try:
@@ -180,7 +195,10 @@ class RunnerProcess:
             return
         if kind == "result":
             vectors = np.frombuffer(payload, dtype="<f4").reshape(header["rows"], header["dims"])
-            future.set_result(EmbedResult(vectors, header["token_count"], header["truncated"]))
+            decodes = [(tokens, sequences) for tokens, sequences in header["decodes"]]
+            future.set_result(
+                EmbedResult(vectors, header["token_count"], header["truncated"], header["inference_s"], decodes)
+            )
         elif header.get("kind") == "context_exceeded":
             future.set_exception(ContextExceeded(header["message"]))
         elif header.get("kind") == "invalid_input":
@@ -197,9 +215,15 @@ class RunnerProcess:
             log.warning("%s", detail)
         if not self._ready.done():
             self._ready.set_exception(ModelLoadFailed(f"failed to load {self.label}: runner {how}"))
+        # A runner the daemon stopped (at shutdown, out of time) leaves its requests a 503, not a crash.
+        error: Exception = (
+            ShuttingDown(f"server is shutting down: the runner for {self.label} stopped before answering")
+            if self._stopping
+            else RunnerCrashed(detail)
+        )
         for future in self._pending.values():
             if not future.done():
-                future.set_exception(RunnerCrashed(detail))
+                future.set_exception(error)
         for callback in self._exit_callbacks:
             callback(self)
 

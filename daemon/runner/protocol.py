@@ -7,7 +7,9 @@ costs no JSON encoding on either side.
 Child -> parent headers:
     {"type": "ready", "facts": {...}}                 once, after the model loaded
     {"type": "load_failed", "message": "..."}         instead of ready, then the child exits
-    {"type": "result", "id": N, "rows": R, "dims": D, "token_count": T, "truncated": K}
+    {"type": "result", "id": N, "rows": R, "dims": D, "token_count": T, "truncated": K,
+     "inference_s": S, "decodes": [[tokens, sequences], ...]}   S: first decode to answer; decodes:
+                                                      those run since the previous result
     {"type": "error", "id": N, "kind": "context_exceeded" | "invalid_input" | "failed", "message": "..."}
 Parent -> child headers:
     {"type": "embed", "id": N, "texts": [text or [token ids], ...], "truncate": bool}
@@ -16,6 +18,7 @@ Parent -> child headers:
 
 from __future__ import annotations
 
+import signal
 import struct
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -23,6 +26,9 @@ from typing import Any, BinaryIO
 import orjson
 
 FRAME_PREFIX = struct.Struct(">II")
+# Signals a terminal or systemd sends to a whole process group. A runner ignores them: the daemon
+# alone decides when it stops, by closing its stdin.
+GROUP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass(frozen=True)

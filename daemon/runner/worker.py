@@ -3,17 +3,22 @@
 It owns one llama.cpp model. A reader thread takes requests off stdin; the main thread tokenizes
 them and packs the sequences of every waiting request, in arrival order, into decodes under the
 token budget, so concurrent requests share batches. If llama.cpp aborts, only this process dies.
-Closing stdin asks it to finish what it holds and exit.
+Closing stdin asks it to finish what it holds and exit: the daemon alone decides when a runner
+stops, so SIGINT, SIGTERM and SIGHUP sent to the whole process group (by a terminal or systemd)
+are ignored, and the runner dies with the daemon if the daemon is killed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 import os
 import queue
+import signal
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -24,9 +29,10 @@ import orjson
 from daemon.errors import ContextExceeded, InvalidInput
 from daemon.options import LlamaParams
 from daemon.runner.batching import take_batch
-from daemon.runner.protocol import encode_frame, read_frame_blocking
+from daemon.runner.protocol import GROUP_SIGNALS, encode_frame, read_frame_blocking
 
 _END = None
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -37,6 +43,7 @@ class _Request:
     token_count: int = 0
     truncated: int = 0
     failed: bool = False
+    first_decode_s: float | None = None  # perf_counter at the start of its first decode
 
 
 @dataclass
@@ -68,6 +75,7 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
     waiting: deque[_Sequence] = deque()
     ended = False
     facts = engine.facts
+    decodes: list[tuple[int, int]] = []  # (tokens, sequences) per decode, sent with the next result
 
     def accept(message: dict[str, Any]) -> None:
         request_id = message["id"]
@@ -89,6 +97,7 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
             finish(request)
 
     def finish(request: _Request) -> None:
+        started_s = request.first_decode_s
         header = {
             "type": "result",
             "id": request.request_id,
@@ -96,7 +105,10 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
             "dims": request.output.shape[1],
             "token_count": request.token_count,
             "truncated": request.truncated,
+            "inference_s": 0.0 if started_s is None else time.perf_counter() - started_s,
+            "decodes": decodes.copy(),
         }
+        decodes.clear()
         writer.send(header, request.output.tobytes())
 
     while not (ended and not waiting):
@@ -121,6 +133,11 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
         batch = [s for s in batch if not s.request.failed]
         if not batch:
             continue
+        started_s = time.perf_counter()
+        for sequence in batch:
+            if sequence.request.first_decode_s is None:
+                sequence.request.first_decode_s = started_s
+        decodes.append((sum(len(s.tokens) for s in batch), len(batch)))
         try:
             vectors = engine.embed_batch([s.tokens for s in batch])
         except Exception as error:  # a llama.cpp failure fails the requests it touched, not the runner
@@ -136,8 +153,26 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
                 finish(request)
 
 
+def _leave_stopping_to_the_daemon(parent_pid: int) -> None:
+    """Ignore the group's signals, and die with the daemon.
+
+    The daemon starts runners with these signals blocked, so none can arrive before they are
+    ignored here. On Linux the kernel kills a runner whose daemon died (PR_SET_PDEATHSIG); on every
+    system, stdin reaching its end (the daemon's pipe closed) ends the runner too.
+    """
+    for signum in GROUP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the daemon died before prctl took effect
+            os._exit(1)
+
+
 def main() -> int:
     config = orjson.loads(sys.argv[1])
+    _leave_stopping_to_the_daemon(config["parent_pid"])
     # The protocol owns the original stdout; anything native code prints goes to stderr instead.
     protocol_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)

@@ -1,0 +1,176 @@
+"""Who may call emberd: the Host-header guard, API keys and CORS. Policy as pure functions, applied
+by middlewares (see api.app for their order)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from daemon.api.common import SETTINGS, TRUNCATED_HEADER, error_response
+from daemon.errors import InvalidConfig
+
+log = logging.getLogger(__name__)
+LOCAL_HOST_NAMES = ("localhost", "127.0.0.1", "[::1]")
+# Routes a load balancer or a liveness probe reaches without a key.
+OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
+CORS_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type"
+CORS_MAX_AGE_S = 600
+
+
+# -- policy -----------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address only takes connections from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(host_header: str) -> str:
+    """A Host header without its port, lower-cased: "LocalHost:11434" -> "localhost", "[::1]:80" -> "[::1]"."""
+    value = host_header.strip().lower()
+    if value.startswith("["):
+        return value[: value.find("]") + 1] if "]" in value else value
+    name, separator, port = value.rpartition(":")
+    return name if separator and port.isdigit() and ":" not in name else value
+
+
+def host_allowed(host_header: str | None, allowed_hosts: Sequence[str]) -> bool:
+    """Whether a loopback-bound daemon may answer a request with this Host header.
+
+    A web page can reach 127.0.0.1 through DNS rebinding, but its requests then carry the attacker's
+    name as Host. A request with no Host at all (HTTP/1.0 tools) cannot come from a browser.
+    """
+    if host_header is None:
+        return True
+    name = host_name(host_header)
+    return name in LOCAL_HOST_NAMES or name in (host_name(extra) for extra in allowed_hosts)
+
+
+def origin_allowed(origin: str | None, cors_origins: Sequence[str]) -> bool:
+    return origin is not None and (origin in cors_origins or "*" in cors_origins)
+
+
+def parse_api_keys(text: str) -> list[str]:
+    """One key a line; blank lines and lines starting with # are ignored."""
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+class ApiKeys:
+    """The keys of `api_keys_file`, kept as sha256 digests and compared in constant time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._digests: list[bytes] = []
+        self.reload()
+
+    def reload(self) -> int:
+        """Read the file again (on SIGHUP); InvalidConfig, keeping the old keys, if it is unusable."""
+        try:
+            keys = parse_api_keys(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as error:
+            raise InvalidConfig(f"api_keys_file: cannot read {self.path}: {error}") from None
+        if not keys:
+            raise InvalidConfig(f"api_keys_file: {self.path} holds no keys")
+        self._digests = [_digest(key) for key in keys]
+        return len(keys)
+
+    def accepts(self, presented: str) -> bool:
+        # Every key is compared, and digests have one length, so the time says nothing about the keys.
+        wanted = _digest(presented)
+        found = False
+        for digest in self._digests:
+            found |= hmac.compare_digest(digest, wanted)
+        return found
+
+
+API_KEYS = web.AppKey("api_keys", ApiKeys)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", errors="surrogateescape")).digest()
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _vary_origin(existing: str | None) -> str:
+    values: Iterable[str] = (part.strip() for part in (existing or "").split(",") if part.strip())
+    parts = list(values)
+    return ", ".join([*parts, "Origin"]) if "origin" not in (part.lower() for part in parts) else ", ".join(parts)
+
+
+# -- middlewares ------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def host_guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    if is_loopback(settings.host) and not host_allowed(request.headers.get("Host"), settings.allowed_hosts):
+        return error_response(
+            request, 403, "forbidden: this Host header is not local; add it to allowed_hosts (EMBERD_ALLOWED_HOSTS)"
+        )
+    return await handler(request)
+
+
+@web.middleware
+async def cors_preflight_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer CORS preflights for allowed origins; the other responses get their headers from
+    `add_cors_headers`, which also reaches streamed responses."""
+    cors_origins = request.app[SETTINGS].cors_origins
+    origin = request.headers.get("Origin")
+    if not cors_origins or request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+        return await handler(request)
+    if not origin_allowed(origin, cors_origins):
+        return error_response(request, 403, "forbidden: this origin is not in cors_origins", {"Vary": "Origin"})
+    assert origin is not None
+    headers = {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Allow-Methods": CORS_METHODS,
+        "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers", CORS_HEADERS),
+        "Access-Control-Max-Age": str(CORS_MAX_AGE_S),
+        "Vary": "Origin",
+    }
+    return web.Response(status=204, headers=headers)
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: CORS headers on every answer to an allowed origin, errors included."""
+    cors_origins = request.app[SETTINGS].cors_origins
+    if not cors_origins:
+        return
+    response.headers["Vary"] = _vary_origin(response.headers.get("Vary"))
+    origin = request.headers.get("Origin")
+    if origin_allowed(origin, cors_origins) and "Access-Control-Allow-Origin" not in response.headers:
+        assert origin is not None
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = TRUNCATED_HEADER
+
+
+@web.middleware
+async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    api_keys = request.app.get(API_KEYS)
+    if api_keys is None or request.path in OPEN_PATHS:
+        return await handler(request)
+    token = bearer_token(request.headers.get("Authorization"))
+    if token is None or not api_keys.accepts(token):
+        # The presented key is never logged or echoed.
+        message = "unauthorized: a valid API key is required (Authorization: Bearer KEY)"
+        return error_response(request, 401, message, {"WWW-Authenticate": 'Bearer realm="emberd"'})
+    return await handler(request)

@@ -1,0 +1,88 @@
+"""Long jobs (downloads, hashing, conversions): their own bounded threads, and cancellation.
+
+Short requests (/api/tags, /api/show, ...) use asyncio's default executor for their bit of file I/O.
+Long jobs run here instead, at most `max_jobs` at once, so six pulls cannot starve those requests.
+A thread cannot be interrupted, so a job cooperates: it calls `token.check()` between chunks, and
+`cancel_all()` (at shutdown) makes that raise `Cancelled`. Each job leaves what it wrote in a state
+the next run can use: a download keeps its partial file to resume from, a conversion writes only
+under tmp/, which start-up empties.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from daemon.errors import ShuttingDown
+
+T = TypeVar("T")
+
+
+class Cancelled(ShuttingDown):
+    """A long job stopped at a chunk boundary because the daemon is shutting down."""
+
+
+class CancelToken:
+    """Set once, from any thread; checked by a job between chunks."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("emberd is shutting down; the job stopped and resumes when it is asked again")
+
+
+NEVER_CANCELLED = CancelToken()
+
+
+class JobExecutor:
+    """At most `max_jobs` long jobs at once, each given the executor's cancel token."""
+
+    def __init__(self, max_jobs: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max_jobs, thread_name_prefix="emberd-job")
+        self.token = CancelToken()
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def running(self) -> int:
+        """Jobs submitted and not finished (running or waiting for a thread)."""
+        return self._running
+
+    async def run(self, function: Callable[[CancelToken], T]) -> T:
+        """Run `function(token)` on a job thread; Cancelled at once if shutdown has begun."""
+        self.token.check()
+        self._running += 1
+        self._idle.clear()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, function)
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                self._idle.set()
+
+    def _call(self, function: Callable[[CancelToken], T]) -> T:
+        self.token.check()  # a job that waited for a thread while shutdown began never starts
+        return function(self.token)
+
+    def cancel_all(self) -> None:
+        self.token.cancel()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def close(self) -> None:
+        """Release the threads; each ends at its job's next check."""
+        self._pool.shutdown(wait=False)

@@ -1,0 +1,52 @@
+"""Logging: plain text or one JSON object a line (journald, Loki), and the per-request line.
+
+A request line carries the route, model, status, counts and timings, never input text and never a
+key: the access-log middleware builds it from RequestStats, not from the request body or headers.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+ACCESS_LOGGER = "emberd.access"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """{"time", "level", "logger", "message", ...the record's `fields`}."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(document, default=str).decode()
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def request_line(fields: dict[str, Any]) -> str:
+    """The text form: "POST /api/embed 200 model=all-minilm:latest inputs=2 tokens=16 ... total_ms=5.1"."""
+    head = f"{fields['method']} {fields['route']} {fields['status']}"
+    rest = " ".join(f"{key}={value}" for key, value in fields.items() if key not in ("method", "route", "status"))
+    return f"{head} {rest}"
+
+
+def log_request(fields: dict[str, Any]) -> None:
+    logging.getLogger(ACCESS_LOGGER).info("%s", request_line(fields), extra={"fields": fields})
