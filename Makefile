@@ -42,5 +42,20 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/python benchmarks/bench_threads.py
 
+UNIT_DIR ?= /etc/systemd/system
+
+# systemd/emberd.service with ExecStart= on this checkout's virtualenv, its user, and a daemon-reload
+# where systemd runs. Then: systemctl enable --now emberd. The unit hides /home, /root and /tmp
+# (ProtectHome, PrivateTmp): the checkout and the Python that made .venv must live elsewhere.
+install-service: $(STAMP)
+	@for path in "$(CURDIR)" "$$(readlink -f $(BIN)/python)"; do case "$$path" in /home/*|/root/*|/run/user/*|/tmp/*|/var/tmp/*) \
+		echo "install-service: $$path is hidden from the service (ProtectHome/PrivateTmp); see systemd/emberd.service" >&2; \
+		exit 1;; esac; done
+	id -u emberd >/dev/null 2>&1 || \
+		useradd --system --user-group --home-dir /var/lib/emberd --no-create-home --shell /usr/sbin/nologin emberd
+	install -m 0644 systemd/emberd.service $(UNIT_DIR)/emberd.service
+	sed -i 's#^ExecStart=/opt/emberd/.venv/bin/emberd #ExecStart=$(CURDIR)/$(BIN)/emberd #' $(UNIT_DIR)/emberd.service
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; else echo "systemd is not running: no daemon-reload"; fi
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -9,6 +9,7 @@ import os
 import signal
 import statistics
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -208,3 +209,32 @@ def route_medians_ms(url: str, rounds: int = 20) -> dict[str, float]:
                     response.read()
             samples[route].append((time.perf_counter() - started_s) * 1e3)
     return {route: statistics.median(values) for route, values in samples.items()}
+
+
+def test_a_request_the_budget_cannot_cover_gets_a_503_and_the_exit_stays_in_budget(
+    tmp_path: Path, tiny_dir: Path
+) -> None:
+    budget_s = 3.0
+    environ = {"EMBERD_SHUTDOWN_TIMEOUT": f"{budget_s:g}s"}
+    with running_daemon(tmp_path / "home", {"tiny": tiny_dir}, environ) as daemon:
+        runner_pid = hold_runner(daemon)  # never continued: this request cannot finish
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(status_and_error, daemon.url + "/api/embed", {"model": "tiny", "input": "hello"})
+            wait_for(lambda: admitted(daemon) == 1)
+            daemon.signal_group(signal.SIGTERM)
+            signalled_s = time.monotonic()
+            status, error = held.result(timeout=30)
+        assert status == 503
+        assert "shutting down" in error
+        assert daemon.process.wait(timeout=30) == 0
+        assert time.monotonic() - signalled_s <= budget_s + 0.5
+        wait_for(lambda: not alive(runner_pid))
+
+
+def status_and_error(url: str, body: dict[str, object]) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return int(response.status), ""
+    except urllib.error.HTTPError as error:
+        return int(error.code), str(json.loads(error.read())["error"])

@@ -62,6 +62,7 @@ class RunnerProcess:
         self._ready: asyncio.Future[RunnerFacts] = asyncio.get_running_loop().create_future()
         self._exit_callbacks: list[Callable[[RunnerProcess], None]] = []
         self._stopping = False
+        self._killed = False
         self.exited = asyncio.Event()
         self._tasks = [
             asyncio.create_task(self._read_frames(), name=f"runner-frames-{label}"),
@@ -215,10 +216,10 @@ class RunnerProcess:
             log.warning("%s", detail)
         if not self._ready.done():
             self._ready.set_exception(ModelLoadFailed(f"failed to load {self.label}: runner {how}"))
-        # A runner the daemon stopped (at shutdown, out of time) leaves its requests a 503, not a crash.
+        # A runner the daemon killed (a stop out of time, at shutdown) leaves its requests a 503.
         error: Exception = (
             ShuttingDown(f"server is shutting down: the runner for {self.label} stopped before answering")
-            if self._stopping
+            if self._killed
             else RunnerCrashed(detail)
         )
         for future in self._pending.values():
@@ -249,6 +250,7 @@ class RunnerProcess:
 
     async def kill(self) -> None:
         self._stopping = True
+        self._killed = True
         with contextlib.suppress(ProcessLookupError):
             self._process.kill()
         await self._process.wait()
