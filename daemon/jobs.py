@@ -11,6 +11,8 @@ under tmp/, which start-up empties.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,8 @@ from typing import TypeVar
 from daemon.errors import ShuttingDown
 
 T = TypeVar("T")
+# Long jobs yield the CPU to requests: on Linux a thread has its own nice value.
+JOB_NICENESS = 10
 
 
 class Cancelled(ShuttingDown):
@@ -46,11 +50,21 @@ class CancelToken:
 NEVER_CANCELLED = CancelToken()
 
 
+def _lower_thread_priority() -> None:
+    """Make the calling thread (Linux: not the process) yield the CPU to the event loop and runners.
+    A sandbox that forbids setpriority (SystemCallFilter=~@resources) leaves it as it is."""
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), JOB_NICENESS)
+
+
 class JobExecutor:
     """At most `max_jobs` long jobs at once, each given the executor's cancel token."""
 
     def __init__(self, max_jobs: int) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=max_jobs, thread_name_prefix="emberd-job")
+        self._pool = ThreadPoolExecutor(
+            max_workers=max_jobs, thread_name_prefix="emberd-job", initializer=_lower_thread_priority
+        )
         self.token = CancelToken()
         self._running = 0
         self._idle = asyncio.Event()

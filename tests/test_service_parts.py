@@ -166,3 +166,16 @@ def test_an_unreadable_api_keys_file_stops_serve_with_a_message(tmp_path: Path) 
     )
     assert result.returncode == 2
     assert "api_keys_file" in result.stderr
+
+
+def test_a_model_that_cannot_be_ensured_stops_serve_with_status_1(tmp_path: Path) -> None:
+    environ = {**os.environ, "EMBERD_HOME": str(tmp_path / "home"), "EMBERD_HOST": "127.0.0.1:0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "serve", "--ensure-model", f"broken={tmp_path / 'nothing-here'}"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "--ensure-model failed" in result.stderr and "nothing-here" in result.stderr

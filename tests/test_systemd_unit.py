@@ -38,8 +38,10 @@ REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "emberd.service"
 SHIPPED_EXEC_START = "/opt/emberd/.venv/bin/emberd"
 STATE_DIRECTORY = "/var/lib/emberd"
-# `systemd-analyze security --offline=yes` rates the unit 1.1 OK (systemd 252); loosening it fails.
-EXPOSURE_THRESHOLD = 1.2
+# `systemd-analyze security --offline=yes` rates the unit 1.2 OK (systemd 252); loosening it fails.
+# (It would be 1.1 without setpriority, which job threads use to yield the CPU; with no CAP_SYS_NICE
+# a process can only lower its own priority with it.)
+EXPOSURE_THRESHOLD = 1.3
 NOBODY = 65534
 
 # [Service] lines this module emulates or checks; every other line must say here why it is not.
@@ -353,7 +355,7 @@ def test_the_sandbox_is_real(tmp_path: Path, service_home: Path) -> None:
     assert probe["af_netlink"] == probe["af_packet"] == "EAFNOSUPPORT"
     assert probe["mmap_wx"] in {"EPERM", "EACCES"}  # MemoryDenyWriteExecute
     assert probe["unshare_user"] == "EPERM"  # RestrictNamespaces (no privilege needed otherwise)
-    assert probe["setpriority"] == "EPERM"  # SystemCallFilter=~@resources (a nicer self is otherwise allowed)
+    assert probe["setpriority"] == "ok"  # denied with @resources, then allowed again: job threads use it
     assert probe["umask"] == "0o77"
 
 

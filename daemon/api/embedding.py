@@ -13,6 +13,8 @@ from aiohttp import web
 from daemon.api.common import HUB, METRICS, PULLS, REQUEST_STATS, SCHEDULER, SETTINGS, STORE, RequestStats
 from daemon.errors import UnknownModel
 
+MAX_LOGGED_NAME_CHARS = 200
+
 
 @dataclass(frozen=True)
 class Embedded:
@@ -46,7 +48,8 @@ async def embed_inputs(
     only loaded: the preload idiom. What happened is left in request[REQUEST_STATS] for the log."""
     app = request.app
     started_s = time.perf_counter()
-    stats = request[REQUEST_STATS] = RequestStats(model, len(inputs))
+    # The name as sent, until the lease gives the canonical one (cut: it is echoed into a log line).
+    stats = request[REQUEST_STATS] = RequestStats(model[:MAX_LOGGED_NAME_CHARS], len(inputs))
     await pull_if_allowed(app, model)
     scheduler = app[SCHEDULER]
     async with scheduler.admit(), scheduler.lease(model, options, keep_alive_s) as lease:
