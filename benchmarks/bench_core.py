@@ -102,12 +102,15 @@ def start_daemon(
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # /readyz: listening, and every --ensure-model created
         try:
-            EmberdClient(port).embed("")
-            return process
-        except (OSError, RuntimeError):
-            time.sleep(0.1)
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/readyz")
+            if connection.getresponse().status == 200:
+                return process
+        except OSError:
+            pass
+        time.sleep(0.1)
     process.kill()
     raise RuntimeError("emberd did not start")
 
