@@ -59,6 +59,21 @@ def parse_go_duration_s(text: str) -> float:
     return sign * total_s
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
+_SIZE_FACTORS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size_bytes(text: str) -> int:
+    """ "4GiB", "4G" (binary, as systemd's MemoryMax= reads it), "4GB" (decimal), "512MiB", "0"."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"invalid size {text!r}: use a number of bytes or a unit such as 512MiB or 4GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    if len(unit) == 2 and unit[1] == "b" and unit[0] != "i":  # KB, MB, GB, TB: powers of 1000
+        return int(number * 1000 ** ("kmgt".index(unit[0]) + 1))
+    return int(number * _SIZE_FACTORS[unit[:1]])
+
+
 def parse_host(text: str) -> tuple[str, int]:
     """Parse OLLAMA_HOST-style "host[:port]" (also "[::1]:port" and "http://host:port")."""
     value = text.strip()
@@ -101,8 +116,11 @@ class Settings:
     max_queue: int = 512
     # Loaded models at once; 0 means "as many as memory allows".
     max_loaded_models: int = 0
-    # Memory kept free for the rest of the machine when deciding whether a model fits.
+    # Memory kept free for the rest of the machine when deciding whether a model fits (inside a
+    # cgroup limit, the limit is the budget and this does not shrink it).
     memory_reserve_mib: int = 512
+    # The most the runners together may hold; 0 means no cap beyond the machine and the cgroup.
+    max_memory_bytes: int = 0
     # llama.cpp threads per runner; 0 means automatic: busy runners share the CPUs.
     num_thread: int = 0
     # Token budget of one llama.cpp decode. Attention cost grows with its square: tune by measuring.
@@ -150,9 +168,17 @@ class Settings:
 
 
 _DURATION_SETTINGS = {"keep_alive_s", "load_timeout_s", "shutdown_timeout_s", "drain_delay_s"}
+_SIZE_SETTINGS = {"max_memory_bytes"}
 _FILE_KEYS = {
-    # The file and the environment use the names people type; durations drop the "_s".
-    (f.name.removesuffix("_s") if f.name in _DURATION_SETTINGS else f.name): f.name
+    # The file and the environment use the names people type: durations drop the "_s", sizes
+    # (which take units) the "_bytes".
+    (
+        f.name.removesuffix("_s")
+        if f.name in _DURATION_SETTINGS
+        else f.name.removesuffix("_bytes")
+        if f.name in _SIZE_SETTINGS
+        else f.name
+    ): f.name
     for f in fields(Settings)
     if f.name != "port"
 }
@@ -174,6 +200,15 @@ def _coerce(name: str, raw: Any, from_text: bool, environ: Mapping[str, str]) ->
             except ValueError as error:
                 raise InvalidConfig(f"{name}: {error}") from None
         raise InvalidConfig(f"{name}: expected a duration, got {raw!r}")
+    if name in _SIZE_SETTINGS:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return parse_size_bytes(raw)
+            except ValueError as error:
+                raise InvalidConfig(f"{name.removesuffix('_bytes')}: {error}") from None
+        raise InvalidConfig(f"{name.removesuffix('_bytes')}: expected a size, got {raw!r}")
     field_type = {f.name: f.type for f in fields(Settings)}[name]
     if field_type == "bool":
         if isinstance(raw, bool):
@@ -222,6 +257,7 @@ def _validate(settings: Settings) -> Settings:
         "num_thread": settings.num_thread,
         "num_ctx": settings.num_ctx,
         "memory_reserve_mib": settings.memory_reserve_mib,
+        "max_memory": settings.max_memory_bytes,
         "max_body_bytes": settings.max_body_bytes,
     }
     for name, value in non_negative.items():

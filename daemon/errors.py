@@ -55,6 +55,10 @@ class InsufficientMemory(EmberdError):
     """The model does not fit in memory even after unloading every idle model."""
 
 
+class MemoryBusy(EmberdError):
+    """The memory a model needs is held by busy models, and they did not free it in time."""
+
+
 class ModelLoadFailed(EmberdError):
     """The runner could not load the model."""
 

@@ -1,4 +1,11 @@
-"""Memory: a probe of what the machine really has (psutil + cgroup v2) and pure policy functions."""
+"""Memory: a probe of what the machine and the service's own cgroup have left, and pure policy
+functions (estimate, budget, fits, pick_victim).
+
+The cgroup is the process's own, found through /proc/self/cgroup: under systemd that is
+/sys/fs/cgroup/system.slice/emberd.service (where MemoryMax= lands), in a container the container's.
+What a cgroup is charged counts the page cache too; what it cannot reclaim is the charge less its
+inactive file pages (the "working set", as the kubelet counts it).
+"""
 
 from __future__ import annotations
 
@@ -11,37 +18,122 @@ import psutil
 MIB = 1024 * 1024
 # A runner is a Python interpreter with llama.cpp loaded, before any model weights.
 RUNNER_BASE_BYTES = 80 * MIB
+# cgroup v1 writes "no limit" as the largest page-aligned counter (9223372036854771712).
+_NO_LIMIT_BYTES = 1 << 62
 
 
 @dataclass(frozen=True)
 class MemorySnapshot:
-    available_bytes: int
-    total_bytes: int
+    machine_available_bytes: int  # psutil's available: what the machine could still give
+    total_bytes: int  # the machine's memory, or the cgroup's limit when that is less
+    cgroup_limit_bytes: int | None = None  # the service's own cgroup limit, if it has one
+    cgroup_used_bytes: int = 0  # what that cgroup is charged, less reclaimable page cache
+
+    @property
+    def cgroup_headroom_bytes(self) -> int | None:
+        if self.cgroup_limit_bytes is None:
+            return None
+        return max(0, self.cgroup_limit_bytes - self.cgroup_used_bytes)
 
 
-def _read_cgroup_value(path: Path) -> int | None:
+@dataclass(frozen=True)
+class OwnCgroup:
+    version: int  # 1 or 2
+    directory: Path  # its memory controller's directory
+    root: Path  # the controller's mount: limits are looked for up to here
+
+
+def find_own_cgroup(proc_self_cgroup: str, cgroup_root: Path) -> OwnCgroup | None:
+    """The memory cgroup a /proc/self/cgroup text names. v1's memory controller wins on hybrid
+    systems (it is where limits are kept there); else the v2 unified hierarchy."""
+    v2_path = None
+    for line in proc_self_cgroup.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy != "0" and "memory" in controllers.split(","):
+            root = cgroup_root / "memory"
+            return OwnCgroup(1, root / path.lstrip("/"), root)
+        if hierarchy == "0" and controllers == "":
+            v2_path = path
+    if v2_path is None:
+        return None
+    root = cgroup_root if (cgroup_root / "cgroup.controllers").exists() else cgroup_root / "unified"
+    return OwnCgroup(2, root / v2_path.lstrip("/"), root)
+
+
+def _read_int(path: Path) -> int | None:
     try:
         text = path.read_text().strip()
     except OSError:
         return None
-    return None if text == "max" else int(text)
+    if text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _read_stat(path: Path) -> dict[str, int]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    stat = {}
+    for line in lines:
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            stat[key] = int(value)
+    return stat
+
+
+def read_cgroup_memory(cgroup: OwnCgroup) -> tuple[int | None, int]:
+    """(limit, charge less reclaimable cache) of a cgroup, the limit being the lowest on the way
+    up to the root (a parent's limit binds its children too); (None, 0) when unreadable."""
+    if cgroup.version == 1:
+        stat = _read_stat(cgroup.directory / "memory.stat")
+        limit = stat.get("hierarchical_memory_limit") or _read_int(cgroup.directory / "memory.limit_in_bytes")
+        usage = _read_int(cgroup.directory / "memory.usage_in_bytes") or 0
+        inactive_file = stat.get("total_inactive_file", 0)
+    else:
+        limits = []
+        directory = cgroup.directory
+        while True:
+            limits += [_read_int(directory / name) for name in ("memory.max", "memory.high")]
+            if directory == cgroup.root or directory.parent == directory:
+                break
+            directory = directory.parent
+        limit = min((value for value in limits if value is not None), default=None)
+        usage = _read_int(cgroup.directory / "memory.current") or 0
+        inactive_file = _read_stat(cgroup.directory / "memory.stat").get("inactive_file", 0)
+    if limit is not None and limit >= _NO_LIMIT_BYTES:
+        limit = None
+    return limit, max(0, usage - inactive_file)
 
 
 class MemoryProbe:
-    """What a new runner could use now: the lesser of the machine's and the cgroup's headroom."""
+    """What a new runner could use now: the machine's available memory and the headroom of the
+    cgroup this process runs in."""
 
-    def __init__(self, cgroup_root: Path = Path("/sys/fs/cgroup")) -> None:
+    def __init__(
+        self, cgroup_root: Path = Path("/sys/fs/cgroup"), proc_self_cgroup: Path = Path("/proc/self/cgroup")
+    ) -> None:
         self._cgroup_root = cgroup_root
+        self._proc_self_cgroup = proc_self_cgroup
+
+    def own_cgroup(self) -> OwnCgroup | None:
+        try:
+            text = self._proc_self_cgroup.read_text()
+        except OSError:
+            return None  # not Linux
+        return find_own_cgroup(text, self._cgroup_root)
 
     def snapshot(self) -> MemorySnapshot:
         virtual = psutil.virtual_memory()
         available, total = int(virtual.available), int(virtual.total)
-        limit = _read_cgroup_value(self._cgroup_root / "memory.max")
-        used = _read_cgroup_value(self._cgroup_root / "memory.current")
-        if limit is not None and used is not None:
-            available = min(available, max(0, limit - used))
-            total = min(total, limit)
-        return MemorySnapshot(available, total)
+        cgroup = self.own_cgroup()
+        limit, used = read_cgroup_memory(cgroup) if cgroup is not None else (None, 0)
+        return MemorySnapshot(available, min(total, limit or total), limit, used)
 
 
 def estimate_runner_bytes(model_file_bytes: int, n_ctx: int, n_embd: int, n_ubatch: int) -> int:
@@ -53,8 +145,22 @@ def estimate_runner_bytes(model_file_bytes: int, n_ctx: int, n_embd: int, n_ubat
     return model_file_bytes + attention_bytes + activations_bytes + RUNNER_BASE_BYTES
 
 
-def fits(required_bytes: int, available_bytes: int, reserve_bytes: int) -> bool:
-    return required_bytes + reserve_bytes <= available_bytes
+def budget_bytes(snapshot: MemorySnapshot, reserve_bytes: int) -> int:
+    """What a new runner may take now. The reserve keeps memory for the rest of the machine; inside
+    a cgroup limit the limit is the service's budget, and the reserve does not shrink it."""
+    budget = snapshot.machine_available_bytes - reserve_bytes
+    headroom = snapshot.cgroup_headroom_bytes
+    if headroom is not None:
+        budget = min(budget, headroom)
+    return max(0, budget)
+
+
+def fits(required_bytes: int, budget: int, loaded_bytes: int = 0, max_memory_bytes: int = 0) -> bool:
+    """Whether a runner of `required_bytes` fits: in the budget now, and under max_memory (0: no cap)
+    beside the runners already loaded."""
+    if max_memory_bytes and loaded_bytes + required_bytes > max_memory_bytes:
+        return False
+    return required_bytes <= budget
 
 
 @dataclass(frozen=True)
@@ -69,3 +175,13 @@ def pick_victim(candidates: Sequence[EvictionCandidate]) -> EvictionCandidate | 
     """The idle model unused longest; None when every model is busy."""
     idle = [candidate for candidate in candidates if not candidate.in_use]
     return min(idle, key=lambda candidate: candidate.last_used_s, default=None)
+
+
+def could_ever_fit(
+    required_bytes: int, budget: int, candidates: Sequence[EvictionCandidate], max_memory_bytes: int
+) -> bool:
+    """Whether unloading every loaded model could make room: if not, refuse at once and evict
+    nothing. (Busy models count: they go idle in time.)"""
+    if max_memory_bytes and required_bytes > max_memory_bytes:
+        return False
+    return required_bytes <= budget + sum(candidate.size_bytes for candidate in candidates)

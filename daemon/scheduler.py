@@ -15,8 +15,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.config import Settings
-from daemon.errors import InsufficientMemory, Overloaded, ShuttingDown
-from daemon.memory import EvictionCandidate, MemoryProbe, estimate_runner_bytes, fits, pick_victim
+from daemon.errors import InsufficientMemory, MemoryBusy, Overloaded, ShuttingDown
+from daemon.memory import (
+    MIB,
+    EvictionCandidate,
+    MemoryProbe,
+    MemorySnapshot,
+    budget_bytes,
+    could_ever_fit,
+    estimate_runner_bytes,
+    fits,
+    pick_victim,
+)
 from daemon.metrics import Metrics
 from daemon.options import (
     LlamaParams,
@@ -31,6 +41,7 @@ from daemon.store import ModelStore, StoredModel, require_embedding_model
 
 log = logging.getLogger(__name__)
 OVERLOADED_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
+GIB = 1024 * MIB
 
 RunnerFactory = Callable[[StoredModel, LlamaParams], Awaitable[RunnerProcess]]
 
@@ -88,6 +99,8 @@ class Scheduler:
         self._drained.set()
         self._shutting_down = False
         self._background: set[asyncio.Task[Any]] = set()
+        self._stopping: set[LoadedModel] = set()  # unloaded, but their process has not exited yet
+        self._runner_gone = asyncio.Event()  # set (and replaced) each time a stopping runner exits
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -204,7 +217,7 @@ class Scheduler:
     async def _load(self, model: StoredModel, load: LoadOptions, keep_alive_s: float | None) -> LoadedModel:
         params = llama_params(load, model.facts.context_length, model.facts.block_count)
         estimated = estimate_runner_bytes(model.size_bytes, params.n_ctx, model.facts.embedding_length, params.n_ubatch)
-        await self._make_room(estimated)
+        await self._make_room(model.name, estimated)
         log.info(
             "loading %s (%s, ctx %d, %d threads)", model.name, model.facts.file_type, params.n_ctx, params.n_threads
         )
@@ -248,38 +261,79 @@ class Scheduler:
     async def _stop_when_idle(self, entry: LoadedModel, reason: str) -> None:
         started_s = self._clock()
         await entry.idle.wait()
-        await entry.runner.stop(self._settings.shutdown_timeout_s)
+        await self._stop(entry, reason, self._settings.shutdown_timeout_s, started_s)
+
+    async def _stop(self, entry: LoadedModel, reason: str, timeout_s: float, started_s: float) -> None:
+        """Stop a runner; until its process has exited, its memory still counts."""
+        self._stopping.add(entry)
+        try:
+            await entry.runner.stop(timeout_s)
+        finally:
+            self._stopping.discard(entry)
+            self._runner_gone.set()
+            self._runner_gone = asyncio.Event()
         self._metrics.model_unloaded(entry.name, reason, self._clock() - started_s)
 
-    async def _make_room(self, required_bytes: int) -> None:
-        reserve_bytes = self._settings.memory_reserve_mib * 1024 * 1024
+    async def _make_room(self, name: str, required_bytes: int) -> None:
+        """Unload idle models until `required_bytes` fits; wait (up to load_timeout) for busy ones
+        and for runners on their way out; refuse at once, evicting nothing, if it never could."""
+        reserve_bytes = self._settings.memory_reserve_mib * MIB
         max_loaded = self._settings.max_loaded_models
+        max_memory = self._settings.max_memory_bytes
+        deadline_s = asyncio.get_running_loop().time() + self._settings.load_timeout_s
         while True:
             snapshot = self._memory_probe.snapshot()
+            budget = budget_bytes(snapshot, reserve_bytes)
+            held = sum(e.estimated_bytes for e in [*self._loaded.values(), *self._stopping])
             count_ok = max_loaded == 0 or len(self._loaded) < max_loaded
-            if count_ok and fits(required_bytes, snapshot.available_bytes, reserve_bytes):
+            if count_ok and fits(required_bytes, budget, held, max_memory):
                 return
-            if not self._loaded:
-                raise InsufficientMemory(
-                    f"model requires {required_bytes / 2**30:.2f} GiB but only "
-                    f"{max(0, snapshot.available_bytes - reserve_bytes) / 2**30:.2f} GiB is available"
-                )
             candidates = [
                 EvictionCandidate(e.name, e.refcount > 0, e.last_used_s, e.estimated_bytes)
                 for e in self._loaded.values()
             ]
+            leaving = [EvictionCandidate(e.name, True, e.last_used_s, e.estimated_bytes) for e in self._stopping]
+            if not could_ever_fit(required_bytes, budget, candidates + leaving, max_memory):
+                raise InsufficientMemory(self._memory_report(name, required_bytes, snapshot, budget))
             victim = pick_victim(candidates)
-            if victim is None:
-                # Every loaded model is busy: wait for one to go idle, then decide again.
-                waits = [asyncio.ensure_future(e.idle.wait()) for e in self._loaded.values()]
-                try:
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for waiter in waits:
-                        waiter.cancel()
+            if victim is not None:
+                log.info("unloading %s to make room for %s", victim.name, name)
+                await self._retire(self._loaded[victim.name], "evicted")
                 continue
-            log.info("unloading %s to make room", victim.name)
-            await self._retire(self._loaded[victim.name], "evicted")
+            # Every loaded model is busy, or memory is still held by runners on their way out.
+            waits = [asyncio.ensure_future(e.idle.wait()) for e in self._loaded.values()]
+            waits.append(asyncio.ensure_future(self._runner_gone.wait()))
+            try:
+                done, _pending = await asyncio.wait(
+                    waits,
+                    timeout=max(0.0, deadline_s - asyncio.get_running_loop().time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                for waiter in waits:
+                    waiter.cancel()
+            if not done:
+                raise MemoryBusy(
+                    self._memory_report(name, required_bytes, snapshot, budget)
+                    + f"; waited {self._settings.load_timeout_s:g}s (load_timeout) for busy models"
+                )
+
+    def _memory_report(self, name: str, required_bytes: int, snapshot: MemorySnapshot, budget: int) -> str:
+        """The numbers behind a refusal: what is needed, what is available, who holds it."""
+        parts = [f"{name} needs about {required_bytes / GIB:.2f} GiB but only {budget / GIB:.2f} GiB is available"]
+        if snapshot.cgroup_limit_bytes is not None:
+            parts.append(
+                f"the service's cgroup limit is {snapshot.cgroup_limit_bytes / GIB:.2f} GiB "
+                f"with {snapshot.cgroup_used_bytes / GIB:.2f} GiB in use"
+            )
+        if self._settings.max_memory_bytes:
+            parts.append(f"max_memory is {self._settings.max_memory_bytes / GIB:.2f} GiB")
+        holders = [
+            f"{e.name} {e.estimated_bytes / GIB:.2f} GiB ({'busy' if e.refcount else 'idle'})"
+            for e in self._loaded.values()
+        ] + [f"{e.name} {e.estimated_bytes / GIB:.2f} GiB (stopping)" for e in self._stopping]
+        parts.append("loaded: " + (", ".join(holders) if holders else "nothing"))
+        return "; ".join(parts)
 
     async def unload(self, name: str) -> bool:
         """Unload a model now (after its in-flight requests); False if it was not loaded."""
@@ -314,6 +368,4 @@ class Scheduler:
                 await task
 
     async def _stop_now(self, entry: LoadedModel, timeout_s: float) -> None:
-        started_s = self._clock()
-        await entry.runner.stop(timeout_s)
-        self._metrics.model_unloaded(entry.name, "shutdown", self._clock() - started_s)
+        await self._stop(entry, "shutdown", timeout_s, self._clock())

@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -71,12 +71,15 @@ class Daemon:
 
 
 @contextmanager
-def running_daemon(home: Path, ensure: dict[str, Path], extra_environ: dict[str, str]) -> Iterator[Daemon]:
-    """`emberd serve` on a free port with its own store, stopped (and reaped) at the end."""
+def running_daemon(
+    home: Path, ensure: dict[str, Path], extra_environ: dict[str, str], prefix: Sequence[str] = ()
+) -> Iterator[Daemon]:
+    """`emberd serve` on a free port with its own store, stopped (and reaped) at the end. `prefix`
+    is a command that execs the daemon (to start it inside a cgroup, say)."""
     port = free_port()
     environ = {**os.environ, "EMBERD_HOST": f"127.0.0.1:{port}", "EMBERD_HOME": str(home), **extra_environ}
     environ.pop("EMBERD_CONFIG", None)
-    command = [sys.executable, "-m", "daemon", "serve"]
+    command = [*prefix, sys.executable, "-m", "daemon", "serve"]
     for name, path in ensure.items():
         command += ["--ensure-model", f"{name}={path}"]
     # Logs go to a file (a pipe nobody reads would fill up and block the daemon).

