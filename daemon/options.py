@@ -40,7 +40,8 @@ _OPTION_MAXIMUMS = {"num_batch": 16384, "num_thread": 512}
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """Everything that fixes a runner: a request with different values needs a reload."""
+    """A request's runner options over the daemon's defaults. Only some of them fix a runner
+    (see needs_new_runner); threads and the token budget change on a live one."""
 
     num_ctx: int  # 0 = the model's trained context
     batch_tokens: int  # token budget of one llama.cpp decode
@@ -156,6 +157,15 @@ def llama_params(load: LoadOptions, trained_context: int, block_count: int) -> L
         limit_tokens=limit,
         batch_tokens=min(load.batch_tokens, capacity),
     )
+
+
+def needs_new_runner(loaded: LoadOptions, loaded_limit: int, wanted: LoadOptions, wanted_limit: int) -> bool:
+    """Whether a request needs another runner than the loaded one, by effective values: a longer
+    context than the runner's, or other weights placement (num_gpu, main_gpu, use_mmap). A shorter
+    context is cut per request; threads and the token budget apply to the live runner."""
+    placement_loaded = (loaded.num_gpu, loaded.main_gpu, loaded.use_mmap)
+    placement_wanted = (wanted.num_gpu, wanted.main_gpu, wanted.use_mmap)
+    return wanted_limit > loaded_limit or placement_wanted != placement_loaded
 
 
 def thread_share(cpus: int, busy_runners: int) -> int:

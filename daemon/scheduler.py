@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from daemon.config import Settings
@@ -32,7 +32,9 @@ from daemon.options import (
     LlamaParams,
     LoadOptions,
     available_cpu_count,
+    context_limit,
     llama_params,
+    needs_new_runner,
     resolve_load_options,
     thread_share,
 )
@@ -70,6 +72,7 @@ class LoadedModel:
 class Lease:
     loaded: LoadedModel
     load_duration_ns: int
+    limit_tokens: int  # this request's context: its num_ctx, at most the runner's
 
 
 class Scheduler:
@@ -135,34 +138,55 @@ class Scheduler:
         model = self._store.get(name)
         require_embedding_model(model.facts, model.name)
         load = resolve_load_options(self._settings, options)
+        limit_tokens = context_limit(load.num_ctx, model.facts.context_length)
         started_ns = time.perf_counter_ns()
         loaded_now = False
         entry = self._loaded.get(model.name)
-        if entry is not None and self._serves(entry, model, load):
+        if entry is not None and self._serves(entry, model, load, limit_tokens):
             # Fast path, no lock: a load of another model must not hold up a loaded one.
-            self._acquire(entry, keep_alive_s)
+            self._acquire(entry, keep_alive_s, load)
         else:
             async with self._load_lock:
                 entry = self._loaded.get(model.name)
-                if entry is not None and not self._serves(entry, model, load):
+                if entry is not None and not self._serves(entry, model, load, limit_tokens):
                     await self._retire(entry, "reloaded")
                     entry = None
                 if entry is None:
                     entry = await self._load(model, load, keep_alive_s)
                     loaded_now = True
-                self._acquire(entry, keep_alive_s)
+                self._acquire(entry, keep_alive_s, load)
         load_duration_ns = time.perf_counter_ns() - started_ns if loaded_now else 0
         try:
-            yield Lease(entry, load_duration_ns)
+            yield Lease(entry, load_duration_ns, min(limit_tokens, entry.params.limit_tokens))
         finally:
             self._release(entry)
 
     @staticmethod
-    def _serves(entry: LoadedModel, model: StoredModel, load: LoadOptions) -> bool:
-        """Whether a loaded runner can take a request: same file, same load options, alive."""
-        return entry.model.digest == model.digest and entry.load == load and entry.runner.alive
+    def _serves(entry: LoadedModel, model: StoredModel, load: LoadOptions, limit_tokens: int) -> bool:
+        """Whether a loaded runner can take a request: same file, alive, and options that need no
+        new context or weights (see needs_new_runner)."""
+        return (
+            entry.model.digest == model.digest
+            and entry.runner.alive
+            and not needs_new_runner(entry.load, entry.params.limit_tokens, load, limit_tokens)
+        )
 
-    def _acquire(self, entry: LoadedModel, keep_alive_s: float | None) -> None:
+    def _apply_live_options(self, entry: LoadedModel, load: LoadOptions) -> None:
+        """A request's num_thread and num_batch, on the runner it shares (from its next decode)."""
+        previous = entry.load
+        entry.load = replace(previous, batch_tokens=load.batch_tokens, num_thread=load.num_thread)
+        if load.batch_tokens != previous.batch_tokens:
+            entry.runner.set_batch_tokens(load.batch_tokens)
+        if load.num_thread != previous.num_thread:
+            if load.num_thread:
+                entry.runner.set_threads(load.num_thread)
+                entry.threads = load.num_thread
+            else:
+                entry.threads = 0  # automatic again: the share decides
+                self._share_threads()
+
+    def _acquire(self, entry: LoadedModel, keep_alive_s: float | None, load: LoadOptions) -> None:
+        self._apply_live_options(entry, load)
         entry.refcount += 1
         if entry.refcount == 1:
             self._share_threads()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,15 @@ from daemon.memory import (
     pick_victim,
 )
 from daemon.names import canonical_name
-from daemon.options import LoadOptions, context_limit, llama_params, n_gpu_layers, parse_options, resolve_load_options
+from daemon.options import (
+    LoadOptions,
+    context_limit,
+    llama_params,
+    n_gpu_layers,
+    needs_new_runner,
+    parse_options,
+    resolve_load_options,
+)
 from daemon.runner.batching import fit_tokens, special_token_split, take_batch
 from daemon.vectors import finish_embeddings, normalize_rows
 
@@ -402,3 +411,25 @@ def test_non_finite_vectors_are_refused(bad: float) -> None:
 def test_dimensions_cut_and_renormalise() -> None:
     out = finish_embeddings(np.array([[3.0, 4.0, 12.0]], np.float32), 2)
     np.testing.assert_allclose(out, [[0.6, 0.8]], rtol=1e-6)
+
+
+_LOADED = LoadOptions(num_ctx=0, batch_tokens=512, num_thread=0, num_gpu=-1, main_gpu=0, use_mmap=True)
+
+
+@pytest.mark.parametrize(
+    ("changes", "wanted_limit", "expected"),
+    [
+        ({}, 512, False),
+        ({"num_ctx": 256}, 256, False),  # shorter: cut per request
+        ({"num_ctx": 512}, 512, False),  # the same effective context
+        ({"num_ctx": 1024}, 1024, True),  # longer than the runner's
+        ({"num_thread": 1}, 512, False),  # live: llama_set_n_threads
+        ({"batch_tokens": 2048}, 512, False),  # live: the runner's own budget
+        ({"num_gpu": 0}, 512, True),
+        ({"main_gpu": 1}, 512, True),
+        ({"use_mmap": False}, 512, True),
+    ],
+)
+def test_needs_new_runner(changes: dict[str, Any], wanted_limit: int, expected: bool) -> None:
+    wanted = dataclasses.replace(_LOADED, **changes)
+    assert needs_new_runner(_LOADED, 512, wanted, wanted_limit) is expected

@@ -71,16 +71,66 @@ async def test_a_load_failure_is_a_clean_error(make_client: MakeClient, tiny_ggu
     assert scheduler_of(client).loaded() == []
 
 
-async def test_new_load_options_reload_the_runner_and_same_ones_reuse_it(tiny_client: Client) -> None:
+async def test_options_reload_only_for_a_longer_context_or_another_placement(tiny_client: Client) -> None:
+    long_text = " ".join(["word"] * 100)  # more than the tiny model's 64-token context
     await embed(tiny_client, {"model": "tiny", "input": "hello"})
-    first = scheduler_of(tiny_client).loaded()[0].runner
-    await embed(tiny_client, {"model": "tiny", "input": "hello", "options": {"num_thread": 1}})
     [loaded] = scheduler_of(tiny_client).loaded()
-    assert loaded.runner.pid != first.pid
-    assert loaded.params.n_threads == 1
-    await embed(tiny_client, {"model": "tiny", "input": "hello", "options": {"num_thread": 1}})
-    assert scheduler_of(tiny_client).loaded()[0].runner.pid == loaded.runner.pid
-    await asyncio.wait_for(first.exited.wait(), timeout=10)
+    first_pid = loaded.runner.pid
+    # Same effective context (num_ctx above the trained 64 is 64), threads and budget: one runner.
+    for options in ({"num_ctx": 64}, {"num_ctx": 4096}, {"num_thread": 1}, {"num_batch": 128}, {}):
+        status, _ = await embed(tiny_client, {"model": "tiny", "input": "hello", "options": options})
+        assert status == 200
+        assert scheduler_of(tiny_client).loaded()[0].runner.pid == first_pid, options
+    # A shorter context is cut per request, on the same runner.
+    response = await tiny_client.post(
+        "/api/embed", json={"model": "tiny", "input": long_text, "options": {"num_ctx": 16}}
+    )
+    assert (await response.json())["prompt_eval_count"] == 16
+    assert response.headers["X-Emberd-Truncated-Inputs"] == "1"
+    response = await tiny_client.post("/api/embed", json={"model": "tiny", "input": long_text})
+    assert (await response.json())["prompt_eval_count"] == 64
+    assert scheduler_of(tiny_client).loaded()[0].runner.pid == first_pid
+    # Another placement needs new weights: a reload, after the requests in flight.
+    await embed(tiny_client, {"model": "tiny", "input": "hello", "options": {"use_mmap": False}})
+    [reloaded] = scheduler_of(tiny_client).loaded()
+    assert reloaded.runner.pid != first_pid
+    await asyncio.wait_for(loaded.runner.exited.wait(), timeout=10)
+
+
+async def test_a_runner_loaded_with_a_short_context_reloads_for_a_longer_one(tiny_client: Client) -> None:
+    await embed(tiny_client, {"model": "tiny", "input": "hello", "options": {"num_ctx": 16}})
+    [short] = scheduler_of(tiny_client).loaded()
+    assert short.params.limit_tokens == 16
+    await embed(tiny_client, {"model": "tiny", "input": "hello"})
+    [full] = scheduler_of(tiny_client).loaded()
+    assert full.runner.pid != short.runner.pid and full.params.limit_tokens == 64
+
+
+async def test_num_thread_and_num_batch_apply_to_the_live_runner(tiny_client: Client) -> None:
+    await embed(tiny_client, {"model": "tiny", "input": "hello"})
+    [loaded] = scheduler_of(tiny_client).loaded()
+    await embed(tiny_client, {"model": "tiny", "input": "hello", "options": {"num_thread": 1, "num_batch": 8}})
+    assert (loaded.threads, loaded.load.num_thread, loaded.load.batch_tokens) == (1, 1, 8)
+    four = ["a b c", "d e f", "g h i", "j k l"]  # 5 tokens each, special tokens included
+
+    async def decodes_for(options: dict[str, int]) -> float:
+        before = await decode_count(tiny_client)
+        status, body = await embed(tiny_client, {"model": "tiny", "input": four, "options": options})
+        assert status == 200 and len(body["embeddings"]) == 4
+        return await decode_count(tiny_client) - before
+
+    assert await decodes_for({"num_batch": 8}) == 4  # a budget of 8 tokens: one input a decode
+    assert await decodes_for({}) == 1  # the default budget again: all four in one decode
+    assert loaded.load.num_thread == 0 and loaded.threads >= 1  # automatic threads again
+    assert scheduler_of(tiny_client).loaded()[0] is loaded
+
+
+async def decode_count(client: Client) -> float:
+    text = await (await client.get("/metrics")).text()
+    for line in text.splitlines():
+        if line.startswith('emberd_decode_sequences_count{model="tiny:latest"}'):
+            return float(line.split()[-1])
+    return 0.0
 
 
 @pytest.mark.parametrize("num_gpu", [-1, 0, 999])

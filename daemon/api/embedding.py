@@ -56,7 +56,7 @@ async def embed_inputs(
         stats.model = lease.loaded.name
         if not inputs:
             return Embedded(np.empty((0, 0), np.float32), 0, 0, lease.load_duration_ns)
-        result = await lease.loaded.runner.embed(inputs, truncate)
+        result = await lease.loaded.runner.embed(inputs, truncate, lease.limit_tokens)
     # Queue time is everything but the runner's decoding: admission, loading, the runner's queue.
     queue_s = max(0.0, time.perf_counter() - started_s - result.inference_s)
     stats.tokens, stats.queue_ms, stats.inference_ms = result.token_count, queue_s * 1e3, result.inference_s * 1e3

@@ -136,8 +136,11 @@ class RunnerProcess:
     def on_exit(self, callback: Callable[[RunnerProcess], None]) -> None:
         self._exit_callbacks.append(callback)
 
-    async def embed(self, texts: list[str] | list[str | list[int]], truncate: bool) -> EmbedResult:
-        """Embed texts, or token-id lists of the model's own vocabulary."""
+    async def embed(
+        self, texts: list[str] | list[str | list[int]], truncate: bool, limit_tokens: int | None = None
+    ) -> EmbedResult:
+        """Embed texts, or token-id lists of the model's own vocabulary, cut at `limit_tokens` (at
+        most the runner's own limit)."""
         if not self.alive or self._stopping:
             raise ShuttingDown(f"runner for {self.label} is stopping")
         request_id = next(self._ids)
@@ -146,7 +149,15 @@ class RunnerProcess:
         assert self._process.stdin is not None
         try:
             self._process.stdin.write(
-                encode_frame({"type": "embed", "id": request_id, "texts": texts, "truncate": truncate})
+                encode_frame(
+                    {
+                        "type": "embed",
+                        "id": request_id,
+                        "texts": texts,
+                        "truncate": truncate,
+                        "limit_tokens": limit_tokens,
+                    }
+                )
             )
             await self._process.stdin.drain()
             return await future
@@ -160,6 +171,11 @@ class RunnerProcess:
         """Change the runner's llama.cpp threads from its next decode on (no answer is awaited)."""
         if self.alive and not self._stopping and self._process.stdin is not None:
             self._process.stdin.write(encode_frame({"type": "set_threads", "threads": threads}))
+
+    def set_batch_tokens(self, tokens: int) -> None:
+        """Change the runner's decode budget from its next decode on (capped at its capacity)."""
+        if self.alive and not self._stopping and self._process.stdin is not None:
+            self._process.stdin.write(encode_frame({"type": "set_batch_tokens", "tokens": tokens}))
 
     async def _read_frames(self) -> None:
         stdout = self._process.stdout

@@ -66,6 +66,7 @@ class EmbeddingEngine:
             trained_context=self._model.n_ctx_train(),
             limit_tokens=params.limit_tokens,
             batch_tokens=params.batch_tokens,
+            capacity_tokens=params.n_ubatch,
             max_sequences=max_sequences,
             pooling_type=llama_cpp.llama_pooling_type(self._context.ctx),
             gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
@@ -84,9 +85,9 @@ class EmbeddingEngine:
         # special=False: text that spells "[SEP]" is text, not a control token.
         return list(self._model.tokenize(text, add_special, False))
 
-    def tokenize(self, item: str | list[int], truncate: bool) -> TokenizedInput:
+    def tokenize(self, item: str | list[int], truncate: bool, limit_tokens: int | None = None) -> TokenizedInput:
         """A text, or token ids of this model's vocabulary (wrapped in the special tokens, as a
-        text would be), cut to the context."""
+        text would be), cut to the context (or to a request's shorter `limit_tokens`)."""
         if isinstance(item, str):
             tokens = self._tokenize(item.encode("utf-8"), add_special=True)
         else:
@@ -95,7 +96,11 @@ class EmbeddingEngine:
                     raise InvalidInput(f"token id {token} is outside the model's vocabulary (0..{self._n_vocab - 1})")
             tokens = [*self._head_tokens, *item, *self._tail_tokens]
         fitted, truncated = fit_tokens(
-            tokens, self._head_specials, self._tail_specials, self.facts.limit_tokens, truncate
+            tokens,
+            self._head_specials,
+            self._tail_specials,
+            min(limit_tokens or self.facts.limit_tokens, self.facts.limit_tokens),
+            truncate,
         )
         return TokenizedInput(fitted, truncated)
 

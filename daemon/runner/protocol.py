@@ -12,8 +12,10 @@ Child -> parent headers:
                                                       those run since the previous result
     {"type": "error", "id": N, "kind": "context_exceeded" | "invalid_input" | "failed", "message": "..."}
 Parent -> child headers:
-    {"type": "embed", "id": N, "texts": [text or [token ids], ...], "truncate": bool}
+    {"type": "embed", "id": N, "texts": [text or [token ids], ...], "truncate": bool, "limit_tokens": L}
+                                                      L: this request's context, at most the runner's
     {"type": "set_threads", "threads": N}             no answer; applies from the next decode
+    {"type": "set_batch_tokens", "tokens": N}         no answer; the decode budget, capped at capacity
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class RunnerFacts:
     n_embd: int
     trained_context: int
     limit_tokens: int  # longest single input, special tokens included
-    batch_tokens: int  # token budget of one decode
+    batch_tokens: int  # token budget of one decode, at load
+    capacity_tokens: int  # the most one decode can hold (n_ubatch): the budget's ceiling
     max_sequences: int  # sequences one decode may hold
     pooling_type: int
     gpu_offload: bool  # this llama.cpp build can offload layers (CUDA, Metal, ...)

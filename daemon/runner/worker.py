@@ -76,12 +76,14 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
     ended = False
     facts = engine.facts
     decodes: list[tuple[int, int]] = []  # (tokens, sequences) per decode, sent with the next result
+    budget_tokens = facts.batch_tokens  # a request's num_batch changes it (set_batch_tokens)
 
     def accept(message: dict[str, Any]) -> None:
         request_id = message["id"]
         texts: list[str | list[int]] = message["texts"]
         try:
-            tokenized = [engine.tokenize(text, message["truncate"]) for text in texts]
+            limit = message.get("limit_tokens")
+            tokenized = [engine.tokenize(text, message["truncate"], limit) for text in texts]
         except ContextExceeded as error:
             writer.send({"type": "error", "id": request_id, "kind": "context_exceeded", "message": error.message})
             return
@@ -122,13 +124,16 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
                 if message["type"] == "set_threads":
                     engine.set_threads(message["threads"])  # takes effect from the next decode
                     continue
+                if message["type"] == "set_batch_tokens":
+                    budget_tokens = max(1, min(message["tokens"], facts.capacity_tokens))
+                    continue
                 accept(message)
         except queue.Empty:
             pass
         if not waiting:
             continue
         head = itertools.islice(waiting, facts.max_sequences)
-        count = take_batch([len(s.tokens) for s in head], facts.batch_tokens, facts.max_sequences)
+        count = take_batch([len(s.tokens) for s in head], budget_tokens, facts.max_sequences)
         batch = [waiting.popleft() for _ in range(count)]
         batch = [s for s in batch if not s.request.failed]
         if not batch:
