@@ -231,10 +231,11 @@ class Scheduler:
                 entry.runner.set_threads(share)
                 entry.threads = share
 
-    def _spawn(self, coroutine: Awaitable[None]) -> None:
+    def _spawn(self, coroutine: Awaitable[None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # -- loading and unloading -------------------------------------------------------------------
 
@@ -278,9 +279,10 @@ class Scheduler:
             entry.timer = None
 
     async def _retire(self, entry: LoadedModel, reason: str) -> None:
-        """Unload a model once the requests holding it are answered."""
+        """Unload a model once the requests holding it are answered. The stop runs on its own
+        task: if the request waiting for it is cancelled (its client left), the runner still stops."""
         self._forget(entry)
-        await self._stop_when_idle(entry, reason)
+        await asyncio.shield(self._spawn(self._stop_when_idle(entry, reason)))
 
     async def _stop_when_idle(self, entry: LoadedModel, reason: str) -> None:
         started_s = self._clock()

@@ -82,7 +82,9 @@ async def serve(settings: Settings, wanted: Sequence[tuple[str, Path]] = (), sys
     """
     systemd = systemd or SystemdLink()
     app = build_app(settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=FINAL_RESERVE_MAX_S)
+    # handler_cancellation: a client that disconnects cancels its handler, and so its request in the
+    # runner (the sequences not decoded yet are dropped); every path is written to survive that.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=FINAL_RESERVE_MAX_S, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     await site.start()

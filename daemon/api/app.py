@@ -101,6 +101,10 @@ def status_for(error: EmberdError) -> int:
     return 500
 
 
+# nginx's code for "the client closed the connection before the answer", in logs and metrics.
+CLIENT_CLOSED_REQUEST = 499
+
+
 def route_of(request: web.Request) -> str:
     """The route's pattern ("/v1/models/{model}"), so metrics and logs have few distinct values."""
     resource = request.match_info.route.resource
@@ -121,6 +125,9 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
     except web.HTTPException as error:
         status = error.status
+        raise
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED_REQUEST  # the client disconnected before its answer
         raise
     finally:
         lifecycle.request_finished()

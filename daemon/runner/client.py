@@ -105,8 +105,9 @@ class RunnerProcess:
         except TimeoutError:
             await runner.kill()
             raise ModelLoadFailed(f"loading {label} took longer than {load_timeout_s:g}s") from None
-        except ModelLoadFailed:
-            await runner.kill()
+        except (ModelLoadFailed, asyncio.CancelledError):
+            # A load abandoned by its request (the client left) must not leave a process behind.
+            await asyncio.shield(runner.kill())
             raise
         return runner
 
@@ -164,8 +165,15 @@ class RunnerProcess:
         except (BrokenPipeError, ConnectionResetError):
             await self.exited.wait()
             return await future
+        except asyncio.CancelledError:
+            self._send_cancel(request_id)  # the client left: drop what is not decoded yet
+            raise
         finally:
             self._pending.pop(request_id, None)
+
+    def _send_cancel(self, request_id: int) -> None:
+        if self.alive and self._process.stdin is not None and not self._process.stdin.is_closing():
+            self._process.stdin.write(encode_frame({"type": "cancel", "id": request_id}))
 
     def set_threads(self, threads: int) -> None:
         """Change the runner's llama.cpp threads from its next decode on (no answer is awaited)."""

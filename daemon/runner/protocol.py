@@ -16,6 +16,7 @@ Parent -> child headers:
                                                       L: this request's context, at most the runner's
     {"type": "set_threads", "threads": N}             no answer; applies from the next decode
     {"type": "set_batch_tokens", "tokens": N}         no answer; the decode budget, capped at capacity
+    {"type": "cancel", "id": N}                        no answer; drop request N's sequences not decoded yet
 """
 
 from __future__ import annotations

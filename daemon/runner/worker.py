@@ -73,6 +73,7 @@ def _read_requests(stream: BinaryIO, inbox: queue.Queue[dict[str, Any] | None]) 
 def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Writer) -> None:
     """Answer every request in `inbox` until its end marker, batching across requests."""
     waiting: deque[_Sequence] = deque()
+    requests: dict[int, _Request] = {}  # answered ones leave
     ended = False
     facts = engine.facts
     decodes: list[tuple[int, int]] = []  # (tokens, sequences) per decode, sent with the next result
@@ -91,6 +92,7 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
             writer.send({"type": "error", "id": request_id, "kind": "invalid_input", "message": error.message})
             return
         request = _Request(request_id, np.empty((len(texts), facts.n_embd), dtype=np.float32), len(texts))
+        requests[request_id] = request
         for row, item in enumerate(tokenized):
             request.token_count += len(item.tokens)
             request.truncated += item.truncated
@@ -98,7 +100,16 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
         if not texts:
             finish(request)
 
+    def cancel(request_id: int) -> None:
+        """The client left: its sequences not decoded yet leave the queue, and no answer is sent."""
+        nonlocal waiting
+        request = requests.pop(request_id, None)
+        if request is not None:
+            request.failed = True
+            waiting = deque(sequence for sequence in waiting if sequence.request is not request)
+
     def finish(request: _Request) -> None:
+        requests.pop(request.request_id, None)
         started_s = request.first_decode_s
         header = {
             "type": "result",
@@ -124,6 +135,9 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
                 if message["type"] == "set_threads":
                     engine.set_threads(message["threads"])  # takes effect from the next decode
                     continue
+                if message["type"] == "cancel":
+                    cancel(message["id"])
+                    continue
                 if message["type"] == "set_batch_tokens":
                     budget_tokens = max(1, min(message["tokens"], facts.capacity_tokens))
                     continue
@@ -148,6 +162,7 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
         except Exception as error:  # a llama.cpp failure fails the requests it touched, not the runner
             for request in {id(s.request): s.request for s in batch}.values():
                 request.failed = True
+                requests.pop(request.request_id, None)
                 writer.send({"type": "error", "id": request.request_id, "kind": "failed", "message": str(error)})
             continue
         for sequence, vector in zip(batch, vectors, strict=True):
