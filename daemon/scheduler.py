@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -97,6 +98,7 @@ class Scheduler:
         self._wall_clock = wall_clock
         self._loaded: dict[str, LoadedModel] = {}
         self._load_lock = asyncio.Lock()
+        self._model_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._admitted = 0
         self._drained = asyncio.Event()
         self._drained.set()
@@ -146,7 +148,9 @@ class Scheduler:
             # Fast path, no lock: a load of another model must not hold up a loaded one.
             self._acquire(entry, keep_alive_s, load)
         else:
-            async with self._load_lock:
+            # This model's lock first (a second cold request waits here, then shares the load), then
+            # the load lock: one load at a time, and stop/delete of other models never wait for it.
+            async with self._model_locks[model.name], self._load_lock:
                 entry = self._loaded.get(model.name)
                 if entry is not None and not self._serves(entry, model, load, limit_tokens):
                     await self._retire(entry, "reloaded")
@@ -367,7 +371,7 @@ class Scheduler:
 
     async def unload_canonical(self, canonical: str, reason: str = "requested") -> bool:
         """Unload by canonical name, whether or not the store still has it (used by delete)."""
-        async with self._load_lock:
+        async with self._model_locks[canonical]:  # not the load lock: another model's load goes on
             entry = self._loaded.get(canonical)
             if entry is None:
                 return False

@@ -283,3 +283,41 @@ async def test_a_slow_load_does_not_hold_up_requests_for_a_loaded_model(tmp_path
         await slow
     finally:
         await scheduler.close(5.0)
+
+
+async def test_a_slow_load_holds_up_neither_loaded_models_nor_their_unload(tmp_path: Path, tiny_gguf: Path) -> None:
+    store = ModelStore(tmp_path)
+    store.open()
+    store.create("loaded", tiny_gguf)
+    store.create("slow", tiny_gguf)
+    release = asyncio.Event()
+    starts: list[str] = []
+
+    async def start(model: Any, params: Any) -> RunnerProcess:
+        starts.append(model.name)
+        if model.name == "slow:latest":
+            await release.wait()  # a load that takes as long as the test wants
+        return await _start_runner(model, params)
+
+    scheduler = Scheduler(Settings(home=tmp_path), store, start, FixedMemory(1 << 40))  # type: ignore[arg-type]
+    try:
+        async with scheduler.lease("loaded", {}, None):
+            pass
+
+        async def use_slow() -> None:
+            async with scheduler.lease("slow", {}, None):
+                pass
+
+        cold = [asyncio.ensure_future(use_slow()) for _ in range(3)]
+        await wait_until(lambda: starts.count("slow:latest") == 1)
+        async with asyncio.timeout(10):  # neither waits for the slow load
+            async with scheduler.lease("loaded", {}, None):
+                pass
+            assert await scheduler.unload("loaded") is True
+        assert not cold[0].done()
+        release.set()
+        await asyncio.gather(*cold)
+        assert starts.count("slow:latest") == 1  # three cold requests, one load
+    finally:
+        release.set()
+        await scheduler.close(5.0)
