@@ -6,14 +6,19 @@ Run as root on a cgroup v1 machine. For each model, the benchmark moves itself i
 memory cgroup (made under its own), starts a real runner (RunnerProcess.start with llama_params, as
 the scheduler does), and moves itself straight back: the runner is forked inside the cgroup, so every
 page it first touches (heap, compute buffers, the mmapped GGUF) is charged there. Before each start the
-model file and llama.cpp's shared libraries are dropped from the page cache (fadvise DONTNEED), so
-the runner is charged for faulting them in, as the first runner of a fresh service would be.
+model file is dropped from the page cache (fadvise DONTNEED), so the runner is charged for faulting
+it in; llama.cpp's shared libraries are read into the cache from outside the cgroup, so no runner is
+charged for them (their resident size is reported from the runner's smaps: a service pays it once).
 
 Samples: (a) right after load, (b) after a 20-token input, (c) after the longest input (the context
 minus a few tokens), with the cgroup's peak over that decode. "held" = rss + mapped_file of the
 cgroup's memory.stat: anonymous memory plus the file pages the runner keeps mapped (its weights);
 unmapped page cache is reclaimable and left out. llama.cpp's own buffer sizes come from a separate
 load of the same model with the same parameters and its log turned on.
+
+The proposed estimate needs only GGUF header facts (file size, embedding_length, feed_forward_length,
+the vocabulary's token count) and the runner parameters (n_batch, n_ubatch); see memory_report.md.
+The longest input of the 32k model dominates the run: about 2.5 minutes with 2 threads.
 
 Models: the tiny test BERT (f32), all-MiniLM-L6-v2 (f16, q8_0), and two generated BERTs with 2
 layers, hidden 768, 12 heads, a 3072-wide feed-forward and contexts of 8,192 and 32,768 tokens (f32:
@@ -67,7 +72,7 @@ WORD = "hello"  # one token in the tiny vocabulary and in MiniLM's
 # -- the proposed estimate ----------------------------------------------------------------------------
 
 # A runner's anonymous memory before any model: Python, numpy, orjson, llama.cpp's heap. Measured with
-# the tiny model (26-27 MB); llama.cpp's shared libraries (about 6 MB resident) come on top once per
+# the tiny model (26-27 MB); llama.cpp's shared libraries (about 4 MB resident) come on top once per
 # service, for the first runner, unless something else on the machine has them cached.
 PROPOSED_BASE_BYTES = 28 * MIB
 VOCAB_BYTES_PER_TOKEN = 160  # llama.cpp's vocabulary tables (4.5 MiB for MiniLM's 30,522 tokens)
@@ -127,13 +132,20 @@ def proposed_resident_bytes(shape: ModelShape, params: LlamaParams) -> int:
     )
 
 
-def proposed_peak_bytes(shape: ModelShape, params: LlamaParams) -> int:
-    """Held once a decode of n_ubatch tokens (the most the encoder accepts) has run: the compute
-    buffer is then touched throughout and the output buffer has grown to n_ubatch rows. Both stay so
-    until the runner exits."""
+def proposed_held_after_bytes(shape: ModelShape, params: LlamaParams, largest_decode_tokens: int) -> int:
+    """Held once the runner has run a decode of `largest_decode_tokens` tokens (all sequences of the
+    decode together): the compute buffer is touched as far as that decode's graph reached and the
+    output buffer has grown to that many rows. Neither is given back until the runner exits."""
     n_seq_max = min(params.n_batch, LLAMA_MAX_SEQUENCES)
-    growth = output_buffer_bytes(shape, max(n_seq_max, params.n_ubatch)) - output_buffer_bytes(shape, n_seq_max)
-    return proposed_resident_bytes(shape, params) + growth + compute_buffer_bytes(shape, params.n_ubatch, n_seq_max)
+    rows = max(n_seq_max, largest_decode_tokens)
+    growth = output_buffer_bytes(shape, rows) - output_buffer_bytes(shape, n_seq_max)
+    compute = compute_buffer_bytes(shape, largest_decode_tokens, n_seq_max)
+    return proposed_resident_bytes(shape, params) + growth + compute
+
+
+def proposed_peak_bytes(shape: ModelShape, params: LlamaParams) -> int:
+    """The worst case: a decode of n_ubatch tokens, the most the encoder accepts."""
+    return proposed_held_after_bytes(shape, params, params.n_ubatch)
 
 
 # -- models ---------------------------------------------------------------------------------------------
@@ -234,9 +246,9 @@ class Cgroup:
         if os.getpid() in self.pids():
             (self.parent / "cgroup.procs").write_text(str(os.getpid()))
         for pid in self.pids():
-            if pid in owned_pids:  # a runner this benchmark started and failed to stop
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(psutil.Error):
+                if pid in owned_pids or psutil.Process(pid).ppid() == os.getpid():  # a runner of ours
+                    psutil.Process(pid).kill()
         for _ in range(50):
             try:
                 self.path.rmdir()
@@ -389,6 +401,7 @@ async def measure(
         await asyncio.sleep(0.05)
     owned.update(cgroup.pids())
     runner = await start
+    stopped = False
     try:
         at_load = sample(cgroup, runner.pid, baseline)
         short = await runner.embed([" ".join([WORD] * (SHORT_TOKENS - 2))], truncate=False)
@@ -408,8 +421,11 @@ async def measure(
                 error = str(failure)
             longest_s = time.perf_counter() - started
             after_longest = sample(cgroup, runner.pid, baseline)
-    finally:
         await runner.stop(30.0)
+        stopped = True
+    finally:
+        if not stopped:  # interrupted or failed: no waiting for a decode of minutes to finish
+            await runner.kill()
     return Result(
         spec,
         model_shape(model_path, facts),
@@ -435,7 +451,7 @@ def print_tables(results: list[Result]) -> None:
     print("\nWhat a runner adds to its cgroup, MB (1e6 bytes): held = rss + mapped_file; (peak) = max usage.\n")
     print(
         "| model | file MB | n_ctx / n_ubatch | at load | after 20 tokens | after longest (peak) "
-        "| current estimate | proposed load / peak | proposed / measured, load / peak |"
+        "| current estimate | proposed load / peak | proposed / measured, 20 tokens / longest |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
