@@ -54,8 +54,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from daemon.config import Settings
 from daemon.convert import convert_hf_directory
 from daemon.errors import EmberdError, RunnerCrashed
-from daemon.gguf_info import GGUFFacts, read_gguf_facts
-from daemon.memory import estimate_runner_bytes
+from daemon.gguf_info import read_gguf_facts
+from daemon.memory import (
+    LLAMA_MAX_SEQUENCES,
+    ModelShape,
+    compute_buffer_bytes,
+    estimate_runner,
+    output_buffer_bytes,
+)
 from daemon.options import LlamaParams, llama_params, resolve_load_options
 from daemon.runner.client import RunnerProcess
 from tests.tiny_models import make_tiny_bert_dir
@@ -74,78 +80,11 @@ WORD = "hello"  # one token in the tiny vocabulary and in MiniLM's
 # A runner's anonymous memory before any model: Python, numpy, orjson, llama.cpp's heap. Measured with
 # the tiny model (26-27 MB); llama.cpp's shared libraries (about 4 MB resident) come on top once per
 # service, for the first runner, unless something else on the machine has them cached.
-PROPOSED_BASE_BYTES = 28 * MIB
-VOCAB_BYTES_PER_TOKEN = 160  # llama.cpp's vocabulary tables (4.5 MiB for MiniLM's 30,522 tokens)
-LLAMA_MAX_SEQUENCES = 256  # llama_max_parallel_sequences(): the engine's n_seq_max is min(n_batch, this)
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What the estimate needs, all from the GGUF header."""
-
-    file_bytes: int
-    n_embd: int
-    n_ff: int
-    n_vocab: int
-
-
-def model_shape(path: Path, facts: GGUFFacts) -> ModelShape:
-    from gguf import GGUFReader
-
-    tokens = GGUFReader(path).fields.get("tokenizer.ggml.tokens")
-    n_ff = facts.metadata.get(f"{facts.architecture}.feed_forward_length")
-    return ModelShape(
-        file_bytes=path.stat().st_size,
-        n_embd=facts.embedding_length,
-        n_ff=n_ff if isinstance(n_ff, int) and n_ff > 0 else 4 * facts.embedding_length,
-        n_vocab=len(tokens.data) if tokens is not None else 0,
-    )
-
-
-def compute_buffer_bytes(shape: ModelShape, n_tokens: int, n_seq_max: int) -> int:
-    """llama.cpp's CPU compute buffer for an encoder (flash attention, no KV cache) sized for n_tokens:
-    the f16 attention mask (n_tokens x n_tokens padded to 64), the mean-pooling matrix (n_tokens x
-    n_seq_max f32) and the activations of the widest stage (attention: about 6 x n_embd floats a token;
-    feed-forward: n_ff + 3 x n_embd)."""
-    padded = -(-n_tokens // 64) * 64
-    widest = max(6 * shape.n_embd, shape.n_ff + 3 * shape.n_embd)
-    return 2 * padded * n_tokens + 4 * n_tokens * n_seq_max + 4 * n_tokens * widest
-
-
-def output_buffer_bytes(shape: ModelShape, rows: int) -> int:
-    """llama.cpp's output buffer: logits (n_vocab floats, unused for embeddings but allocated and
-    touched) and embeddings (n_embd floats) for `rows` outputs. It starts at n_seq_max rows and grows
-    to the tokens of the largest decode (pooled embeddings output every token)."""
-    return 4 * (shape.n_vocab + shape.n_embd) * rows
-
-
-def proposed_resident_bytes(shape: ModelShape, params: LlamaParams) -> int:
-    """Held after load and while inputs are short: the interpreter, the mapped weights, the vocabulary
-    and the output buffer. The compute buffer is reserved but its pages are touched only as far as an
-    input's graph reaches."""
-    n_seq_max = min(params.n_batch, LLAMA_MAX_SEQUENCES)
-    return (
-        PROPOSED_BASE_BYTES
-        + shape.file_bytes
-        + VOCAB_BYTES_PER_TOKEN * shape.n_vocab
-        + output_buffer_bytes(shape, n_seq_max)
-    )
-
-
-def proposed_held_after_bytes(shape: ModelShape, params: LlamaParams, largest_decode_tokens: int) -> int:
-    """Held once the runner has run a decode of `largest_decode_tokens` tokens (all sequences of the
-    decode together): the compute buffer is touched as far as that decode's graph reached and the
-    output buffer has grown to that many rows. Neither is given back until the runner exits."""
-    n_seq_max = min(params.n_batch, LLAMA_MAX_SEQUENCES)
-    rows = max(n_seq_max, largest_decode_tokens)
-    growth = output_buffer_bytes(shape, rows) - output_buffer_bytes(shape, n_seq_max)
-    compute = compute_buffer_bytes(shape, largest_decode_tokens, n_seq_max)
-    return proposed_resident_bytes(shape, params) + growth + compute
-
-
-def proposed_peak_bytes(shape: ModelShape, params: LlamaParams) -> int:
-    """The worst case: a decode of n_ubatch tokens, the most the encoder accepts."""
-    return proposed_held_after_bytes(shape, params, params.n_ubatch)
+def landed_estimate_bytes(file_bytes: int, n_ctx: int, n_embd: int, n_ubatch: int) -> int:
+    """The estimate emberd used before daemon.memory.estimate_runner, kept for the comparison."""
+    return file_bytes + 4 * n_ubatch * n_ctx * 4 + 16 * n_ubatch * max(n_embd, 1) * 4 + 80 * MIB
 
 
 # -- models ---------------------------------------------------------------------------------------------
@@ -428,7 +367,7 @@ async def measure(
             await runner.kill()
     return Result(
         spec,
-        model_shape(model_path, facts),
+        ModelShape.of(facts, model_path.stat().st_size),
         params,
         sizes,
         at_load,
@@ -455,9 +394,9 @@ def print_tables(results: list[Result]) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        current = estimate_runner_bytes(r.shape.file_bytes, r.params.n_ctx, r.shape.n_embd, r.params.n_ubatch)
-        resident = proposed_resident_bytes(r.shape, r.params)
-        peak = proposed_peak_bytes(r.shape, r.params)
+        current = landed_estimate_bytes(r.shape.file_bytes, r.params.n_ctx, r.shape.n_embd, r.params.n_ubatch)
+        estimate = estimate_runner(r.shape, r.params.n_batch, r.params.n_ubatch)
+        resident, peak = estimate.at_load_bytes, estimate.worst_bytes
         longest, peak_ratio = "skipped", "-"
         if r.longest is not None and r.longest_error:
             longest = "crashed" if r.longest_error.startswith("crashed") else "failed"

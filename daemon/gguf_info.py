@@ -53,6 +53,10 @@ class GGUFFacts:
     tensor_count: int
     # Scalar and string metadata (arrays are None: skipped, not read), for /api/show.
     metadata: dict[str, Any]
+    # For the memory estimate. Defaults keep manifests written before they existed readable (0: not
+    # known there; the scheduler reads the header again at load).
+    vocab_size: int = 0
+    feed_forward_length: int = 0
 
     @property
     def is_embedding_model(self) -> bool:
@@ -90,6 +94,11 @@ class _Cursor:
         self.handle.seek(size, 1)
 
 
+@dataclass(frozen=True)
+class _SkippedArray:
+    count: int
+
+
 def _read_value(cursor: _Cursor, value_type: int) -> Any:
     try:
         kind = GGUFValueType(value_type)
@@ -107,7 +116,7 @@ def _read_value(cursor: _Cursor, value_type: int) -> Any:
             cursor.skip(count * struct.calcsize(_SCALAR_FORMATS[GGUFValueType(item_type)]))
         else:
             raise InvalidModelFile(f"{cursor.path.name}: unsupported GGUF array item type {item_type}")
-        return None  # arrays (vocabularies, merges) are skipped, as Ollama's /api/show leaves them out
+        return _SkippedArray(count)  # vocabularies, merges: only their length is kept
     return cursor.unpack(_SCALAR_FORMATS[kind])
 
 
@@ -143,9 +152,14 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
             if kv_count > _MAX_KV_COUNT or tensor_count > _MAX_TENSOR_COUNT:
                 raise InvalidModelFile(f"{path.name}: implausible GGUF header counts")
             metadata: dict[str, Any] = {}
+            array_lengths: dict[str, int] = {}
             for _ in range(kv_count):
                 key = cursor.string()
-                metadata[key] = _read_value(cursor, cursor.unpack("<I"))
+                value = _read_value(cursor, cursor.unpack("<I"))
+                if isinstance(value, _SkippedArray):
+                    # Arrays are left out of the metadata, as Ollama's /api/show leaves them out.
+                    array_lengths[key], value = value.count, None
+                metadata[key] = value
             parameter_count = 0
             tensor_types: list[int] = []
             for _ in range(tensor_count):
@@ -183,6 +197,8 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
         parameter_count=parameter_count,
         tensor_count=tensor_count,
         metadata=metadata,
+        vocab_size=array_lengths.get("tokenizer.ggml.tokens", 0),
+        feed_forward_length=arch_int("feed_forward_length"),
     )
 
 

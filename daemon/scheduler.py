@@ -17,14 +17,16 @@ from typing import Any
 
 from daemon.config import Settings
 from daemon.errors import InsufficientMemory, MemoryBusy, Overloaded, ShuttingDown
+from daemon.gguf_info import read_gguf_facts
 from daemon.memory import (
     MIB,
     EvictionCandidate,
     MemoryProbe,
     MemorySnapshot,
+    ModelShape,
     budget_bytes,
     could_ever_fit,
-    estimate_runner_bytes,
+    estimate_runner,
     fits,
     pick_victim,
 )
@@ -245,7 +247,11 @@ class Scheduler:
 
     async def _load(self, model: StoredModel, load: LoadOptions, keep_alive_s: float | None) -> LoadedModel:
         params = llama_params(load, model.facts.context_length, model.facts.block_count)
-        estimated = estimate_runner_bytes(model.size_bytes, params.n_ctx, model.facts.embedding_length, params.n_ubatch)
+        facts = model.facts
+        if facts.vocab_size == 0:  # a manifest written before the estimate needed the vocabulary's size
+            facts = await asyncio.to_thread(read_gguf_facts, model.blob_path)
+        # Counted at its worst (its longest input) until runners report what they hold.
+        estimated = estimate_runner(ModelShape.of(facts, model.size_bytes), params.n_batch, params.n_ubatch).worst_bytes
         await self._make_room(model.name, estimated)
         log.info(
             "loading %s (%s, ctx %d, %d threads)", model.name, model.facts.file_type, params.n_ctx, params.n_threads

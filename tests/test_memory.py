@@ -15,7 +15,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from daemon.convert import convert_hf_directory
-from daemon.memory import estimate_runner_bytes
+from daemon.gguf_info import read_gguf_facts
+from daemon.memory import ModelShape, estimate_runner
 from daemon.store import ModelStore
 from tests.conftest import MINILM_DIR, MakeClient, scheduler_of
 from tests.live import post_json, read_metrics, running_daemon, wait_for
@@ -51,7 +52,8 @@ async def test_a_model_bigger_than_max_memory_is_refused_with_the_numbers_and_ev
     client = await make_client({"tiny": tiny_gguf, "big": big})
     assert (await client.post("/api/embed", json={"model": "tiny"})).status == 200
     tiny_bytes = scheduler_of(client).loaded()[0].estimated_bytes
-    big_bytes = estimate_runner_bytes(big.stat().st_size, 512, 256, 512)
+    big_facts = read_gguf_facts(big)
+    big_bytes = estimate_runner(ModelShape.of(big_facts, big.stat().st_size), 512, 512).worst_bytes
     assert big_bytes > tiny_bytes + 2 * MIB
     client = await make_client({"tiny": tiny_gguf, "big": big}, max_memory_bytes=tiny_bytes + MIB)
     assert (await client.post("/api/embed", json={"model": "tiny"})).status == 200
@@ -140,3 +142,40 @@ def test_in_a_cgroup_too_small_for_the_model_the_answer_is_507_with_the_numbers(
         assert "the service's cgroup limit is 0.10 GiB" in message and "loaded: nothing" in message
         assert daemon.runner_pids() == []
     assert oom_kills(v1_cgroup) == 0
+
+
+def held_by_cgroup(directory: Path) -> int:
+    """rss + mapped_file: anonymous memory plus the file pages kept mapped (the weights)."""
+    stat = dict(line.split() for line in (directory / "memory.stat").read_text().splitlines())
+    return int(stat["rss"]) + int(stat["mapped_file"])
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """So the runner, not this test, is charged for reading the weights."""
+    with path.open("rb") as handle:
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+@pytest.mark.parametrize("model", ["tiny", "f16", "q8"])
+def test_the_estimate_is_within_25_percent_of_what_a_runner_adds_at_its_longest_input(
+    tmp_path: Path, v1_cgroup: Path, model: str, tiny_gguf: Path, minilm_gguf: Path, minilm_q8_gguf: Path
+) -> None:
+    source = {"tiny": tiny_gguf, "f16": minilm_gguf, "q8": minilm_q8_gguf}[model]
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    store.open()
+    stored = store.create(model, source)
+    drop_from_page_cache(stored.blob_path)
+    with running_daemon(home, {}, {}, prefix=in_cgroup(v1_cgroup)) as daemon:
+        daemon_alone = held_by_cgroup(v1_cgroup)
+        facts = stored.facts
+        limit = facts.context_length
+        # The longest decode the runner can be given: inputs at the context limit, filling the
+        # 512-token budget (one input for all-MiniLM, eight for the tiny model's 64 tokens).
+        inputs = [" ".join(["word"] * (limit - 2))] * max(1, 512 // limit)
+        status, body = post_json(daemon.url + "/api/embed", {"model": model, "input": inputs})
+        assert status == 200 and body["prompt_eval_count"] == limit * len(inputs)
+        added = held_by_cgroup(v1_cgroup) - daemon_alone
+        estimate = estimate_runner(ModelShape.of(facts, stored.size_bytes), 512, 512).worst_bytes
+    print(f"{model}: estimated {estimate / 1e6:.0f} MB, measured {added / 1e6:.0f} MB ({estimate / added:.2f}x)")
+    assert 0.75 <= estimate / added <= 1.25

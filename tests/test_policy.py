@@ -16,11 +16,13 @@ from daemon.memory import (
     EvictionCandidate,
     MemoryProbe,
     MemorySnapshot,
+    ModelShape,
     budget_bytes,
     could_ever_fit,
-    estimate_runner_bytes,
+    estimate_runner,
     find_own_cgroup,
     fits,
+    held_after_bytes,
     pick_victim,
 )
 from daemon.names import canonical_name
@@ -296,10 +298,17 @@ def test_could_ever_fit(required: int, budget: int, sizes: list[int], max_memory
     assert could_ever_fit(required, budget, candidates, max_memory) is expected
 
 
-def test_estimate_grows_with_the_model_and_the_ubatch() -> None:
-    base = estimate_runner_bytes(100 << 20, 512, 384, 512)
-    assert estimate_runner_bytes(200 << 20, 512, 384, 512) - base == 100 << 20
-    assert estimate_runner_bytes(100 << 20, 512, 384, 2048) > base
+def test_the_estimate_grows_with_the_file_the_vocabulary_and_the_decode() -> None:
+    shape = ModelShape(file_bytes=50 << 20, n_embd=384, n_ff=1536, n_vocab=30522)
+    base = held_after_bytes(shape, 512, 0)
+    assert held_after_bytes(dataclasses.replace(shape, file_bytes=100 << 20), 512, 0) - base == 50 << 20
+    assert held_after_bytes(shape, 512, 512) > held_after_bytes(shape, 512, 128) > base
+    estimate = estimate_runner(shape, 512, 512)
+    assert (estimate.at_load_bytes, estimate.worst_bytes) == (base, held_after_bytes(shape, 512, 512))
+    # Attention's mask grows with the square of the decode: a 32k context is no 32x an 8k one, but
+    # far from the 17 GB a per-token-squared f32 estimate once gave (it measured 3.06 GB).
+    long = ModelShape(file_bytes=158 << 20, n_embd=768, n_ff=3072, n_vocab=98)
+    assert 2.5e9 < estimate_runner(long, 32768, 32768).worst_bytes < 3.5e9
 
 
 @pytest.mark.parametrize(
