@@ -14,6 +14,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
+from daemon.api.common import STORE
 from daemon.convert import convert_hf_directory
 from daemon.errors import InsufficientDisk, InvalidModelFile, NotEmbeddingModel, UnknownModel
 from daemon.gguf_info import format_parameter_size, read_gguf_facts
@@ -213,3 +214,17 @@ def test_a_full_disk_while_creating_is_a_clear_error_and_leaves_nothing(
         store.create("full", tiny_gguf)
     assert store_files(store) == []
     assert list(store.tmp_dir.iterdir()) == []
+
+
+async def test_a_manifest_from_before_the_memory_facts_still_loads(make_client: MakeClient, tiny_gguf: Path) -> None:
+    client = await make_client({"tiny": tiny_gguf})
+    store = client.server.app[STORE]
+    [path] = list(store.manifests_dir.rglob("*.json"))
+    manifest = json.loads(path.read_text())
+    for key in ("vocab_size", "feed_forward_length"):  # what the previous version wrote lacked them
+        del manifest["facts"][key]
+    path.write_text(json.dumps(manifest))
+    assert store.get("tiny").facts.vocab_size == 0
+    status, body = await embed(client, {"model": "tiny", "input": "hello"})
+    assert status == 200 and len(body["embeddings"]) == 1
+    assert (await client.get("/api/tags")).status == 200
