@@ -20,6 +20,7 @@ from daemon.memory import ModelShape, estimate_runner
 from daemon.store import ModelStore
 from tests.conftest import MINILM_DIR, MakeClient, scheduler_of
 from tests.live import post_json, read_metrics, running_daemon, wait_for
+from tests.tiny_models import make_tiny_bert_dir
 
 Client = TestClient[Any, Any]
 MIB = 1 << 20
@@ -156,11 +157,30 @@ def drop_from_page_cache(path: Path) -> None:
         os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-@pytest.mark.parametrize("model", ["tiny", "f16", "q8"])
+@pytest.fixture(scope="module")
+def long_context_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """BERTs of 8k and 32k context, made like the tiny model (narrow, so a full-length input takes
+    seconds: the compute buffer's attention mask still grows with the square of the context)."""
+    directory = tmp_path_factory.mktemp("long")
+    paths = {}
+    for name, context, hidden, layers in (("bert-8k", 8192, 256, 2), ("bert-32k", 32768, 64, 1)):
+        source = make_tiny_bert_dir(directory / name, hidden=hidden, layers=layers, heads=2, context=context)
+        paths[name] = directory / f"{name}.gguf"
+        convert_hf_directory(source, paths[name], "f32", name)
+    return paths
+
+
+@pytest.mark.parametrize("model", ["tiny", "f16", "q8", "bert-8k", "bert-32k"])
 def test_the_estimate_is_within_25_percent_of_what_a_runner_adds_at_its_longest_input(
-    tmp_path: Path, v1_cgroup: Path, model: str, tiny_gguf: Path, minilm_gguf: Path, minilm_q8_gguf: Path
+    tmp_path: Path,
+    v1_cgroup: Path,
+    model: str,
+    tiny_gguf: Path,
+    minilm_gguf: Path,
+    minilm_q8_gguf: Path,
+    long_context_ggufs: dict[str, Path],
 ) -> None:
-    source = {"tiny": tiny_gguf, "f16": minilm_gguf, "q8": minilm_q8_gguf}[model]
+    source = {"tiny": tiny_gguf, "f16": minilm_gguf, "q8": minilm_q8_gguf, **long_context_ggufs}[model]
     home = tmp_path / "home"
     store = ModelStore(home)
     store.open()
@@ -176,6 +196,7 @@ def test_the_estimate_is_within_25_percent_of_what_a_runner_adds_at_its_longest_
         status, body = post_json(daemon.url + "/api/embed", {"model": model, "input": inputs})
         assert status == 200 and body["prompt_eval_count"] == limit * len(inputs)
         added = held_by_cgroup(v1_cgroup) - daemon_alone
-        estimate = estimate_runner(ModelShape.of(facts, stored.size_bytes), 512, 512).worst_bytes
+        capacity = max(limit, 512)  # the runner's n_batch and n_ubatch (see options.llama_params)
+        estimate = estimate_runner(ModelShape.of(facts, stored.size_bytes), capacity, capacity).worst_bytes
     print(f"{model}: estimated {estimate / 1e6:.0f} MB, measured {added / 1e6:.0f} MB ({estimate / added:.2f}x)")
     assert 0.75 <= estimate / added <= 1.25
