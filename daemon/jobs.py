@@ -38,10 +38,6 @@ class CancelToken:
     def cancel(self) -> None:
         self._event.set()
 
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
-
     def check(self) -> None:
         if self._event.is_set():
             raise Cancelled("emberd is shutting down; the job stopped and resumes when it is asked again")
@@ -67,8 +63,6 @@ class JobExecutor:
         )
         self.token = CancelToken()
         self._running = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     @property
     def running(self) -> int:
@@ -79,13 +73,10 @@ class JobExecutor:
         """Run `function(token)` on a job thread; Cancelled at once if shutdown has begun."""
         self.token.check()
         self._running += 1
-        self._idle.clear()
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, function)
         finally:
             self._running -= 1
-            if self._running == 0:
-                self._idle.set()
 
     def _call(self, function: Callable[[CancelToken], T]) -> T:
         self.token.check()  # a job that waited for a thread while shutdown began never starts
@@ -93,9 +84,6 @@ class JobExecutor:
 
     def cancel_all(self) -> None:
         self.token.cancel()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
 
     def close(self) -> None:
         """Release the threads; each ends at its job's next check."""

@@ -398,10 +398,7 @@ class Scheduler:
         for entry in entries:
             self._forget(entry)
         remaining_s = max(0.0, deadline_s - asyncio.get_running_loop().time())
-        await asyncio.gather(*(self._stop_now(entry, remaining_s) for entry in entries))
+        await asyncio.gather(*(self._stop(entry, "shutdown", remaining_s, self._clock()) for entry in entries))
         for task in list(self._background):
             with contextlib.suppress(Exception):
                 await task
-
-    async def _stop_now(self, entry: LoadedModel, timeout_s: float) -> None:
-        await self._stop(entry, "shutdown", timeout_s, self._clock())

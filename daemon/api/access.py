@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -111,9 +111,11 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 def _vary_origin(existing: str | None) -> str:
-    values: Iterable[str] = (part.strip() for part in (existing or "").split(",") if part.strip())
-    parts = list(values)
-    return ", ".join([*parts, "Origin"]) if "origin" not in (part.lower() for part in parts) else ", ".join(parts)
+    """A Vary header that names Origin, whatever it named before."""
+    parts = [part.strip() for part in (existing or "").split(",") if part.strip()]
+    if "origin" not in (part.lower() for part in parts):
+        parts.append("Origin")
+    return ", ".join(parts)
 
 
 # -- middlewares ------------------------------------------------------------------------------------

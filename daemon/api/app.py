@@ -251,5 +251,4 @@ def daemon_state(app: web.Application) -> DaemonState:
     """What /metrics reads at scrape time."""
     scheduler = app[SCHEDULER]
     runners = [RunnerState(e.name, e.refcount, e.runner.rss_bytes()) for e in scheduler.loaded()]
-    lifecycle = app[LIFECYCLE]
-    return DaemonState(runners, scheduler.admitted, app[JOBS].running, lifecycle.ready and not lifecycle.draining)
+    return DaemonState(runners, scheduler.admitted, app[JOBS].running, app[LIFECYCLE].serving)

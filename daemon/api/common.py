@@ -32,6 +32,10 @@ class Lifecycle:
     def __post_init__(self) -> None:
         self.idle.set()
 
+    @property
+    def serving(self) -> bool:
+        return self.ready and not self.draining
+
     def request_started(self) -> None:
         self.in_progress += 1
         self.idle.clear()
