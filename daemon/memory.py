@@ -9,7 +9,7 @@ inactive file pages (the "working set", as the kubelet counts it).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,8 @@ RUNNER_BASE_BYTES = 28 * MIB
 VOCAB_BYTES_PER_TOKEN = 160
 # llama_max_parallel_sequences(): a runner's n_seq_max is min(n_batch, this).
 LLAMA_MAX_SEQUENCES = 256
+# Special tokens a tokenizer may add around an input (BERT adds 2, some add a BOS and an EOS).
+SPECIAL_TOKENS_BOUND = 8
 # cgroup v1 writes "no limit" as the largest page-aligned counter (9223372036854771712).
 _NO_LIMIT_BYTES = 1 << 62
 
@@ -202,14 +204,21 @@ def estimate_runner(shape: ModelShape, n_batch: int, n_ubatch: int) -> RunnerEst
     return RunnerEstimate(held_after_bytes(shape, n_batch, 0), held_after_bytes(shape, n_batch, n_ubatch))
 
 
-def budget_bytes(snapshot: MemorySnapshot, reserve_bytes: int) -> int:
+def budget_bytes(
+    snapshot: MemorySnapshot, reserve_bytes: int, promised_bytes: int = 0, cached_weights_bytes: int = 0
+) -> int:
     """What a new runner may take now. The reserve keeps memory for the rest of the machine; inside
-    a cgroup limit the limit is the service's budget, and the reserve does not shrink it."""
-    budget = snapshot.machine_available_bytes - reserve_bytes
+    a cgroup limit the limit is the service's budget, and the reserve does not shrink it.
+
+    `promised_bytes` is what loaded runners may still grow to (counted, not yet held), so it is not
+    handed out twice. `cached_weights_bytes` is the weights loaded runners map: page cache that
+    psutil's `available` counts as free, though evicting it would only make the runners read it back.
+    """
+    budget = snapshot.machine_available_bytes - reserve_bytes - cached_weights_bytes
     headroom = snapshot.cgroup_headroom_bytes
     if headroom is not None:
         budget = min(budget, headroom)
-    return max(0, budget)
+    return max(0, budget - promised_bytes)
 
 
 def fits(required_bytes: int, budget: int, loaded_bytes: int = 0, max_memory_bytes: int = 0) -> bool:
@@ -242,3 +251,65 @@ def could_ever_fit(
     if max_memory_bytes and required_bytes > max_memory_bytes:
         return False
     return required_bytes <= budget + sum(candidate.size_bytes for candidate in candidates)
+
+
+def counted_bytes(
+    shape: ModelShape, n_batch: int, measured_bytes: int, measured_at_tokens: int, allowance_tokens: int
+) -> int:
+    """What the scheduler counts for a loaded runner: what it holds now (`measured_bytes`, when its
+    largest decode so far had `measured_at_tokens` tokens), plus what it may still grow to within
+    its allowance, the largest decode memory was set aside for."""
+    growth = held_after_bytes(shape, n_batch, allowance_tokens) - held_after_bytes(shape, n_batch, measured_at_tokens)
+    return measured_bytes + max(0, growth)
+
+
+def input_tokens_bound(inputs: Iterable[str | list[int]]) -> int:
+    """An upper bound on the tokens of the longest input, known before tokenizing: no tokenizer
+    makes more tokens of a text than it has UTF-8 bytes, plus the special tokens around it (and
+    SentencePiece's leading space). 0 for no inputs."""
+    longest = -SPECIAL_TOKENS_BOUND
+    for item in inputs:
+        longest = max(longest, len(item.encode("utf-8")) if isinstance(item, str) else len(item))
+    return longest + SPECIAL_TOKENS_BOUND
+
+
+def decode_tokens_needed(batch_tokens: int, longest_input_tokens: int, capacity_tokens: int) -> int:
+    """The largest decode a request can cause: the runner packs sequences up to its token budget,
+    and takes a longer single input alone (see take_batch)."""
+    return min(capacity_tokens, max(batch_tokens, longest_input_tokens))
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    """What one process adds to memory: the pages it alone maps. Its anonymous memory, and the mapped
+    model file while no other process maps it; shared libraries and anything another process maps
+    too are left out, as the cgroup is charged for them once."""
+
+    private_bytes: int
+    file_bytes: int  # of those, file pages: the mapped weights
+
+
+def parse_smaps_rollup(text: str) -> ProcessMemory:
+    """/proc/PID/smaps_rollup's totals (kB) as a ProcessMemory."""
+    fields: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        value = rest.split()
+        if len(value) == 2 and value[1] == "kB" and value[0].isdigit():
+            fields[key] = int(value[0]) * 1024
+    private = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+    return ProcessMemory(private, max(0, private - fields.get("Anonymous", 0)))
+
+
+def measure_process(pid: int) -> ProcessMemory | None:
+    """A process's private memory (Linux: smaps_rollup; elsewhere psutil's USS); None if it is gone."""
+    try:
+        return parse_smaps_rollup(Path(f"/proc/{pid}/smaps_rollup").read_text())
+    except FileNotFoundError:
+        pass  # not Linux, or the process is gone
+    except OSError:
+        return None
+    try:
+        return ProcessMemory(int(psutil.Process(pid).memory_full_info().uss), 0)
+    except psutil.Error:
+        return None

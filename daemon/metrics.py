@@ -26,7 +26,7 @@ class RunnerState:
 
     model: str
     queue_depth: int  # requests holding it: waiting in its runner or being decoded
-    rss_bytes: int
+    memory_bytes: int  # what the scheduler counts for it (as /api/ps's size)
 
 
 @dataclass(frozen=True)
@@ -48,12 +48,16 @@ class StateCollector(Collector):
         depth = GaugeMetricFamily(
             "emberd_queue_depth", "Requests holding a model: queued or decoding", labels=["model"]
         )
-        rss = GaugeMetricFamily("emberd_runner_rss_bytes", "Resident memory of each model runner", labels=["model"])
+        memory = GaugeMetricFamily(
+            "emberd_runner_memory_bytes",
+            "What each runner holds alone, plus what it may still grow to within its allowance",
+            labels=["model"],
+        )
         for runner in state.runners:
             depth.add_metric([runner.model], runner.queue_depth)
-            rss.add_metric([runner.model], runner.rss_bytes)
+            memory.add_metric([runner.model], runner.memory_bytes)
         yield depth
-        yield rss
+        yield memory
         yield GaugeMetricFamily("emberd_models_loaded", "Model runners alive", value=len(state.runners))
         yield GaugeMetricFamily(
             "emberd_requests_admitted", "Requests accepted and not answered", state.requests_admitted
@@ -133,6 +137,12 @@ class Metrics:
             buckets=_SECONDS_BUCKETS,
             registry=registry,
         )
+        self._renewals = Counter(
+            "emberd_context_renewals",
+            "Idle runners that gave back what a long input made them hold (a fresh context)",
+            ["model"],
+            registry=registry,
+        )
         self._crashes = Counter("emberd_runner_crashes", "Runners that died unasked", ["model"], registry=registry)
         self._pulled_bytes = Counter(
             "emberd_pulled_bytes", "Bytes received from the Hugging Face Hub", registry=registry
@@ -172,6 +182,9 @@ class Metrics:
     def model_unloaded(self, model: str, reason: str, seconds: float) -> None:
         self._unloads.labels(model, reason).inc()
         self._unload_seconds.labels(model, reason).observe(seconds)
+
+    def context_renewed(self, model: str) -> None:
+        self._renewals.labels(model).inc()
 
     def runner_crashed(self, model: str) -> None:
         self._crashes.labels(model).inc()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections import defaultdict
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from daemon.config import Settings
-from daemon.errors import InsufficientMemory, MemoryBusy, Overloaded, ShuttingDown
+from daemon.errors import InsufficientMemory, MemoryBusy, Overloaded, RunnerCrashed, ShuttingDown
 from daemon.gguf_info import read_gguf_facts
 from daemon.memory import (
     MIB,
@@ -26,8 +27,11 @@ from daemon.memory import (
     ModelShape,
     budget_bytes,
     could_ever_fit,
-    estimate_runner,
+    counted_bytes,
+    decode_tokens_needed,
     fits,
+    held_after_bytes,
+    measure_process,
     pick_victim,
 )
 from daemon.metrics import Metrics
@@ -51,6 +55,15 @@ GIB = 1024 * MIB
 RunnerFactory = Callable[[StoredModel, LlamaParams], Awaitable[RunnerProcess]]
 
 
+class RunnerStatus(enum.Enum):
+    """Where a runner is in its life. Each counts against memory until its process has exited."""
+
+    LOADING = "loading"  # its process starts (counted by estimate: Scheduler._loading)
+    READY = "ready"  # serves requests
+    DRAINING = "draining"  # unloaded: answers the requests that hold it, takes no new ones
+    STOPPING = "stopping"  # asked to exit
+
+
 @dataclass(eq=False)
 class LoadedModel:
     model: StoredModel
@@ -58,7 +71,14 @@ class LoadedModel:
     params: LlamaParams
     runner: RunnerProcess
     keep_alive_s: float
-    estimated_bytes: int
+    shape: ModelShape
+    # The largest decode memory is set aside for. It grows before a request that may need more is
+    # sent (Scheduler._allow_decode), and falls back when the runner renews its context.
+    allowance_tokens: int
+    measured_bytes: int  # what its process holds alone (private pages), at the last refresh
+    measured_at_tokens: int = 0  # the runner's largest decode at that refresh
+    cached_weights_bytes: int = 0  # of measured_bytes, the mapped weights (page cache)
+    status: RunnerStatus = RunnerStatus.READY
     refcount: int = 0
     last_used_s: float = 0.0
     expires_at_wall_s: float | None = None  # None: in use, or kept forever
@@ -69,6 +89,28 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.model.name
+
+    @property
+    def counted_bytes(self) -> int:
+        """What the scheduler counts for this runner: what it holds, and what it may still grow to
+        within its allowance. /api/ps shows it as the model's size."""
+        return counted_bytes(
+            self.shape, self.params.n_batch, self.measured_bytes, self.measured_at_tokens, self.allowance_tokens
+        )
+
+    @property
+    def grown(self) -> bool:
+        """Whether a decode longer than the runner's token budget made it hold more than it needs
+        for its usual traffic (memory a fresh context gives back)."""
+        return max(self.allowance_tokens, self.runner.largest_decode_tokens) > self.params.batch_tokens
+
+    def refresh(self) -> None:
+        """Measure what the runner holds now."""
+        largest = self.runner.largest_decode_tokens
+        memory = measure_process(self.runner.pid)
+        if memory is not None:
+            self.measured_bytes, self.cached_weights_bytes = memory.private_bytes, memory.file_bytes
+            self.measured_at_tokens = largest
 
 
 @dataclass(frozen=True)
@@ -106,13 +148,20 @@ class Scheduler:
         self._drained.set()
         self._shutting_down = False
         self._background: set[asyncio.Task[Any]] = set()
-        self._stopping: set[LoadedModel] = set()  # unloaded, but their process has not exited yet
-        self._runner_gone = asyncio.Event()  # set (and replaced) each time a stopping runner exits
+        self._leaving: set[LoadedModel] = set()  # draining or stopping: their process has not exited yet
+        self._loading: dict[str, int] = {}  # model -> estimated bytes, while its runner starts
+        self._runner_gone = asyncio.Event()  # set (and replaced) each time a leaving runner exits
 
     # -- queries ---------------------------------------------------------------------------------
 
     def loaded(self) -> list[LoadedModel]:
         return list(self._loaded.values())
+
+    def measured(self) -> list[LoadedModel]:
+        """The loaded models, each measured now."""
+        for entry in self._loaded.values():
+            entry.refresh()
+        return self.loaded()
 
     @property
     def admitted(self) -> int:
@@ -137,8 +186,11 @@ class Scheduler:
                 self._drained.set()
 
     @contextlib.asynccontextmanager
-    async def lease(self, name: str, options: dict[str, Any], keep_alive_s: float | None) -> AsyncIterator[Lease]:
-        """Hold a loaded runner for `name` for the duration of the block."""
+    async def lease(
+        self, name: str, options: dict[str, Any], keep_alive_s: float | None, longest_input_tokens: int = 0
+    ) -> AsyncIterator[Lease]:
+        """Hold a loaded runner for `name` for the duration of the block, with memory set aside for
+        the largest decode inputs of up to `longest_input_tokens` tokens can cause."""
         model = self._store.get(name)
         require_embedding_model(model.facts, model.name)
         load = resolve_load_options(self._settings, options)
@@ -148,7 +200,7 @@ class Scheduler:
         entry = self._loaded.get(model.name)
         if entry is not None and self._serves(entry, model, load, limit_tokens):
             # Fast path, no lock: a load of another model must not hold up a loaded one.
-            self._acquire(entry, keep_alive_s, load)
+            self._acquire(entry, keep_alive_s)
         else:
             # This model's lock first (a second cold request waits here, then shares the load), then
             # the load lock: one load at a time, and stop/delete of other models never wait for it.
@@ -158,12 +210,17 @@ class Scheduler:
                     await self._retire(entry, "reloaded")
                     entry = None
                 if entry is None:
-                    entry = await self._load(model, load, keep_alive_s)
+                    entry = await self._load(model, load, keep_alive_s, longest_input_tokens)
                     loaded_now = True
-                self._acquire(entry, keep_alive_s, load)
-        load_duration_ns = time.perf_counter_ns() - started_ns if loaded_now else 0
+                self._acquire(entry, keep_alive_s)
         try:
-            yield Lease(entry, load_duration_ns, min(limit_tokens, entry.params.limit_tokens))
+            limit_tokens = min(limit_tokens, entry.params.limit_tokens)
+            batch_tokens = min(load.batch_tokens, entry.params.n_ubatch)
+            longest = min(longest_input_tokens, limit_tokens)
+            await self._allow_decode(entry, decode_tokens_needed(batch_tokens, longest, entry.params.n_ubatch))
+            self._apply_live_options(entry, load)
+            load_duration_ns = time.perf_counter_ns() - started_ns if loaded_now else 0
+            yield Lease(entry, load_duration_ns, limit_tokens)
         finally:
             self._release(entry)
 
@@ -191,8 +248,7 @@ class Scheduler:
                 entry.threads = 0  # automatic again: the share decides
                 self._share_threads()
 
-    def _acquire(self, entry: LoadedModel, keep_alive_s: float | None, load: LoadOptions) -> None:
-        self._apply_live_options(entry, load)
+    def _acquire(self, entry: LoadedModel, keep_alive_s: float | None) -> None:
         entry.refcount += 1
         if entry.refcount == 1:
             self._share_threads()
@@ -225,7 +281,7 @@ class Scheduler:
         if entry.refcount == 0 and self._loaded.get(entry.name) is entry:
             log.info("unloading %s (keep_alive expired)", entry.name)
             # Forget it now, so no request leases a runner that is about to stop.
-            self._forget(entry)
+            self._leave(entry)
             self._spawn(self._stop_when_idle(entry, "expired"))
 
     def _share_threads(self) -> None:
@@ -245,19 +301,29 @@ class Scheduler:
 
     # -- loading and unloading -------------------------------------------------------------------
 
-    async def _load(self, model: StoredModel, load: LoadOptions, keep_alive_s: float | None) -> LoadedModel:
+    async def _load(
+        self, model: StoredModel, load: LoadOptions, keep_alive_s: float | None, longest_input_tokens: int
+    ) -> LoadedModel:
         params = llama_params(load, model.facts.context_length, model.facts.block_count)
         facts = model.facts
         if facts.vocab_size == 0:  # a manifest written before the estimate needed the vocabulary's size
             facts = await asyncio.to_thread(read_gguf_facts, model.blob_path)
-        # Counted at its worst (its longest input) until runners report what they hold.
-        estimated = estimate_runner(ModelShape.of(facts, model.size_bytes), params.n_batch, params.n_ubatch).worst_bytes
+        shape = ModelShape.of(facts, model.size_bytes)
+        # Set aside what the first request's largest decode needs, not the model's longest input: a
+        # 32k-context model serving short queries must not reserve its worst case up front.
+        longest = min(longest_input_tokens, params.limit_tokens)
+        allowance = decode_tokens_needed(params.batch_tokens, longest, params.n_ubatch)
+        estimated = held_after_bytes(shape, params.n_batch, allowance)
         await self._make_room(model.name, estimated)
         log.info(
             "loading %s (%s, ctx %d, %d threads)", model.name, model.facts.file_type, params.n_ctx, params.n_threads
         )
         started_s = self._clock()
-        runner = await self._runner_factory(model, params)
+        self._loading[model.name] = estimated
+        try:
+            runner = await self._runner_factory(model, params)
+        finally:
+            del self._loading[model.name]
         self._metrics.model_loaded(model.name, self._clock() - started_s)
         entry = LoadedModel(
             model=model,
@@ -265,10 +331,13 @@ class Scheduler:
             params=params,
             runner=runner,
             keep_alive_s=self._settings.keep_alive_s if keep_alive_s is None else keep_alive_s,
-            estimated_bytes=estimated,
+            shape=shape,
+            allowance_tokens=allowance,
+            measured_bytes=held_after_bytes(shape, params.n_batch, 0),  # until measured
             last_used_s=self._clock(),
             threads=params.n_threads,
         )
+        entry.refresh()
         entry.idle.set()
         runner.on_exit(lambda _runner: self._runner_exited(entry))
         self._loaded[model.name] = entry
@@ -277,6 +346,16 @@ class Scheduler:
     def _runner_exited(self, entry: LoadedModel) -> None:
         if not entry.runner.stopping:
             self._metrics.runner_crashed(entry.name)
+        self._forget(entry)
+        if entry in self._leaving:
+            return  # _stop counts it until then, and wakes the waiters
+        self._runner_gone.set()
+        self._runner_gone = asyncio.Event()
+
+    def _leave(self, entry: LoadedModel) -> None:
+        """Unloaded: no new request gets it; it counts against memory until its process exits."""
+        entry.status = RunnerStatus.DRAINING
+        self._leaving.add(entry)
         self._forget(entry)
 
     def _forget(self, entry: LoadedModel) -> None:
@@ -291,7 +370,7 @@ class Scheduler:
     async def _retire(self, entry: LoadedModel, reason: str) -> None:
         """Unload a model once the requests holding it are answered. The stop runs on its own
         task: if the request waiting for it is cancelled (its client left), the runner still stops."""
-        self._forget(entry)
+        self._leave(entry)
         await asyncio.shield(self._spawn(self._stop_when_idle(entry, reason)))
 
     async def _stop_when_idle(self, entry: LoadedModel, reason: str) -> None:
@@ -301,43 +380,95 @@ class Scheduler:
 
     async def _stop(self, entry: LoadedModel, reason: str, timeout_s: float, started_s: float) -> None:
         """Stop a runner; until its process has exited, its memory still counts."""
-        self._stopping.add(entry)
+        entry.status = RunnerStatus.STOPPING
+        self._leaving.add(entry)
         try:
             await entry.runner.stop(timeout_s)
         finally:
-            self._stopping.discard(entry)
+            self._leaving.discard(entry)
             self._runner_gone.set()
             self._runner_gone = asyncio.Event()
         self._metrics.model_unloaded(entry.name, reason, self._clock() - started_s)
 
-    async def _make_room(self, name: str, required_bytes: int) -> None:
-        """Unload idle models until `required_bytes` fits; wait (up to load_timeout) for busy ones
-        and for runners on their way out; refuse at once, evicting nothing, if it never could."""
-        reserve_bytes = self._settings.memory_reserve_mib * MIB
+    # -- memory ----------------------------------------------------------------------------------
+
+    def _runners(self) -> list[LoadedModel]:
+        """Every runner whose process is alive: loaded, draining or stopping."""
+        return [*self._loaded.values(), *self._leaving]
+
+    def _room(self, required_bytes: int) -> tuple[bool, MemorySnapshot, int]:
+        """Whether `required_bytes` more fits now: (fits, the snapshot, the budget). Runners are
+        measured first; what they may still grow to within their allowance, and starting runners,
+        are promised and not handed out again."""
+        runners = self._runners()
+        for entry in runners:
+            entry.refresh()
+        snapshot = self._memory_probe.snapshot()
+        loading = sum(self._loading.values())
+        promised = loading + sum(max(0, e.counted_bytes - e.measured_bytes) for e in runners)
+        cached_weights = sum(e.cached_weights_bytes for e in runners)
+        budget = budget_bytes(snapshot, self._settings.memory_reserve_mib * MIB, promised, cached_weights)
+        held = loading + sum(e.counted_bytes for e in runners)
+        return fits(required_bytes, budget, held, self._settings.max_memory_bytes), snapshot, budget
+
+    async def _allow_decode(self, entry: LoadedModel, decode_tokens: int) -> None:
+        """Set memory aside before a request whose decode may be longer than any the runner's
+        allowance covers (llama.cpp touches its buffers as far as a decode goes, and keeps them)."""
+        if decode_tokens <= entry.allowance_tokens:
+            return
+        n_batch = entry.params.n_batch
+        if self._room(self._growth_bytes(entry, decode_tokens))[0]:
+            entry.allowance_tokens = decode_tokens
+            return
+        async with self._load_lock:  # making room is one caller's at a time, as for a load
+            if decode_tokens > entry.allowance_tokens:
+                await self._make_room(entry.name, self._growth_bytes(entry, decode_tokens), growing=entry)
+                entry.allowance_tokens = decode_tokens
+        log.debug("%s may now decode %d tokens at once (n_batch %d)", entry.name, decode_tokens, n_batch)
+
+    @staticmethod
+    def _growth_bytes(entry: LoadedModel, decode_tokens: int) -> int:
+        n_batch = entry.params.n_batch
+        grown = held_after_bytes(entry.shape, n_batch, decode_tokens)
+        return max(0, grown - held_after_bytes(entry.shape, n_batch, entry.allowance_tokens))
+
+    async def _renew(self, entry: LoadedModel) -> None:
+        """An idle runner that grew for a long input gives that memory back: a fresh context."""
+        log.info("renewing the context of %s to give back memory", entry.name)
+        entry.allowance_tokens = entry.params.batch_tokens  # requests from now on reserve again
+        with contextlib.suppress(RunnerCrashed, ShuttingDown):  # a runner that died gave it all back
+            await entry.runner.renew_context()
+        entry.refresh()
+        self._metrics.context_renewed(entry.name)
+
+    async def _make_room(self, name: str, required_bytes: int, growing: LoadedModel | None = None) -> None:
+        """Make `required_bytes` fit: idle runners that grew give memory back first, then idle models
+        are unloaded; wait (up to load_timeout) for busy ones and for runners on their way out;
+        refuse at once, evicting nothing, if it never could. `growing` is the runner that needs the
+        room: it is neither renewed nor evicted for itself."""
         max_loaded = self._settings.max_loaded_models
-        max_memory = self._settings.max_memory_bytes
         deadline_s = asyncio.get_running_loop().time() + self._settings.load_timeout_s
         while True:
-            snapshot = self._memory_probe.snapshot()
-            budget = budget_bytes(snapshot, reserve_bytes)
-            held = sum(e.estimated_bytes for e in [*self._loaded.values(), *self._stopping])
-            count_ok = max_loaded == 0 or len(self._loaded) < max_loaded
-            if count_ok and fits(required_bytes, budget, held, max_memory):
+            room, snapshot, budget = self._room(required_bytes)
+            count_ok = growing is not None or max_loaded == 0 or len(self._loaded) < max_loaded
+            if room and count_ok:
                 return
-            candidates = [
-                EvictionCandidate(e.name, e.refcount > 0, e.last_used_s, e.estimated_bytes)
-                for e in self._loaded.values()
-            ]
-            leaving = [EvictionCandidate(e.name, True, e.last_used_s, e.estimated_bytes) for e in self._stopping]
-            if not could_ever_fit(required_bytes, budget, candidates + leaving, max_memory):
+            others = [e for e in self._loaded.values() if e is not growing]
+            grown = [e for e in others if e.refcount == 0 and e.grown]
+            if grown and not room:
+                await self._renew(min(grown, key=lambda e: e.last_used_s))
+                continue
+            candidates = [EvictionCandidate(e.name, e.refcount > 0, e.last_used_s, e.counted_bytes) for e in others]
+            leaving = [EvictionCandidate(e.name, True, e.last_used_s, e.counted_bytes) for e in self._leaving]
+            if not could_ever_fit(required_bytes, budget, candidates + leaving, self._max_memory_left(growing)):
                 raise InsufficientMemory(self._memory_report(name, required_bytes, snapshot, budget))
             victim = pick_victim(candidates)
             if victim is not None:
                 log.info("unloading %s to make room for %s", victim.name, name)
                 await self._retire(self._loaded[victim.name], "evicted")
                 continue
-            # Every loaded model is busy, or memory is still held by runners on their way out.
-            waits = [asyncio.ensure_future(e.idle.wait()) for e in self._loaded.values()]
+            # Every other model is busy, or memory is still held by runners on their way out.
+            waits = [asyncio.ensure_future(e.idle.wait()) for e in others]
             waits.append(asyncio.ensure_future(self._runner_gone.wait()))
             try:
                 done, _pending = await asyncio.wait(
@@ -354,6 +485,13 @@ class Scheduler:
                     + f"; waited {self._settings.load_timeout_s:g}s (load_timeout) for busy models"
                 )
 
+    def _max_memory_left(self, growing: LoadedModel | None) -> int:
+        """max_memory as far as making room can go: a growing runner keeps what it holds."""
+        max_memory = self._settings.max_memory_bytes
+        if not max_memory or growing is None:
+            return max_memory
+        return max(1, max_memory - growing.counted_bytes)
+
     def _memory_report(self, name: str, required_bytes: int, snapshot: MemorySnapshot, budget: int) -> str:
         """The numbers behind a refusal: what is needed, what is available, who holds it."""
         parts = [f"{name} needs about {required_bytes / GIB:.2f} GiB but only {budget / GIB:.2f} GiB is available"]
@@ -365,9 +503,10 @@ class Scheduler:
         if self._settings.max_memory_bytes:
             parts.append(f"max_memory is {self._settings.max_memory_bytes / GIB:.2f} GiB")
         holders = [
-            f"{e.name} {e.estimated_bytes / GIB:.2f} GiB ({'busy' if e.refcount else 'idle'})"
+            f"{e.name} {e.counted_bytes / GIB:.2f} GiB ({'busy' if e.refcount else 'idle'})"
             for e in self._loaded.values()
-        ] + [f"{e.name} {e.estimated_bytes / GIB:.2f} GiB (stopping)" for e in self._stopping]
+        ] + [f"{e.name} {e.counted_bytes / GIB:.2f} GiB ({e.status.value})" for e in self._leaving]
+        holders += [f"{other} {size / GIB:.2f} GiB (loading)" for other, size in self._loading.items()]
         parts.append("loaded: " + (", ".join(holders) if holders else "nothing"))
         return "; ".join(parts)
 
@@ -396,7 +535,7 @@ class Scheduler:
                 await self._drained.wait()
         entries = list(self._loaded.values())
         for entry in entries:
-            self._forget(entry)
+            self._leave(entry)
         remaining_s = max(0.0, deadline_s - asyncio.get_running_loop().time())
         await asyncio.gather(*(self._stop(entry, "shutdown", remaining_s, self._clock()) for entry in entries))
         for task in list(self._background):

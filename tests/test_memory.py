@@ -34,7 +34,7 @@ async def loaded_names(client: Client) -> list[str]:
 async def test_max_memory_that_holds_one_model_evicts_the_idle_one(make_client: MakeClient, tiny_gguf: Path) -> None:
     probe = await make_client({"tiny": tiny_gguf})
     assert (await probe.post("/api/embed", json={"model": "tiny"})).status == 200
-    one_runner = scheduler_of(probe).loaded()[0].estimated_bytes
+    one_runner = scheduler_of(probe).loaded()[0].counted_bytes
     client = await make_client({"first": tiny_gguf, "second": tiny_gguf}, max_memory_bytes=one_runner + MIB)
     for name in ["first", "second"] * 3:
         response = await client.post("/api/embed", json={"model": name, "input": "why is the sky blue?"})
@@ -52,7 +52,7 @@ async def test_a_model_bigger_than_max_memory_is_refused_with_the_numbers_and_ev
     big.write_bytes(big_ggufs[0])
     client = await make_client({"tiny": tiny_gguf, "big": big})
     assert (await client.post("/api/embed", json={"model": "tiny"})).status == 200
-    tiny_bytes = scheduler_of(client).loaded()[0].estimated_bytes
+    tiny_bytes = scheduler_of(client).loaded()[0].counted_bytes
     big_facts = read_gguf_facts(big)
     big_bytes = estimate_runner(ModelShape.of(big_facts, big.stat().st_size), 512, 512).worst_bytes
     assert big_bytes > tiny_bytes + 2 * MIB

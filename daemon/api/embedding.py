@@ -12,6 +12,7 @@ from aiohttp import web
 
 from daemon.api.common import HUB, METRICS, PULLS, REQUEST_STATS, SCHEDULER, SETTINGS, STORE, RequestStats
 from daemon.errors import UnknownModel
+from daemon.memory import input_tokens_bound
 
 MAX_LOGGED_NAME_CHARS = 200
 
@@ -52,7 +53,9 @@ async def embed_inputs(
     stats = request[REQUEST_STATS] = RequestStats(model[:MAX_LOGGED_NAME_CHARS], len(inputs))
     await pull_if_allowed(app, model)
     scheduler = app[SCHEDULER]
-    async with scheduler.admit(), scheduler.lease(model, options, keep_alive_s) as lease:
+    # Bounded before tokenizing, so memory for the largest decode is set aside before it is sent.
+    longest_tokens = input_tokens_bound(inputs)
+    async with scheduler.admit(), scheduler.lease(model, options, keep_alive_s, longest_tokens) as lease:
         stats.model = lease.loaded.name
         if not inputs:
             return Embedded(np.empty((0, 0), np.float32), 0, 0, lease.load_duration_ns)

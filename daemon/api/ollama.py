@@ -185,7 +185,7 @@ def _tag_entry(model: StoredModel) -> dict[str, Any]:
 def _ps_entry(loaded: LoadedModel) -> dict[str, Any]:
     runner_facts = loaded.runner.facts
     gpu = runner_facts is not None and runner_facts.gpu_offload and loaded.params.n_gpu_layers != 0
-    size = max(loaded.runner.rss_bytes(), loaded.model.size_bytes)
+    size = loaded.counted_bytes  # what the scheduler counts for it: held now, and growth allowed
     expires = (
         _FOREVER
         if loaded.expires_at_wall_s is None and loaded.keep_alive_s < 0
@@ -206,7 +206,7 @@ async def tags(request: web.Request) -> web.Response:
 
 
 async def ps(request: web.Request) -> web.Response:
-    return json_response({"models": [_ps_entry(loaded) for loaded in request.app[SCHEDULER].loaded()]})
+    return json_response({"models": [_ps_entry(loaded) for loaded in request.app[SCHEDULER].measured()]})
 
 
 # -- /api/create ------------------------------------------------------------------------------------

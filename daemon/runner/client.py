@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-import psutil
 
 from daemon.errors import ContextExceeded, InvalidInput, ModelLoadFailed, RunnerCrashed, ShuttingDown
 from daemon.options import LlamaParams
@@ -56,7 +55,8 @@ class RunnerProcess:
         self._process = process
         self.label = label
         self.facts: RunnerFacts | None = None
-        self._pending: dict[int, asyncio.Future[EmbedResult]] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self.largest_decode_tokens = 0  # since the context was last renewed
         self._ids = itertools.count(1)
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         self._ready: asyncio.Future[RunnerFacts] = asyncio.get_running_loop().create_future()
@@ -128,12 +128,6 @@ class RunnerProcess:
         """The daemon asked it to stop (an exit now is not a crash)."""
         return self._stopping
 
-    def rss_bytes(self) -> int:
-        try:
-            return int(psutil.Process(self.pid).memory_info().rss)
-        except psutil.Error:
-            return 0
-
     def on_exit(self, callback: Callable[[RunnerProcess], None]) -> None:
         self._exit_callbacks.append(callback)
 
@@ -168,6 +162,21 @@ class RunnerProcess:
         except asyncio.CancelledError:
             self._send_cancel(request_id)  # the client left: drop what is not decoded yet
             raise
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def renew_context(self) -> None:
+        """Have the runner replace its context by a fresh one, giving back what its largest decode
+        made llama.cpp touch (see EmbeddingEngine.renew_context)."""
+        if not self.alive or self._stopping:
+            return
+        request_id = next(self._ids)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        assert self._process.stdin is not None
+        try:
+            self._process.stdin.write(encode_frame({"type": "renew", "id": request_id}))
+            await future
         finally:
             self._pending.pop(request_id, None)
 
@@ -218,9 +227,13 @@ class RunnerProcess:
         future = self._pending.get(header["id"])
         if future is None or future.done():
             return
-        if kind == "result":
+        if kind == "renewed":
+            self.largest_decode_tokens = 0
+            future.set_result(None)
+        elif kind == "result":
             vectors = np.frombuffer(payload, dtype="<f4").reshape(header["rows"], header["dims"])
             decodes = [(tokens, sequences) for tokens, sequences in header["decodes"]]
+            self.largest_decode_tokens = max([self.largest_decode_tokens, *(tokens for tokens, _ in decodes)])
             future.set_result(
                 EmbedResult(vectors, header["token_count"], header["truncated"], header["inference_s"], decodes)
             )

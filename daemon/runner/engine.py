@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,7 +16,7 @@ from llama_cpp import _internals as internals
 from daemon.errors import InvalidInput
 from daemon.options import LlamaParams
 from daemon.runner.batching import fit_tokens, special_token_split
-from daemon.runner.protocol import RunnerFacts
+from daemon.runner.protocol import RunnerFacts, parse_llama_buffer_log
 
 _PROBE_TEXT = b"probe"
 
@@ -25,12 +27,27 @@ class TokenizedInput:
     truncated: bool
 
 
+# llama.cpp's log lines about the buffers it allocates ("... buffer size = N MiB"), kept for the ready
+# frame: what llama.cpp says it holds, beside what the daemon measures.
+_BUFFER_LOG: list[str] = []
+
+
 def _log_errors_only(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     # llama.cpp is chatty at load time; keep its errors (they reach the daemon's log via stderr).
+    line = text.decode("utf-8", errors="replace")
     if level >= 4:  # GGML_LOG_LEVEL_ERROR
         import sys
 
-        sys.stderr.write(text.decode("utf-8", errors="replace"))
+        sys.stderr.write(line)
+    elif "buffer size" in line:
+        _BUFFER_LOG.append(line)
+
+
+def _release_freed_memory() -> None:
+    """Hand memory glibc keeps after free() back to the system (a freed context's buffers)."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).malloc_trim(0)
 
 
 _LOG_CALLBACK = llama_cpp.llama_log_callback(_log_errors_only)
@@ -58,6 +75,7 @@ class EmbeddingEngine:
         context_params.kv_unified = True
         max_sequences = min(params.n_batch, llama_cpp.llama_max_parallel_sequences())
         context_params.n_seq_max = max_sequences
+        self._context_params = context_params
         self._context = internals.LlamaContext(model=self._model, params=context_params, verbose=False)
         self._batch = internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False)
 
@@ -71,6 +89,7 @@ class EmbeddingEngine:
             pooling_type=llama_cpp.llama_pooling_type(self._context.ctx),
             gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
             pid=os.getpid(),
+            llama_buffer_bytes=parse_llama_buffer_log(_BUFFER_LOG),
         )
         probe_with_specials = self._tokenize(_PROBE_TEXT, add_special=True)
         self._head_specials, self._tail_specials = special_token_split(
@@ -105,7 +124,17 @@ class EmbeddingEngine:
         return TokenizedInput(fitted, truncated)
 
     def set_threads(self, threads: int) -> None:
+        self._context_params.n_threads = threads
+        self._context_params.n_threads_batch = threads
         llama_cpp.llama_set_n_threads(self._context.ctx, threads, threads)
+
+    def renew_context(self) -> None:
+        """A fresh context in place of one that grew: llama.cpp touches its compute and output
+        buffers as far as the largest decode went and keeps them; a new context starts small again.
+        The weights stay mapped."""
+        self._context.close()
+        _release_freed_memory()
+        self._context = internals.LlamaContext(model=self._model, params=self._context_params, verbose=False)
 
     def embed_batch(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Pooled embeddings (not normalised) of sequences that fit one decode together."""

@@ -11,19 +11,24 @@ Child -> parent headers:
      "inference_s": S, "decodes": [[tokens, sequences], ...]}   S: first decode to answer; decodes:
                                                       those run since the previous result
     {"type": "error", "id": N, "kind": "context_exceeded" | "invalid_input" | "failed", "message": "..."}
+    {"type": "renewed", "id": N}                      the context of renew N is a fresh one
 Parent -> child headers:
     {"type": "embed", "id": N, "texts": [text or [token ids], ...], "truncate": bool, "limit_tokens": L}
                                                       L: this request's context, at most the runner's
     {"type": "set_threads", "threads": N}             no answer; applies from the next decode
     {"type": "set_batch_tokens", "tokens": N}         no answer; the decode budget, capped at capacity
     {"type": "cancel", "id": N}                        no answer; drop request N's sequences not decoded yet
+    {"type": "renew", "id": N}                         replace the context by a fresh one (gives back
+                                                      the buffers a long decode grew), between decodes
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import struct
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import orjson
@@ -47,6 +52,8 @@ class RunnerFacts:
     pooling_type: int
     gpu_offload: bool  # this llama.cpp build can offload layers (CUDA, Metal, ...)
     pid: int
+    # What llama.cpp says it allocated at load, bytes by kind: model, output, compute, kv.
+    llama_buffer_bytes: dict[str, int] = field(default_factory=dict)
 
 
 MAX_HEADER_BYTES = 256 * 1024 * 1024
@@ -70,3 +77,19 @@ def read_frame_blocking(stream: BinaryIO) -> tuple[dict[str, Any], bytes] | None
     if len(header) < header_length or len(payload) < payload_length:
         return None
     return orjson.loads(header), payload
+
+
+_MIB = 1024 * 1024
+_BUFFER_LINE = re.compile(r"(\w+)\s+buffer size\s*=\s*([0-9.]+)\s*MiB")
+
+
+def parse_llama_buffer_log(lines: Iterable[str]) -> dict[str, int]:
+    """What llama.cpp says it allocated, from its load-time log lines such as
+    "CPU_Mapped model buffer size = 43.51 MiB" or "CPU compute buffer size = 12.0 MiB": bytes by
+    kind (model, output, compute, KV), summed over devices."""
+    sizes: dict[str, int] = {}
+    for line in lines:
+        for kind, mib in _BUFFER_LINE.findall(line):
+            key = kind.lower()
+            sizes[key] = sizes.get(key, 0) + round(float(mib) * _MIB)
+    return sizes

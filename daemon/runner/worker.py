@@ -138,6 +138,10 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
                 if message["type"] == "cancel":
                     cancel(message["id"])
                     continue
+                if message["type"] == "renew":
+                    engine.renew_context()
+                    writer.send({"type": "renewed", "id": message["id"]})
+                    continue
                 if message["type"] == "set_batch_tokens":
                     budget_tokens = max(1, min(message["tokens"], facts.capacity_tokens))
                     continue
