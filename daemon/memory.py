@@ -281,12 +281,8 @@ def decode_tokens_needed(batch_tokens: int, longest_input_tokens: int, capacity_
 
 @dataclass(frozen=True)
 class ProcessMemory:
-    """What one process adds to memory: the pages it alone maps. Its anonymous memory, and the mapped
-    model file while no other process maps it; shared libraries and anything another process maps
-    too are left out, as the cgroup is charged for them once."""
-
-    private_bytes: int
-    file_bytes: int  # of those, file pages: the mapped weights
+    anonymous_bytes: int  # its heap and buffers: memory no other process has, and no file backs
+    private_bytes: int  # every page it alone maps, file pages too (psutil's USS)
 
 
 def parse_smaps_rollup(text: str) -> ProcessMemory:
@@ -297,12 +293,19 @@ def parse_smaps_rollup(text: str) -> ProcessMemory:
         value = rest.split()
         if len(value) == 2 and value[1] == "kB" and value[0].isdigit():
             fields[key] = int(value[0]) * 1024
-    private = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
-    return ProcessMemory(private, max(0, private - fields.get("Anonymous", 0)))
+    return ProcessMemory(fields.get("Anonymous", 0), fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0))
+
+
+def runner_footprint_bytes(memory: ProcessMemory, weights_bytes: int, weights_mapped: bool) -> int:
+    """What a runner adds to the service's memory: its anonymous memory, plus the weights it must
+    keep resident when it maps them (read without mmap, they are part of the anonymous memory).
+    Shared libraries are left out: the first runner's pages of libllama are shared by the next, and
+    may already sit in the page cache; psutil's RSS counts them in every process."""
+    return memory.anonymous_bytes + (weights_bytes if weights_mapped else 0)
 
 
 def measure_process(pid: int) -> ProcessMemory | None:
-    """A process's private memory (Linux: smaps_rollup; elsewhere psutil's USS); None if it is gone."""
+    """A process's own memory (Linux: smaps_rollup; elsewhere psutil's USS); None if it is gone."""
     try:
         return parse_smaps_rollup(Path(f"/proc/{pid}/smaps_rollup").read_text())
     except FileNotFoundError:
@@ -310,6 +313,7 @@ def measure_process(pid: int) -> ProcessMemory | None:
     except OSError:
         return None
     try:
-        return ProcessMemory(int(psutil.Process(pid).memory_full_info().uss), 0)
+        uss = int(psutil.Process(pid).memory_full_info().uss)
+        return ProcessMemory(uss, uss)  # no anonymous/file split here: the private pages
     except psutil.Error:
         return None

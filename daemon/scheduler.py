@@ -33,6 +33,7 @@ from daemon.memory import (
     held_after_bytes,
     measure_process,
     pick_victim,
+    runner_footprint_bytes,
 )
 from daemon.metrics import Metrics
 from daemon.options import (
@@ -75,9 +76,8 @@ class LoadedModel:
     # The largest decode memory is set aside for. It grows before a request that may need more is
     # sent (Scheduler._allow_decode), and falls back when the runner renews its context.
     allowance_tokens: int
-    measured_bytes: int  # what its process holds alone (private pages), at the last refresh
+    measured_bytes: int  # what its process adds to memory (runner_footprint_bytes), at the last refresh
     measured_at_tokens: int = 0  # the runner's largest decode at that refresh
-    cached_weights_bytes: int = 0  # of measured_bytes, the mapped weights (page cache)
     status: RunnerStatus = RunnerStatus.READY
     refcount: int = 0
     last_used_s: float = 0.0
@@ -109,7 +109,7 @@ class LoadedModel:
         largest = self.runner.largest_decode_tokens
         memory = measure_process(self.runner.pid)
         if memory is not None:
-            self.measured_bytes, self.cached_weights_bytes = memory.private_bytes, memory.file_bytes
+            self.measured_bytes = runner_footprint_bytes(memory, self.model.size_bytes, self.params.use_mmap)
             self.measured_at_tokens = largest
 
 
@@ -406,7 +406,7 @@ class Scheduler:
         snapshot = self._memory_probe.snapshot()
         loading = sum(self._loading.values())
         promised = loading + sum(max(0, e.counted_bytes - e.measured_bytes) for e in runners)
-        cached_weights = sum(e.cached_weights_bytes for e in runners)
+        cached_weights = sum(e.model.size_bytes for e in runners if e.params.use_mmap)
         budget = budget_bytes(snapshot, self._settings.memory_reserve_mib * MIB, promised, cached_weights)
         held = loading + sum(e.counted_bytes for e in runners)
         return fits(required_bytes, budget, held, self._settings.max_memory_bytes), snapshot, budget

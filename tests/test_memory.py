@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from daemon.convert import convert_hf_directory
 from daemon.gguf_info import read_gguf_facts
-from daemon.memory import ModelShape, estimate_runner
+from daemon.memory import ModelShape, estimate_runner, held_after_bytes
 from daemon.store import ModelStore
 from tests.conftest import MINILM_DIR, MakeClient, scheduler_of
 from tests.live import post_json, read_metrics, running_daemon, wait_for
@@ -198,5 +198,105 @@ def test_the_estimate_is_within_25_percent_of_what_a_runner_adds_at_its_longest_
         added = held_by_cgroup(v1_cgroup) - daemon_alone
         capacity = max(limit, 512)  # the runner's n_batch and n_ubatch (see options.llama_params)
         estimate = estimate_runner(ModelShape.of(facts, stored.size_bytes), capacity, capacity).worst_bytes
-    print(f"{model}: estimated {estimate / 1e6:.0f} MB, measured {added / 1e6:.0f} MB ({estimate / added:.2f}x)")
+        shown = ps_size(daemon.url, model)
+    print(
+        f"{model}: estimated {estimate / 1e6:.0f} MB, measured {added / 1e6:.0f} MB ({estimate / added:.2f}x),"
+        f" /api/ps {shown / 1e6:.0f} MB ({shown / added:.2f}x)"
+    )
     assert 0.75 <= estimate / added <= 1.25
+    # What the scheduler counts (and /api/ps shows) is what the runner added to the service's memory.
+    assert 0.9 <= shown / added <= 1.1
+
+
+def ps_size(url: str, model: str) -> int:
+    with urllib.request.urlopen(url + "/api/ps") as response:
+        models = json.loads(response.read())["models"]
+    return next(entry["size"] for entry in models if entry["name"] == f"{model}:latest")
+
+
+def cgroup_usage(directory: Path) -> int:
+    return int((directory / "memory.usage_in_bytes").read_text())
+
+
+def test_a_long_context_model_counts_what_its_traffic_needs_and_gives_back_what_a_long_input_took(
+    tmp_path: Path, v1_cgroup: Path, tiny_gguf: Path, long_context_ggufs: dict[str, Path]
+) -> None:
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    store.open()
+    stored = store.create("bert-8k", long_context_ggufs["bert-8k"])
+    tiny = store.create("tiny", tiny_gguf)
+    drop_from_page_cache(stored.blob_path)
+    shape = ModelShape.of(stored.facts, stored.size_bytes)
+    worst = estimate_runner(shape, 8192, 8192).worst_bytes
+    with running_daemon(home, {}, {}, prefix=in_cgroup(v1_cgroup)) as daemon:
+        daemon_alone = held_by_cgroup(v1_cgroup)
+        for _ in range(3):
+            assert post_json(daemon.url + "/api/embed", {"model": "bert-8k", "input": "why is the sky blue?"})[0] == 200
+        short_added, short_shown = held_by_cgroup(v1_cgroup) - daemon_alone, ps_size(daemon.url, "bert-8k")
+        # Loaded for short queries, it counts what they need: what it holds, and the growth to one
+        # full 512-token decode (the token budget) that memory is set aside for. Not its worst case.
+        assert 1.0 <= short_shown / short_added <= 1.2
+        assert short_shown < worst / 2
+
+        status, body = post_json(daemon.url + "/api/embed", {"model": "bert-8k", "input": "word " * 8000})
+        assert (status, body["prompt_eval_count"]) == (200, 8002)
+        long_added, long_shown = held_by_cgroup(v1_cgroup) - daemon_alone, ps_size(daemon.url, "bert-8k")
+        assert 0.9 <= long_shown / long_added <= 1.1
+        assert long_added > short_added + 100 * MIB  # llama.cpp touched its buffers for 8,002 tokens
+
+        # Memory is wanted: a limit that leaves the tiny model no room beside the grown runner.
+        tiny_needs = held_after_bytes(ModelShape.of(tiny.facts, tiny.size_bytes), 512, 512)
+        (v1_cgroup / "memory.limit_in_bytes").write_text(str(cgroup_usage(v1_cgroup) + tiny_needs // 2))
+        assert post_json(daemon.url + "/api/embed", {"model": "tiny", "input": "hello"})[0] == 200
+        with urllib.request.urlopen(daemon.url + "/api/ps") as response:
+            assert sorted(m["name"] for m in json.loads(response.read())["models"]) == ["bert-8k:latest", "tiny:latest"]
+        renewed_shown = ps_size(daemon.url, "bert-8k")
+        renewed_added = held_by_cgroup(v1_cgroup) - daemon_alone - ps_size(daemon.url, "tiny")
+        metrics = read_metrics(daemon.url)
+        assert metrics[("emberd_context_renewals_total", (("model", "bert-8k:latest"),))] == 1
+        assert not any(sample == "emberd_model_unloads_total" for sample, _labels in metrics)
+    print(
+        f"bert-8k: worst {worst / 1e6:.0f} MB; short queries {short_added / 1e6:.0f} MB held,"
+        f" {short_shown / 1e6:.0f} shown; after 8,002 tokens {long_added / 1e6:.0f} held, {long_shown / 1e6:.0f}"
+        f" shown; renewed {renewed_added / 1e6:.0f} held, {renewed_shown / 1e6:.0f} shown"
+    )
+    # The memory the long input took came back, as measured by the cgroup and as counted.
+    assert renewed_added < short_added * 1.2 and renewed_shown < short_shown * 1.1
+    assert oom_kills(v1_cgroup) == 0
+
+
+async def test_a_long_input_sets_its_memory_aside_first_evicting_an_idle_model_or_refused_with_507(
+    make_client: MakeClient, tiny_gguf: Path, long_context_ggufs: dict[str, Path]
+) -> None:
+    models = {"tiny": tiny_gguf, "bert-8k": long_context_ggufs["bert-8k"]}
+    long_input = {"model": "bert-8k", "input": "word " * 8000}
+    probe = await make_client(models)
+    for name in models:
+        assert (await probe.post("/api/embed", json={"model": name, "input": "hello"})).status == 200
+    tiny, bert = sorted(scheduler_of(probe).measured(), key=lambda entry: entry.name != "tiny:latest")
+    tiny_bytes = tiny.counted_bytes
+    # What the long input sets aside before it is sent: the growth of a decode up to the context
+    # (its bound before tokenizing), by the estimate; the measured size replaces it afterwards.
+    growth = held_after_bytes(bert.shape, bert.params.n_batch, 8192) - held_after_bytes(
+        bert.shape, bert.params.n_batch, bert.allowance_tokens
+    )
+    long_bytes = bert.counted_bytes + growth
+
+    # Room for the grown runner, but not beside the tiny model: the long input evicts it first.
+    client = await make_client(models, max_memory_bytes=long_bytes + tiny_bytes // 2)
+    for name in models:
+        assert (await client.post("/api/embed", json={"model": name, "input": "hello"})).status == 200
+    assert sorted(await loaded_names(client)) == ["bert-8k:latest", "tiny:latest"]
+    assert (await client.post("/api/embed", json=long_input)).status == 200
+    assert await loaded_names(client) == ["bert-8k:latest"]
+
+    # Room for short inputs only: a clear 507 with the numbers, and the model stays loaded.
+    client = await make_client(models, max_memory_bytes=long_bytes - 40 * MIB)
+    assert (await client.post("/api/embed", json={"model": "bert-8k", "input": "hello"})).status == 200
+    response = await client.post("/api/embed", json=long_input)
+    assert response.status == 507
+    message = (await response.json())["error"]
+    assert message.startswith("bert-8k:latest needs about") and "max_memory is" in message
+    assert await loaded_names(client) == ["bert-8k:latest"]
+    assert (await client.post("/api/embed", json={"model": "bert-8k", "input": "hello"})).status == 200

@@ -17,13 +17,19 @@ from daemon.memory import (
     MemoryProbe,
     MemorySnapshot,
     ModelShape,
+    ProcessMemory,
     budget_bytes,
     could_ever_fit,
+    counted_bytes,
+    decode_tokens_needed,
     estimate_runner,
     find_own_cgroup,
     fits,
     held_after_bytes,
+    input_tokens_bound,
+    parse_smaps_rollup,
     pick_victim,
+    runner_footprint_bytes,
 )
 from daemon.names import canonical_name
 from daemon.options import (
@@ -36,6 +42,7 @@ from daemon.options import (
     resolve_load_options,
 )
 from daemon.runner.batching import fit_tokens, special_token_split, take_batch
+from daemon.runner.protocol import parse_llama_buffer_log
 from daemon.vectors import finish_embeddings, normalize_rows
 
 # -- truncation -------------------------------------------------------------------------------------
@@ -282,6 +289,102 @@ GIB = 1 << 30
 )
 def test_budget_bytes(snapshot: MemorySnapshot, reserve: int, expected: int) -> None:
     assert budget_bytes(snapshot, reserve) == expected
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "promised", "cached_weights", "expected"),
+    [
+        # Growth promised to loaded runners is not handed out again, with or without a cgroup.
+        (MemorySnapshot(8 * GIB, 16 * GIB), GIB, 0, 7 * GIB),
+        (MemorySnapshot(20 * GIB, 4 * GIB, 4 * GIB, GIB), GIB, 0, 2 * GIB),
+        # Mapped weights sit in the page cache psutil calls available; the cgroup counts them as used.
+        (MemorySnapshot(8 * GIB, 16 * GIB), 0, 2 * GIB, 6 * GIB),
+        (MemorySnapshot(20 * GIB, 4 * GIB, 4 * GIB, GIB), 0, 2 * GIB, 3 * GIB),
+        (MemorySnapshot(GIB, 16 * GIB), 2 * GIB, 0, 0),
+    ],
+)
+def test_budget_bytes_leaves_out_promised_growth_and_cached_weights(
+    snapshot: MemorySnapshot, promised: int, cached_weights: int, expected: int
+) -> None:
+    assert budget_bytes(snapshot, 0, promised, cached_weights) == expected
+
+
+MINILM_SHAPE = ModelShape(file_bytes=45 << 20, n_embd=384, n_ff=1536, n_vocab=30522)
+
+
+@pytest.mark.parametrize(
+    ("measured", "measured_at", "allowance", "expected_growth"),
+    [
+        (100, 512, 512, 0),  # grown to its allowance: what it holds is all it counts
+        (100, 0, 0, 0),
+        (100, 8, 512, held_after_bytes(MINILM_SHAPE, 512, 512) - held_after_bytes(MINILM_SHAPE, 512, 8)),
+        (100, 512, 128, 0),  # renewed to a smaller allowance, measured before: never below what it holds
+    ],
+)
+def test_counted_bytes_is_what_a_runner_holds_plus_its_growth_within_the_allowance(
+    measured: int, measured_at: int, allowance: int, expected_growth: int
+) -> None:
+    assert counted_bytes(MINILM_SHAPE, 512, measured, measured_at, allowance) == measured + expected_growth
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected"),
+    [
+        ([], 0),
+        (["why"], 3 + 8),
+        (["é" * 10, "abc"], 20 + 8),  # UTF-8 bytes: no tokenizer makes more tokens than bytes
+        ([[101, 2339, 102], "a"], 3 + 8),
+    ],
+)
+def test_input_tokens_bound(inputs: list[str | list[int]], expected: int) -> None:
+    assert input_tokens_bound(inputs) == expected
+
+
+@pytest.mark.parametrize(
+    ("batch", "longest", "capacity", "expected"),
+    [
+        (512, 20, 8192, 512),  # short inputs: at most one full budget of them
+        (512, 8000, 8192, 8000),  # a long one is decoded alone
+        (512, 9000, 8192, 8192),  # cut (or refused) at the context
+        (512, 20, 256, 256),
+    ],
+)
+def test_decode_tokens_needed(batch: int, longest: int, capacity: int, expected: int) -> None:
+    assert decode_tokens_needed(batch, longest, capacity) == expected
+
+
+SMAPS_ROLLUP = """555c87095000-7fff0869a000 ---p 00000000 00:00 0                          [rollup]
+Rss:               90000 kB
+Pss:               70000 kB
+Shared_Clean:      20000 kB
+Private_Clean:     45000 kB
+Private_Dirty:     25000 kB
+Anonymous:         24000 kB
+Swap:                  0 kB
+"""
+
+
+def test_parse_smaps_rollup_and_the_runner_footprint() -> None:
+    memory = parse_smaps_rollup(SMAPS_ROLLUP)
+    assert memory == ProcessMemory(anonymous_bytes=24000 * 1024, private_bytes=70000 * 1024)
+    # Mapped weights count whole (they must stay resident); libraries and other file pages do not.
+    assert runner_footprint_bytes(memory, 45 << 20, weights_mapped=True) == 24000 * 1024 + (45 << 20)
+    assert runner_footprint_bytes(memory, 45 << 20, weights_mapped=False) == 24000 * 1024
+
+
+def test_parse_llama_buffer_log() -> None:
+    lines = [
+        "load_tensors:   CPU_Mapped model buffer size =    43.48 MiB\n",
+        "llama_context:        CPU  output buffer size =    30.18 MiB\n",
+        "sched_reserve:        CPU compute buffer size =    18.01 MiB\n",
+        "~llama_context:        CPU compute buffer size is  18.0059 MiB, matches expectation\n",
+        "load_tensors:        CUDA0 model buffer size =   100.00 MiB\n",
+    ]
+    assert parse_llama_buffer_log(lines) == {
+        "model": round(143.48 * (1 << 20)),
+        "output": round(30.18 * (1 << 20)),
+        "compute": round(18.01 * (1 << 20)),
+    }
 
 
 @pytest.mark.parametrize(

@@ -213,11 +213,30 @@ async def test_runner_reports_its_facts(tiny_gguf: Path) -> None:
         assert runner.facts is not None
         assert (runner.facts.n_embd, runner.facts.trained_context, runner.facts.limit_tokens) == (32, 64, 64)
         assert runner.facts.pid == runner.pid
+        # What llama.cpp says it allocated: the weights (about the file) and its buffers.
+        buffers = runner.facts.llama_buffer_bytes
+        assert set(buffers) >= {"model", "output", "compute"}
+        assert 0.5 < buffers["model"] / tiny_gguf.stat().st_size < 1.01  # logged to 0.01 MiB
         result = await runner.embed([], True)
         assert result.vectors.shape == (0, 32)
     finally:
         await runner.stop(5.0)
     assert not runner.alive
+
+
+async def test_a_renewed_context_gives_the_same_vectors(tiny_gguf: Path) -> None:
+    params = llama_params(LoadOptions(0, 256, 1, 0, 0, True), 64, 2)
+    runner = await RunnerProcess.start(tiny_gguf, params, "tiny", 60.0)
+    texts = ["why is the sky blue?", "hello world " * 20]
+    try:
+        before = await runner.embed(texts, True)
+        assert runner.largest_decode_tokens == before.token_count
+        await runner.renew_context()
+        assert runner.largest_decode_tokens == 0
+        after = await runner.embed(texts, True)
+    finally:
+        await runner.stop(5.0)
+    np.testing.assert_allclose(after.vectors, before.vectors, rtol=1e-5, atol=1e-6)
 
 
 async def test_busy_runners_share_the_cpus_and_a_lone_one_gets_them_all(tmp_path: Path, tiny_gguf: Path) -> None:
