@@ -86,10 +86,16 @@ def texts_per_s(call: Callable[[list[str]], Any], batch: list[str], seconds: flo
 
 
 def start_daemon(
-    home: Path, port: int, model_dir: Path, threads: int, extra_models: dict[str, Path] | None = None
+    home: Path,
+    port: int,
+    model_dir: Path,
+    threads: int,
+    extra_models: dict[str, Path] | None = None,
+    environ: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """emberd with all-minilm (and `extra_models`); `threads` 0 leaves the thread count automatic."""
-    environ = {**os.environ, "EMBERD_HOST": f"127.0.0.1:{port}", "EMBERD_HOME": str(home)}
+    """emberd with all-minilm (and `extra_models`); `threads` 0 leaves the thread count automatic;
+    `environ` adds settings (EMBERD_*)."""
+    environ = {**os.environ, **(environ or {}), "EMBERD_HOST": f"127.0.0.1:{port}", "EMBERD_HOME": str(home)}
     if threads:
         environ["EMBERD_NUM_THREAD"] = str(threads)
     command = [sys.executable, "-m", "daemon", "serve", "--ensure-model", f"all-minilm={model_dir}"]

@@ -57,6 +57,11 @@ class GGUFFacts:
     # known there; the scheduler reads the header again at load).
     vocab_size: int = 0
     feed_forward_length: int = 0
+    # The attention's shape, for the KV cache a causal model's context allocates (0: not known).
+    head_count: int = 0
+    head_count_kv: int = 0
+    key_length: int = 0  # per head
+    value_length: int = 0  # per head
 
     @property
     def is_embedding_model(self) -> bool:
@@ -199,6 +204,10 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
         metadata=metadata,
         vocab_size=array_lengths.get("tokenizer.ggml.tokens", 0),
         feed_forward_length=arch_int("feed_forward_length"),
+        head_count=arch_int("attention.head_count"),
+        head_count_kv=arch_int("attention.head_count_kv"),
+        key_length=arch_int("attention.key_length"),
+        value_length=arch_int("attention.value_length"),
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from gguf import PoolingType
 
 from daemon.gguf_info import GGUFFacts
 
@@ -153,11 +154,35 @@ class ModelShape:
     n_embd: int
     n_ff: int  # feed-forward width
     n_vocab: int
+    # A causal model's attention, for its KV cache and compute buffer (0: an encoder, which has no
+    # KV cache: llama.cpp runs it without one).
+    n_layer: int = 0
+    q_width: int = 0  # query width of a layer: heads x key length
+    kv_width: int = 0  # key + value width of a layer, for each cached token
+    mean_pooling: bool = False  # pooled through an n_tokens x n_seq_max matrix (a causal model's)
 
     @classmethod
     def of(cls, facts: GGUFFacts, file_bytes: int) -> ModelShape:
         n_ff = facts.feed_forward_length or 4 * facts.embedding_length  # BERT's usual width, if unknown
-        return cls(file_bytes, facts.embedding_length, n_ff, facts.vocab_size)
+        if not facts.causal_attention:
+            return cls(file_bytes, facts.embedding_length, n_ff, facts.vocab_size)
+        # A manifest written before the attention's shape was kept: plain multi-head attention (no
+        # grouped keys), which is the widest cache the model could have.
+        heads = facts.head_count or 1
+        head_width = facts.embedding_length // heads
+        kv_heads = facts.head_count_kv or heads
+        key_length = facts.key_length or head_width
+        value_length = facts.value_length or head_width
+        return cls(
+            file_bytes,
+            facts.embedding_length,
+            n_ff,
+            facts.vocab_size,
+            n_layer=facts.block_count,
+            q_width=heads * key_length,
+            kv_width=kv_heads * (key_length + value_length),
+            mean_pooling=facts.pooling_type == PoolingType.MEAN,
+        )
 
 
 @dataclass(frozen=True)
@@ -166,42 +191,81 @@ class RunnerEstimate:
     worst_bytes: int  # after a decode of n_ubatch tokens: the most the runner can grow to
 
 
-def compute_buffer_bytes(shape: ModelShape, n_tokens: int, n_seq_max: int) -> int:
-    """llama.cpp's CPU compute buffer for an encoder (flash attention, no KV cache) sized for
-    n_tokens: the f16 attention mask (n_tokens x n_tokens padded to 64), the pooling matrix (n_tokens
-    x n_seq_max f32) and the activations of the widest stage (attention about 6 x n_embd floats a
-    token; feed-forward n_ff + 3 x n_embd). It matched llama.cpp's logged size within 0.1%."""
-    padded = -(-n_tokens // 64) * 64
-    widest = max(6 * shape.n_embd, shape.n_ff + 3 * shape.n_embd)
-    return 2 * padded * n_tokens + 4 * n_tokens * n_seq_max + 4 * n_tokens * widest
+# llama.cpp pads a KV cache to a multiple of 256 cells, and a ubatch's rows of the mask to 64.
+KV_CELL_PAD = 256
+UBATCH_PAD = 64
+
+
+def _pad(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def kv_cache_bytes(shape: ModelShape, n_ctx: int) -> int:
+    """A causal model's KV cache: f16 keys and values for every cell of the context, in every layer.
+    llama.cpp zeroes it when the context is made, so all of it is held from load on (measured: a
+    context's creation adds what it logs as its KV buffer)."""
+    return 2 * shape.n_layer * shape.kv_width * _pad(n_ctx, KV_CELL_PAD)
+
+
+def compute_buffer_bytes(shape: ModelShape, n_tokens: int, n_seq_max: int, n_kv: int = 0) -> int:
+    """llama.cpp's CPU compute buffer (flash attention) for a ubatch of n_tokens.
+
+    An encoder (no KV cache): the f16 attention mask (n_tokens x n_tokens padded to 64), the pooling
+    matrix (n_tokens x n_seq_max f32) and the activations of the widest stage (attention about 6 x
+    n_embd floats a token; feed-forward n_ff + 3 x n_embd). It matched llama.cpp's logged size within
+    0.1%.
+
+    A causal model: the f16 mask over the n_kv cached tokens the ubatch attends to, and the widest
+    stage: feed-forward, attention (query, keys and values of the ubatch), or the output projection
+    (n_vocab floats a token: llama.cpp computes logits even for embeddings); MEAN pooling adds its
+    matrix, as for an encoder. Fitted to llama.cpp's
+    logged sizes for qwen3 shapes: within 20%, the vocabulary-bound case within 0.1%; 43% over for
+    attention sixteen times wider than the model."""
+    padded = _pad(n_tokens, UBATCH_PAD)
+    if shape.kv_width == 0:
+        widest = max(6 * shape.n_embd, shape.n_ff + 3 * shape.n_embd)
+        return 2 * padded * n_tokens + 4 * n_tokens * n_seq_max + 4 * n_tokens * widest
+    widest = max(2 * shape.n_ff + 5 * shape.n_embd, 2 * (shape.q_width + shape.kv_width), shape.n_vocab + shape.n_embd)
+    pooling = 4 * n_tokens * n_seq_max if shape.mean_pooling else 0
+    return 2 * n_kv * padded + pooling + 4 * n_tokens * widest
 
 
 def output_buffer_bytes(shape: ModelShape, rows: int) -> int:
     """llama.cpp's output buffer: logits (n_vocab floats, allocated even for embeddings) and
-    embeddings for `rows` outputs. It starts at n_seq_max rows and grows to the largest decode."""
+    embeddings for `rows` outputs. It starts at n_seq_max rows and grows to the largest decode
+    (every token of an embedding decode is an output, however many ubatches it is split into)."""
     return 4 * (shape.n_vocab + shape.n_embd) * rows
 
 
-def held_after_bytes(shape: ModelShape, n_batch: int, largest_decode_tokens: int) -> int:
+def held_after_bytes(shape: ModelShape, n_batch: int, largest_decode_tokens: int, n_ubatch: int = 0) -> int:
     """What a runner holds once its largest decode had `largest_decode_tokens` tokens (0: none yet):
-    the interpreter, the mapped weights, the vocabulary, the output buffer, and the compute buffer as
-    far as that decode touched it. llama.cpp touches its buffers lazily and gives nothing back until
-    the runner exits."""
+    the interpreter, the mapped weights, the vocabulary, a causal model's KV cache, the output
+    buffer, and the compute buffer as far as that decode touched it. llama.cpp touches its buffers
+    lazily and gives nothing back until the runner exits.
+
+    `n_ubatch` (0: the decode is one ubatch) bounds the compute buffer of a decode that llama.cpp
+    splits into ubatches. The context holds n_batch tokens (n_ctx = n_batch: see llama_params)."""
     n_seq_max = min(n_batch, LLAMA_MAX_SEQUENCES)
     rows = max(n_seq_max, largest_decode_tokens)
+    ubatch_tokens = min(largest_decode_tokens, n_ubatch) if n_ubatch else largest_decode_tokens
+    # The last ubatch of a decode attends to every token cached before it.
+    n_kv = min(_pad(largest_decode_tokens, KV_CELL_PAD), _pad(n_batch, KV_CELL_PAD))
     return (
         RUNNER_BASE_BYTES
         + shape.file_bytes
         + VOCAB_BYTES_PER_TOKEN * shape.n_vocab
+        + kv_cache_bytes(shape, n_batch)
         + output_buffer_bytes(shape, rows)
-        + compute_buffer_bytes(shape, largest_decode_tokens, n_seq_max)
+        + compute_buffer_bytes(shape, ubatch_tokens, n_seq_max, n_kv)
     )
 
 
 def estimate_runner(shape: ModelShape, n_batch: int, n_ubatch: int) -> RunnerEstimate:
     """Measured against the cgroup charge with benchmarks/bench_memory.py: 0 to +17% for the tiny
-    model, all-MiniLM f16 and q8_0, and generated BERTs of 8k and 32k context."""
-    return RunnerEstimate(held_after_bytes(shape, n_batch, 0), held_after_bytes(shape, n_batch, n_ubatch))
+    model, all-MiniLM f16 and q8_0, and generated BERTs of 8k and 32k context. An encoder's largest
+    decode is one ubatch; a causal model's is a whole batch, split into ubatches."""
+    largest = n_batch if shape.kv_width else n_ubatch
+    return RunnerEstimate(held_after_bytes(shape, n_batch, 0), held_after_bytes(shape, n_batch, largest, n_ubatch))
 
 
 def budget_bytes(
@@ -254,13 +318,18 @@ def could_ever_fit(
 
 
 def counted_bytes(
-    shape: ModelShape, n_batch: int, measured_bytes: int, measured_at_tokens: int, allowance_tokens: int
+    shape: ModelShape,
+    n_batch: int,
+    measured_bytes: int,
+    measured_at_tokens: int,
+    allowance_tokens: int,
+    n_ubatch: int = 0,
 ) -> int:
     """What the scheduler counts for a loaded runner: what it holds now (`measured_bytes`, when its
     largest decode so far had `measured_at_tokens` tokens), plus what it may still grow to within
     its allowance, the largest decode memory was set aside for."""
-    growth = held_after_bytes(shape, n_batch, allowance_tokens) - held_after_bytes(shape, n_batch, measured_at_tokens)
-    return measured_bytes + max(0, growth)
+    grown = held_after_bytes(shape, n_batch, allowance_tokens, n_ubatch)
+    return measured_bytes + max(0, grown - held_after_bytes(shape, n_batch, measured_at_tokens, n_ubatch))
 
 
 def input_tokens_bound(inputs: Iterable[str | list[int]]) -> int:

@@ -140,10 +140,29 @@ class LlamaParams:
     batch_tokens: int  # token budget of one decode
 
 
-def llama_params(load: LoadOptions, trained_context: int, block_count: int) -> LlamaParams:
+# gguf.PoolingType.LAST (options stays free of the gguf package).
+_POOLING_LAST = 3
+
+
+def splits_across_ubatches(causal_attention: bool, pooling_type: int) -> bool:
+    """Whether llama.cpp embeds a sequence exactly when it is decoded over several ubatches.
+
+    Only with causal attention does llama.cpp decode a sequence in parts (earlier tokens stay in the
+    KV cache; non-causal attention needs all of them in one ubatch). Its pooling runs per ubatch and
+    each ubatch overwrites the sequence's vector, so only LAST pooling (the last ubatch holds the
+    last token) survives; MEAN and CLS would pool the last ubatch only (measured: cosine 0.96 for
+    MEAN and 0.004 for CLS against the one-ubatch vector, 1.0 for LAST)."""
+    return causal_attention and pooling_type == _POOLING_LAST
+
+
+def llama_params(load: LoadOptions, trained_context: int, block_count: int, splits: bool = False) -> LlamaParams:
+    """`splits`: the model embeds a sequence decoded over several ubatches exactly (see
+    splits_across_ubatches)."""
     limit = context_limit(load.num_ctx, trained_context)
-    # An encoder sees a whole sequence in one ubatch, so the ubatch must hold the longest input;
-    # the per-decode budget stays small because attention cost grows with its square.
+    # The context and one decode hold the longest input. An encoder sees a whole sequence in one
+    # ubatch, so its ubatch must hold it too; the per-decode budget stays small because attention
+    # cost grows with its square. A model that splits decodes its longest input in ubatches of the
+    # budget instead: its compute buffer is sized for the budget, not for the longest input.
     capacity = max(limit, load.batch_tokens)
     return LlamaParams(
         n_gpu_layers=n_gpu_layers(load.num_gpu, block_count),
@@ -151,7 +170,7 @@ def llama_params(load: LoadOptions, trained_context: int, block_count: int) -> L
         use_mmap=load.use_mmap,
         n_ctx=capacity,
         n_batch=capacity,
-        n_ubatch=capacity,
+        n_ubatch=load.batch_tokens if splits else capacity,
         n_threads=load.num_thread or available_cpu_count(),
         n_threads_batch=load.num_thread or available_cpu_count(),
         limit_tokens=limit,

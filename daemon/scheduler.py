@@ -44,6 +44,7 @@ from daemon.options import (
     llama_params,
     needs_new_runner,
     resolve_load_options,
+    splits_across_ubatches,
     thread_share,
 )
 from daemon.runner.client import RunnerProcess
@@ -94,8 +95,14 @@ class LoadedModel:
     def counted_bytes(self) -> int:
         """What the scheduler counts for this runner: what it holds, and what it may still grow to
         within its allowance. /api/ps shows it as the model's size."""
+        params = self.params
         return counted_bytes(
-            self.shape, self.params.n_batch, self.measured_bytes, self.measured_at_tokens, self.allowance_tokens
+            self.shape,
+            params.n_batch,
+            self.measured_bytes,
+            self.measured_at_tokens,
+            self.allowance_tokens,
+            params.n_ubatch,
         )
 
     @property
@@ -215,9 +222,10 @@ class Scheduler:
                 self._acquire(entry, keep_alive_s)
         try:
             limit_tokens = min(limit_tokens, entry.params.limit_tokens)
+            # The budget is capped at a ubatch; one decode holds up to n_batch (a long input alone).
             batch_tokens = min(load.batch_tokens, entry.params.n_ubatch)
             longest = min(longest_input_tokens, limit_tokens)
-            await self._allow_decode(entry, decode_tokens_needed(batch_tokens, longest, entry.params.n_ubatch))
+            await self._allow_decode(entry, decode_tokens_needed(batch_tokens, longest, entry.params.n_batch))
             self._apply_live_options(entry, load)
             load_duration_ns = time.perf_counter_ns() - started_ns if loaded_now else 0
             yield Lease(entry, load_duration_ns, limit_tokens)
@@ -304,7 +312,8 @@ class Scheduler:
     async def _load(
         self, model: StoredModel, load: LoadOptions, keep_alive_s: float | None, longest_input_tokens: int
     ) -> LoadedModel:
-        params = llama_params(load, model.facts.context_length, model.facts.block_count)
+        splits = splits_across_ubatches(model.facts.causal_attention, model.facts.pooling_type)
+        params = llama_params(load, model.facts.context_length, model.facts.block_count, splits)
         facts = model.facts
         if facts.vocab_size == 0:  # a manifest written before the estimate needed the vocabulary's size
             facts = await asyncio.to_thread(read_gguf_facts, model.blob_path)
@@ -312,8 +321,8 @@ class Scheduler:
         # Set aside what the first request's largest decode needs, not the model's longest input: a
         # 32k-context model serving short queries must not reserve its worst case up front.
         longest = min(longest_input_tokens, params.limit_tokens)
-        allowance = decode_tokens_needed(params.batch_tokens, longest, params.n_ubatch)
-        estimated = held_after_bytes(shape, params.n_batch, allowance)
+        allowance = decode_tokens_needed(params.batch_tokens, longest, params.n_batch)
+        estimated = held_after_bytes(shape, params.n_batch, allowance, params.n_ubatch)
         await self._make_room(model.name, estimated)
         log.info(
             "loading %s (%s, ctx %d, %d threads)", model.name, model.facts.file_type, params.n_ctx, params.n_threads
@@ -428,9 +437,9 @@ class Scheduler:
 
     @staticmethod
     def _growth_bytes(entry: LoadedModel, decode_tokens: int) -> int:
-        n_batch = entry.params.n_batch
-        grown = held_after_bytes(entry.shape, n_batch, decode_tokens)
-        return max(0, grown - held_after_bytes(entry.shape, n_batch, entry.allowance_tokens))
+        n_batch, n_ubatch = entry.params.n_batch, entry.params.n_ubatch
+        grown = held_after_bytes(entry.shape, n_batch, decode_tokens, n_ubatch)
+        return max(0, grown - held_after_bytes(entry.shape, n_batch, entry.allowance_tokens, n_ubatch))
 
     async def _renew(self, entry: LoadedModel) -> None:
         """An idle runner that grew for a long input gives that memory back: a fresh context."""

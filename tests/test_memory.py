@@ -17,14 +17,25 @@ from aiohttp.test_utils import TestClient
 from daemon.convert import convert_hf_directory
 from daemon.gguf_info import read_gguf_facts
 from daemon.memory import ModelShape, estimate_runner, held_after_bytes
+from daemon.options import LoadOptions, llama_params, splits_across_ubatches
+from daemon.scheduler import LoadedModel
 from daemon.store import ModelStore
 from tests.conftest import MINILM_DIR, MakeClient, scheduler_of
 from tests.live import post_json, read_metrics, running_daemon, wait_for
-from tests.tiny_models import make_tiny_bert_dir
+from tests.tiny_models import make_tiny_bert_dir, make_tiny_causal_gguf
 
 Client = TestClient[Any, Any]
 MIB = 1 << 20
 V1_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+def load_estimate(entry: LoadedModel) -> int:
+    """What loading this runner again sets aside (its estimate for a first decode budget): more
+    than it measures once loaded, for the tiny model."""
+    params = entry.params
+    return max(
+        entry.counted_bytes, held_after_bytes(entry.shape, params.n_batch, entry.allowance_tokens, params.n_ubatch)
+    )
 
 
 async def loaded_names(client: Client) -> list[str]:
@@ -34,7 +45,7 @@ async def loaded_names(client: Client) -> list[str]:
 async def test_max_memory_that_holds_one_model_evicts_the_idle_one(make_client: MakeClient, tiny_gguf: Path) -> None:
     probe = await make_client({"tiny": tiny_gguf})
     assert (await probe.post("/api/embed", json={"model": "tiny"})).status == 200
-    one_runner = scheduler_of(probe).loaded()[0].counted_bytes
+    one_runner = load_estimate(scheduler_of(probe).loaded()[0])
     client = await make_client({"first": tiny_gguf, "second": tiny_gguf}, max_memory_bytes=one_runner + MIB)
     for name in ["first", "second"] * 3:
         response = await client.post("/api/embed", json={"model": name, "input": "why is the sky blue?"})
@@ -52,7 +63,7 @@ async def test_a_model_bigger_than_max_memory_is_refused_with_the_numbers_and_ev
     big.write_bytes(big_ggufs[0])
     client = await make_client({"tiny": tiny_gguf, "big": big})
     assert (await client.post("/api/embed", json={"model": "tiny"})).status == 200
-    tiny_bytes = scheduler_of(client).loaded()[0].counted_bytes
+    tiny_bytes = load_estimate(scheduler_of(client).loaded()[0])
     big_facts = read_gguf_facts(big)
     big_bytes = estimate_runner(ModelShape.of(big_facts, big.stat().st_size), 512, 512).worst_bytes
     assert big_bytes > tiny_bytes + 2 * MIB
@@ -167,10 +178,13 @@ def long_context_ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
         source = make_tiny_bert_dir(directory / name, hidden=hidden, layers=layers, heads=2, context=context)
         paths[name] = directory / f"{name}.gguf"
         convert_hf_directory(source, paths[name], "f32", name)
+    # A causal last-token embedder, decoded in 512-token ubatches: deep and narrow, so its KV cache
+    # (held from load on) is a good part of what it holds.
+    paths["causal"] = make_tiny_causal_gguf(directory / "causal.gguf", 2048, hidden=64, layers=32, heads=4, kv_heads=4)
     return paths
 
 
-@pytest.mark.parametrize("model", ["tiny", "f16", "q8", "bert-8k", "bert-32k"])
+@pytest.mark.parametrize("model", ["tiny", "f16", "q8", "bert-8k", "bert-32k", "causal"])
 def test_the_estimate_is_within_25_percent_of_what_a_runner_adds_at_its_longest_input(
     tmp_path: Path,
     v1_cgroup: Path,
@@ -196,8 +210,9 @@ def test_the_estimate_is_within_25_percent_of_what_a_runner_adds_at_its_longest_
         status, body = post_json(daemon.url + "/api/embed", {"model": model, "input": inputs})
         assert status == 200 and body["prompt_eval_count"] == limit * len(inputs)
         added = held_by_cgroup(v1_cgroup) - daemon_alone
-        capacity = max(limit, 512)  # the runner's n_batch and n_ubatch (see options.llama_params)
-        estimate = estimate_runner(ModelShape.of(facts, stored.size_bytes), capacity, capacity).worst_bytes
+        splits = splits_across_ubatches(facts.causal_attention, facts.pooling_type)
+        params = llama_params(LoadOptions(0, 512, 0, 0, 0, True), facts.context_length, facts.block_count, splits)
+        estimate = estimate_runner(ModelShape.of(facts, stored.size_bytes), params.n_batch, params.n_ubatch).worst_bytes
         shown = ps_size(daemon.url, model)
     print(
         f"{model}: estimated {estimate / 1e6:.0f} MB, measured {added / 1e6:.0f} MB ({estimate / added:.2f}x),"

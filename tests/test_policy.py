@@ -41,7 +41,14 @@ from daemon.options import (
     parse_options,
     resolve_load_options,
 )
-from daemon.runner.batching import fit_tokens, special_token_split, take_batch
+from daemon.runner.batching import (
+    OVERDUE_AFTER_DECODES,
+    QueuedRequest,
+    fit_tokens,
+    same_bucket,
+    special_token_split,
+    take_batch,
+)
 from daemon.runner.protocol import parse_llama_buffer_log
 from daemon.vectors import finish_embeddings, normalize_rows
 
@@ -95,20 +102,55 @@ def test_special_token_split(with_specials: list[int], without: list[int], expec
     assert special_token_split(with_specials, without) == expected
 
 
+Q = QueuedRequest
+
+
 @pytest.mark.parametrize(
-    ("lengths", "budget", "max_sequences", "expected"),
+    ("requests", "budget", "max_sequences", "expected"),
     [
-        ([], 128, 64, 0),
-        ([10, 10, 10], 128, 64, 3),
-        ([100, 20, 10], 128, 64, 2),
-        ([100, 30, 10], 128, 64, 1),  # arrival order is kept: no skipping ahead
-        ([500, 10], 128, 64, 1),  # one input longer than the budget goes alone
-        ([10] * 10, 1000, 4, 4),
-        ([64, 64, 1], 128, 64, 2),
+        ([], 128, 64, []),
+        ([Q([10, 10, 10])], 128, 64, [3]),
+        ([Q([10, 20, 100])], 128, 64, [2]),  # the budget ends the decode
+        ([Q([500]), Q([600])], 128, 64, [1, 0]),  # one input longer than the budget goes alone
+        ([Q([10] * 10)], 1000, 4, [4]),  # at most max_sequences
+        # Requests take turns: a huge request does not hold a 1-input one back.
+        ([Q([50] * 4096), Q([50]), Q([50])], 200, 64, [2, 1, 1]),
+        # The shortest next sequence goes first: a query is not queued behind a document...
+        ([Q([402]), Q([12]), Q([9])], 512, 64, [0, 1, 1]),
+        # ...nor packed with it: attention costs the square of a decode's tokens.
+        ([Q([12]), Q([402])], 512, 64, [1, 0]),
+        ([Q([100]), Q([180]), Q([300])], 1000, 64, [1, 1, 0]),  # longer ones share within a factor of 2
+        # A request passed over for OVERDUE_AFTER_DECODES decodes goes first (ageing).
+        ([Q([12]), Q([402], passed_over=OVERDUE_AFTER_DECODES)], 512, 64, [0, 1]),
+        ([Q([12]), Q([402], passed_over=OVERDUE_AFTER_DECODES - 1)], 512, 64, [1, 0]),
+        # Ties go by arrival.
+        ([Q([20]), Q([20]), Q([20])], 40, 64, [1, 1, 0]),
     ],
 )
-def test_take_batch(lengths: list[int], budget: int, max_sequences: int, expected: int) -> None:
-    assert take_batch(lengths, budget, max_sequences) == expected
+def test_take_batch(requests: list[QueuedRequest], budget: int, max_sequences: int, expected: list[int]) -> None:
+    assert take_batch(requests, budget, max_sequences) == expected
+
+
+def test_take_batch_after_an_overdue_decode_goes_by_length() -> None:
+    waiting = [Q([12]), Q([402], passed_over=OVERDUE_AFTER_DECODES), Q([390], passed_over=OVERDUE_AFTER_DECODES)]
+    assert take_batch(waiting, 512, 64, overdue_first=True) == [0, 0, 1]  # the shorter overdue one
+    assert take_batch(waiting, 512, 64, overdue_first=False) == [1, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("first", "length", "expected"),
+    [
+        (10, 30, True),
+        (30, 10, True),
+        (12, 58, False),
+        (64, 128, True),
+        (100, 201, False),
+        (402, 12, False),
+        (300, 150, True),
+    ],
+)
+def test_same_bucket(first: int, length: int, expected: bool) -> None:
+    assert same_bucket(first, length) is expected
 
 
 # -- options ----------------------------------------------------------------------------------------
@@ -545,3 +587,100 @@ _LOADED = LoadOptions(num_ctx=0, batch_tokens=512, num_thread=0, num_gpu=-1, mai
 def test_needs_new_runner(changes: dict[str, Any], wanted_limit: int, expected: bool) -> None:
     wanted = dataclasses.replace(_LOADED, **changes)
     assert needs_new_runner(_LOADED, 512, wanted, wanted_limit) is expected
+
+
+@pytest.mark.parametrize(
+    ("causal", "pooling", "expected"),
+    [
+        (True, 3, True),  # LAST: the last ubatch holds the last token
+        (True, 1, False),  # MEAN would average the last ubatch only
+        (True, 2, False),  # CLS would take the last ubatch's first token
+        (True, 0, False),  # NONE: not an embedder
+        (False, 3, False),  # non-causal attention needs the whole sequence in one ubatch
+        (False, 1, False),
+    ],
+)
+def test_only_causal_last_token_pooling_splits_across_ubatches(causal: bool, pooling: int, expected: bool) -> None:
+    from daemon.options import splits_across_ubatches
+
+    assert splits_across_ubatches(causal, pooling) is expected
+
+
+@pytest.mark.parametrize(
+    ("num_ctx", "batch", "trained", "splits", "expected"),
+    [
+        # (n_ctx, n_batch, n_ubatch, batch_tokens, limit_tokens)
+        (0, 512, 2048, True, (2048, 2048, 512, 512, 2048)),  # the ubatch is the budget
+        (0, 512, 2048, False, (2048, 2048, 2048, 512, 2048)),  # the ubatch holds the longest input
+        (0, 512, 32768, True, (32768, 32768, 512, 512, 32768)),
+        (0, 128, 512, True, (512, 512, 128, 128, 512)),
+        (256, 512, 2048, True, (512, 512, 512, 512, 256)),  # a context shorter than the budget
+        (0, 1024, 512, True, (1024, 1024, 1024, 1024, 512)),
+    ],
+)
+def test_llama_params_split_a_causal_last_token_model_over_ubatches_of_the_budget(
+    num_ctx: int, batch: int, trained: int, splits: bool, expected: tuple[int, int, int, int, int]
+) -> None:
+    params = llama_params(LoadOptions(num_ctx, batch, 2, 0, 0, True), trained, 4, splits)
+    assert (params.n_ctx, params.n_batch, params.n_ubatch, params.batch_tokens, params.limit_tokens) == expected
+
+
+def _qwen3_shape(
+    n_embd: int, layers: int, q_width: int, kv_width: int, n_vocab: int = 262, file_bytes: int = 0
+) -> ModelShape:
+    return ModelShape(file_bytes, n_embd, 2 * n_embd, n_vocab, n_layer=layers, q_width=q_width, kv_width=kv_width)
+
+
+@pytest.mark.parametrize(
+    ("shape", "logged_kv_mib", "logged_compute_mib"),
+    [
+        # llama.cpp's logged sizes for tests.tiny_models.make_tiny_causal_gguf shapes, n_ctx 2048, n_ubatch 512.
+        (_qwen3_shape(64, 2, 64, 64), 0.50, 3.01),  # the defaults
+        (_qwen3_shape(64, 8, 512, 1024), 32.0, 7.14),  # 8 heads of 64, as many KV heads
+        (_qwen3_shape(256, 2, 64, 64), 0.50, 6.64),  # 2 heads of 32, one KV head
+        (_qwen3_shape(256, 2, 256, 256, n_vocab=30262), 2.00, 61.62),  # the logits are the widest stage
+    ],
+)
+def test_a_causal_models_kv_cache_and_compute_buffer_match_what_llama_cpp_allocates(
+    shape: ModelShape, logged_kv_mib: float, logged_compute_mib: float
+) -> None:
+    from daemon.memory import compute_buffer_bytes, kv_cache_bytes
+
+    assert kv_cache_bytes(shape, 2048) == round(logged_kv_mib * (1 << 20))
+    assert kv_cache_bytes(shape, 1500) == kv_cache_bytes(shape, 1536)  # padded to 256 cells
+    compute = compute_buffer_bytes(shape, 512, 256, n_kv=2048)
+    assert 0.95 <= compute / (logged_compute_mib * (1 << 20)) <= 1.15
+
+
+def test_a_split_decode_grows_the_output_buffer_but_not_the_ubatch() -> None:
+    from daemon.memory import kv_cache_bytes, output_buffer_bytes
+
+    shape = _qwen3_shape(1024, 28, 2048, 2048, n_vocab=151669, file_bytes=600 << 20)
+    encoder = dataclasses.replace(shape, n_layer=0, q_width=0, kv_width=0)
+    # The KV cache is held from load on (llama.cpp zeroes it when it makes the context).
+    assert held_after_bytes(shape, 8192, 0) - held_after_bytes(encoder, 8192, 0) == kv_cache_bytes(shape, 8192)
+    assert kv_cache_bytes(shape, 8192) == 2 * 28 * 2048 * 8192
+    # A decode of 8,192 tokens in ubatches of 512: every token is an output row, but the compute
+    # buffer is one ubatch's, its mask over the 8,192 cached tokens.
+    split = held_after_bytes(shape, 8192, 8192, n_ubatch=512)
+    one_ubatch = held_after_bytes(shape, 8192, 512, n_ubatch=512)
+    mask_growth = 2 * (8192 - 512) * 512
+    assert split - one_ubatch == output_buffer_bytes(shape, 8192) - output_buffer_bytes(shape, 512) + mask_growth
+    assert held_after_bytes(shape, 8192, 8192) - split > 4e9  # what a single 8,192-token ubatch would take
+    # A causal model's worst case is a whole batch; an encoder's is one ubatch.
+    assert estimate_runner(shape, 8192, 512).worst_bytes == split
+    assert estimate_runner(encoder, 8192, 512).worst_bytes == held_after_bytes(encoder, 8192, 512)
+
+
+def test_the_shape_of_a_causal_model_has_its_kv_cache_and_an_encoders_has_none(tmp_path: Path) -> None:
+    from daemon.gguf_info import read_gguf_facts
+    from tests.tiny_models import make_tiny_causal_gguf
+
+    facts = read_gguf_facts(make_tiny_causal_gguf(tmp_path / "causal.gguf", hidden=64, heads=4, kv_heads=2))
+    shape = ModelShape.of(facts, 1000)
+    assert (shape.n_layer, shape.q_width, shape.kv_width, shape.n_ff, shape.n_vocab) == (2, 64, 64, 128, 262)
+    # A manifest from before the attention's shape was kept: plain multi-head attention, the widest.
+    old = dataclasses.replace(facts, head_count=0, head_count_kv=0, key_length=0, value_length=0)
+    assert (ModelShape.of(old, 1000).q_width, ModelShape.of(old, 1000).kv_width) == (64, 128)
+    encoder = dataclasses.replace(facts, causal_attention=False)
+    assert (ModelShape.of(encoder, 1000).n_layer, ModelShape.of(encoder, 1000).kv_width) == (0, 0)

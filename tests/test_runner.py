@@ -230,7 +230,7 @@ async def test_a_renewed_context_gives_the_same_vectors(tiny_gguf: Path) -> None
     texts = ["why is the sky blue?", "hello world " * 20]
     try:
         before = await runner.embed(texts, True)
-        assert runner.largest_decode_tokens == before.token_count
+        assert runner.largest_decode_tokens == max(tokens for tokens, _sequences in before.decodes) > 0
         await runner.renew_context()
         assert runner.largest_decode_tokens == 0
         after = await runner.embed(texts, True)

@@ -8,7 +8,7 @@ import string
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter
+from gguf import GGUFWriter, PoolingType, TokenType
 from safetensors.numpy import save_file
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -92,6 +92,90 @@ def make_header_only_gguf(path: Path, architecture: str = "llama") -> Path:
     writer.add_embedding_length(16)
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((8, 16), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes (its byte-level BPE's base vocabulary)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(byte) if byte in printable else chr(next(extra)) for byte in range(256)]
+
+
+# Merges that make "word" and " word" one token each, so " ".join(["word"] * n) is n tokens.
+_CAUSAL_MERGES = ["w o", "r d", "wo rd", "Ġ word"]
+_CAUSAL_SPECIALS = ["<|bos|>", "<|endoftext|>"]
+
+
+def make_tiny_causal_gguf(
+    path: Path,
+    context: int = 2048,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 0,
+    pooling: PoolingType = PoolingType.LAST,
+    filler_tokens: int = 0,
+    seed: int = 0,
+) -> Path:
+    """A qwen3 embedder (causal attention, last-token pooling by default) with random weights and a
+    byte-level BPE vocabulary, written directly as GGUF. The tokenizer adds a BOS and an EOS, so a
+    text of n words "word" is n + 2 tokens, as for the tiny BERT. `filler_tokens` widens the
+    vocabulary with tokens no text produces (a real embedder's vocabulary is 150k tokens wide)."""
+    head_dim = head_dim or hidden // heads
+    intermediate = hidden * 2
+    filler = [f"<filler{index}>" for index in range(filler_tokens)]
+    tokens = _byte_symbols() + [merge.replace(" ", "") for merge in _CAUSAL_MERGES] + filler + _CAUSAL_SPECIALS
+    token_types = [TokenType.NORMAL] * (len(tokens) - len(_CAUSAL_SPECIALS)) + [TokenType.CONTROL] * 2
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
+
+    writer = GGUFWriter(path, "qwen3")
+    writer.add_name("tiny-causal")
+    writer.add_context_length(context)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(intermediate)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_pooling_type(pooling)
+    writer.add_file_type(0)  # ALL_F32
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    writer.add_token_merges(_CAUSAL_MERGES)
+    writer.add_bos_token_id(tokens.index("<|bos|>"))
+    writer.add_eos_token_id(tokens.index("<|endoftext|>"))
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(True)
+    # numpy shapes are GGUF's dimensions reversed: (rows = outputs, columns = inputs).
+    writer.add_tensor("token_embd.weight", weight(len(tokens), hidden))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for layer in range(layers):
+        prefix = f"blk.{layer}."
+        writer.add_tensor(prefix + "attn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(prefix + "attn_q.weight", weight(heads * head_dim, hidden))
+        writer.add_tensor(prefix + "attn_k.weight", weight(kv_heads * head_dim, hidden))
+        writer.add_tensor(prefix + "attn_v.weight", weight(kv_heads * head_dim, hidden))
+        writer.add_tensor(prefix + "attn_q_norm.weight", np.ones(head_dim, np.float32))
+        writer.add_tensor(prefix + "attn_k_norm.weight", np.ones(head_dim, np.float32))
+        writer.add_tensor(prefix + "attn_output.weight", weight(hidden, heads * head_dim))
+        writer.add_tensor(prefix + "ffn_norm.weight", np.ones(hidden, np.float32))
+        writer.add_tensor(prefix + "ffn_gate.weight", weight(intermediate, hidden))
+        writer.add_tensor(prefix + "ffn_up.weight", weight(intermediate, hidden))
+        writer.add_tensor(prefix + "ffn_down.weight", weight(hidden, intermediate))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -4,6 +4,7 @@ one llama.cpp decode. No llama_cpp import, so it is table-tested anywhere."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from daemon.errors import ContextExceeded
 
@@ -30,20 +31,68 @@ def fit_tokens(
     return list(tokens[: head_specials + keep_content]) + tail, True
 
 
-def take_batch(lengths: Sequence[int], budget_tokens: int, max_sequences: int) -> int:
-    """How many of the waiting sequences (in arrival order) go into the next decode.
+# A request passed over for this many decodes in a row goes first (ageing: long inputs are not
+# starved by a stream of short ones).
+OVERDUE_AFTER_DECODES = 8
+# Sequences up to this many tokens share decodes whatever their lengths; longer ones share only with
+# sequences within a factor of two (see same_bucket).
+SHORT_SEQUENCE_TOKENS = 32
 
-    Sequences are taken while they fit the token budget; the first one is always taken, alone if it
-    is longer than the budget (the context was sized so that any single input fits).
+
+@dataclass(frozen=True)
+class QueuedRequest:
+    """A request waiting in a runner, as the packing policy sees it."""
+
+    lengths: Sequence[int]  # tokens of its sequences not decoded yet, shortest first
+    passed_over: int = 0  # decodes run in a row without any of its sequences
+
+
+def same_bucket(first: int, length: int) -> bool:
+    """Whether a sequence may join a decode whose first sequence has `first` tokens. Attention costs
+    the square of a decode's tokens, so a short query packed beside a long document waits as long as
+    the document; short sequences share freely, longer ones with their own kind."""
+    return max(first, length) <= max(2 * min(first, length), SHORT_SEQUENCE_TOKENS)
+
+
+def take_batch(
+    requests: Sequence[QueuedRequest], budget_tokens: int, max_sequences: int, overdue_first: bool = True
+) -> list[int]:
+    """How many sequences of each waiting request go into the next decode.
+
+    Requests take turns, one sequence a turn, so one request of 4,096 inputs cannot hold a 1-input
+    request back for its whole length. Turns go to overdue requests first (when `overdue_first`:
+    the runner alternates, so that overdue long inputs do not run back to back while short ones
+    wait), then to the shortest next sequence, then by arrival. Sequences are taken while they fit
+    the token budget and the first one's bucket; the first is always taken, alone if longer than
+    the budget (the context was sized so that any single input fits).
     """
-    taken = 0
-    total = 0
-    for length in lengths:
-        if taken >= max_sequences or (taken > 0 and total + length > budget_tokens):
-            break
-        taken += 1
-        total += length
-    return taken
+    counts = [0] * len(requests)
+
+    def turn_order(index: int) -> tuple[bool, int, int]:
+        overdue = overdue_first and requests[index].passed_over >= OVERDUE_AFTER_DECODES
+        return (not overdue, requests[index].lengths[0], index)
+
+    turns = sorted((index for index, request in enumerate(requests) if request.lengths), key=turn_order)
+    if not turns:
+        return counts
+    first = requests[turns[0]].lengths[0]
+    total = taken = 0
+    while turns and taken < max_sequences:
+        still_taking = []
+        for index in turns:
+            lengths = requests[index].lengths
+            length = lengths[counts[index]]
+            if taken >= max_sequences or (
+                taken > 0 and (total + length > budget_tokens or not same_bucket(first, length))
+            ):
+                continue  # its later sequences are no shorter: its turns are over for this decode
+            counts[index] += 1
+            total += length
+            taken += 1
+            if counts[index] < len(lengths):
+                still_taking.append(index)
+        turns = still_taking
+    return counts
 
 
 def special_token_split(with_specials: Sequence[int], without_specials: Sequence[int]) -> tuple[int, int]:

@@ -84,6 +84,8 @@ class EmbeddingEngine:
             trained_context=self._model.n_ctx_train(),
             limit_tokens=params.limit_tokens,
             batch_tokens=params.batch_tokens,
+            # The budget's ceiling: a packed decode stays within one ubatch. A single input longer
+            # than the budget is decoded alone; a model that splits takes it in several ubatches.
             capacity_tokens=params.n_ubatch,
             max_sequences=max_sequences,
             pooling_type=llama_cpp.llama_pooling_type(self._context.ctx),

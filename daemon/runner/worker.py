@@ -1,8 +1,9 @@
 """The runner child: `python -m daemon.runner.worker CONFIG_JSON`.
 
 It owns one llama.cpp model. A reader thread takes requests off stdin; the main thread tokenizes
-them and packs the sequences of every waiting request, in arrival order, into decodes under the
-token budget, so concurrent requests share batches. If llama.cpp aborts, only this process dies.
+them and packs the sequences of the waiting requests into decodes under the token budget, so
+concurrent requests share batches; requests take turns, shortest first (see take_batch), so a short
+query never waits for a huge request to finish. If llama.cpp aborts, only this process dies.
 Closing stdin asks it to finish what it holds and exit: the daemon alone decides when a runner
 stops, so SIGINT, SIGTERM and SIGHUP sent to the whole process group (by a terminal or systemd)
 are ignored, and the runner dies with the daemon if the daemon is killed.
@@ -12,23 +13,22 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import itertools
 import os
 import queue
 import signal
 import sys
 import threading
 import time
-from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, overload
 
 import numpy as np
 import orjson
 
 from daemon.errors import ContextExceeded, InvalidInput
 from daemon.options import LlamaParams
-from daemon.runner.batching import take_batch
+from daemon.runner.batching import OVERDUE_AFTER_DECODES, QueuedRequest, take_batch
 from daemon.runner.protocol import GROUP_SIGNALS, encode_frame, read_frame_blocking
 
 _END = None
@@ -36,21 +36,50 @@ _PR_SET_PDEATHSIG = 1
 
 
 @dataclass
+class _Sequence:
+    row: int
+    tokens: list[int]
+
+
+class _PendingLengths(Sequence[int]):
+    """The token counts of a request's sequences not decoded yet, without copying them."""
+
+    def __init__(self, pending: list[_Sequence], start: int) -> None:
+        self._pending = pending
+        self._start = start
+
+    def __len__(self) -> int:
+        return len(self._pending) - self._start
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[int]: ...
+    def __getitem__(self, index: int | slice) -> int | Sequence[int]:
+        if isinstance(index, slice):
+            return [len(s.tokens) for s in self._pending[self._start :][index]]
+        return len(self._pending[self._start + index].tokens)
+
+
+@dataclass
 class _Request:
     request_id: int
     output: np.ndarray
     remaining: int
+    pending: list[_Sequence] = field(default_factory=list)  # shortest first
+    next_pending: int = 0  # pending[next_pending:] are not decoded yet
+    passed_over: int = 0  # decodes run in a row without any of its sequences
     token_count: int = 0
     truncated: int = 0
-    failed: bool = False
     first_decode_s: float | None = None  # perf_counter at the start of its first decode
 
+    def queued(self) -> QueuedRequest:
+        return QueuedRequest(_PendingLengths(self.pending, self.next_pending), self.passed_over)
 
-@dataclass
-class _Sequence:
-    request: _Request
-    row: int
-    tokens: list[int] = field(default_factory=list)
+    def take(self, count: int) -> list[_Sequence]:
+        taken = self.pending[self.next_pending : self.next_pending + count]
+        self.next_pending += count
+        return taken
 
 
 class _Writer:
@@ -72,12 +101,12 @@ def _read_requests(stream: BinaryIO, inbox: queue.Queue[dict[str, Any] | None]) 
 
 def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Writer) -> None:
     """Answer every request in `inbox` until its end marker, batching across requests."""
-    waiting: deque[_Sequence] = deque()
-    requests: dict[int, _Request] = {}  # answered ones leave
+    requests: dict[int, _Request] = {}  # in arrival order; answered (or cancelled) ones leave
     ended = False
     facts = engine.facts
     decodes: list[tuple[int, int]] = []  # (tokens, sequences) per decode, sent with the next result
     budget_tokens = facts.batch_tokens  # a request's num_batch changes it (set_batch_tokens)
+    served_overdue = False  # the last decode served an overdue request: the next one goes by length
 
     def accept(message: dict[str, Any]) -> None:
         request_id = message["id"]
@@ -92,21 +121,21 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
             writer.send({"type": "error", "id": request_id, "kind": "invalid_input", "message": error.message})
             return
         request = _Request(request_id, np.empty((len(texts), facts.n_embd), dtype=np.float32), len(texts))
-        requests[request_id] = request
         for row, item in enumerate(tokenized):
             request.token_count += len(item.tokens)
             request.truncated += item.truncated
-            waiting.append(_Sequence(request, row, item.tokens))
+            request.pending.append(_Sequence(row, item.tokens))
+        request.pending.sort(key=lambda sequence: len(sequence.tokens))
+        requests[request_id] = request
         if not texts:
             finish(request)
 
     def cancel(request_id: int) -> None:
         """The client left: its sequences not decoded yet leave the queue, and no answer is sent."""
-        nonlocal waiting
-        request = requests.pop(request_id, None)
-        if request is not None:
-            request.failed = True
-            waiting = deque(sequence for sequence in waiting if sequence.request is not request)
+        requests.pop(request_id, None)
+
+    def waiting() -> bool:
+        return any(request.next_pending < len(request.pending) for request in requests.values())
 
     def finish(request: _Request) -> None:
         requests.pop(request.request_id, None)
@@ -124,11 +153,11 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
         decodes.clear()
         writer.send(header, request.output.tobytes())
 
-    while not (ended and not waiting):
+    while not (ended and not waiting()):
         # Block only when idle; otherwise pick up whatever arrived while the last decode ran.
         try:
             while True:
-                message = inbox.get(block=not waiting and not ended)
+                message = inbox.get(block=not ended and not waiting())
                 if message is _END:
                     ended = True
                     break
@@ -148,32 +177,34 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
                 accept(message)
         except queue.Empty:
             pass
-        if not waiting:
+        queued = [request for request in requests.values() if request.next_pending < len(request.pending)]
+        if not queued:
             continue
-        head = itertools.islice(waiting, facts.max_sequences)
-        count = take_batch([len(s.tokens) for s in head], budget_tokens, facts.max_sequences)
-        batch = [waiting.popleft() for _ in range(count)]
-        batch = [s for s in batch if not s.request.failed]
-        if not batch:
-            continue
+        views = [request.queued() for request in queued]
+        counts = take_batch(views, budget_tokens, facts.max_sequences, overdue_first=not served_overdue)
+        served_overdue = any(
+            count and view.passed_over >= OVERDUE_AFTER_DECODES for view, count in zip(views, counts, strict=True)
+        )
+        batch: list[tuple[_Request, _Sequence]] = []
+        for request, count in zip(queued, counts, strict=True):
+            request.passed_over = 0 if count else request.passed_over + 1
+            batch += [(request, sequence) for sequence in request.take(count)]
         started_s = time.perf_counter()
-        for sequence in batch:
-            if sequence.request.first_decode_s is None:
-                sequence.request.first_decode_s = started_s
-        decodes.append((sum(len(s.tokens) for s in batch), len(batch)))
+        for request, _sequence in batch:
+            if request.first_decode_s is None:
+                request.first_decode_s = started_s
+        decodes.append((sum(len(sequence.tokens) for _request, sequence in batch), len(batch)))
         try:
-            vectors = engine.embed_batch([s.tokens for s in batch])
+            vectors = engine.embed_batch([sequence.tokens for _request, sequence in batch])
         except Exception as error:  # a llama.cpp failure fails the requests it touched, not the runner
-            for request in {id(s.request): s.request for s in batch}.values():
-                request.failed = True
+            for request in {request.request_id: request for request, _sequence in batch}.values():
                 requests.pop(request.request_id, None)
                 writer.send({"type": "error", "id": request.request_id, "kind": "failed", "message": str(error)})
             continue
-        for sequence, vector in zip(batch, vectors, strict=True):
-            request = sequence.request
+        for (request, sequence), vector in zip(batch, vectors, strict=True):
             request.output[sequence.row] = vector
             request.remaining -= 1
-            if request.remaining == 0:
+            if request.remaining == 0 and request.request_id in requests:
                 finish(request)
 
 
