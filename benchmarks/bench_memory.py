@@ -56,13 +56,12 @@ from daemon.convert import convert_hf_directory
 from daemon.errors import EmberdError, RunnerCrashed
 from daemon.gguf_info import read_gguf_facts
 from daemon.memory import (
-    LLAMA_MAX_SEQUENCES,
     ModelShape,
     compute_buffer_bytes,
     estimate_runner,
     output_buffer_bytes,
 )
-from daemon.options import LlamaParams, llama_params, resolve_load_options
+from daemon.options import MAX_SEQUENCES_PER_DECODE, LlamaParams, llama_params, resolve_load_options
 from daemon.runner.client import RunnerProcess
 from tests.tiny_models import make_tiny_bert_dir
 
@@ -433,7 +432,7 @@ def print_tables(results: list[Result]) -> None:
     )
     print("|---|---|---|---|---|---|")
     for r in results:
-        n_seq_max = min(r.params.n_batch, LLAMA_MAX_SEQUENCES)
+        n_seq_max = min(r.params.n_batch, MAX_SEQUENCES_PER_DECODE)
         compute = compute_buffer_bytes(r.shape, r.params.n_ubatch, n_seq_max) / MIB
         output = output_buffer_bytes(r.shape, n_seq_max) / MIB
         sizes = r.llama_sizes

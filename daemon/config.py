@@ -123,8 +123,8 @@ class Settings:
     max_memory_bytes: int = 0
     # llama.cpp threads per runner; 0 means automatic: busy runners share the CPUs.
     num_thread: int = 0
-    # Token budget of one llama.cpp decode. Attention cost grows with its square: tune by measuring.
-    batch_tokens: int = 512
+    # Token budget of one llama.cpp decode; 0 means automatic (options.auto_batch_tokens).
+    batch_tokens: int = 0
     # Context per sequence; 0 means the model's trained context.
     num_ctx: int = 0
     # Layers offloaded to a GPU; -1 means all (a CPU-only build ignores it).
@@ -245,7 +245,6 @@ def _coerce(name: str, raw: Any, from_text: bool, environ: Mapping[str, str]) ->
 def _validate(settings: Settings) -> Settings:
     positive = {
         "max_queue": settings.max_queue,
-        "batch_tokens": settings.batch_tokens,
         "max_jobs": settings.max_jobs,
         "max_inputs": settings.max_inputs,
     }
@@ -254,6 +253,7 @@ def _validate(settings: Settings) -> Settings:
             raise InvalidConfig(f"{name}: must be positive, got {value}")
     non_negative = {
         "max_loaded_models": settings.max_loaded_models,
+        "batch_tokens": settings.batch_tokens,
         "num_thread": settings.num_thread,
         "num_ctx": settings.num_ctx,
         "memory_reserve_mib": settings.memory_reserve_mib,

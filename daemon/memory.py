@@ -3,8 +3,9 @@ functions (estimate, budget, fits, pick_victim).
 
 The cgroup is the process's own, found through /proc/self/cgroup: under systemd that is
 /sys/fs/cgroup/system.slice/emberd.service (where MemoryMax= lands), in a container the container's.
-What a cgroup is charged counts the page cache too; what it cannot reclaim is the charge less its
-inactive file pages (the "working set", as the kubelet counts it).
+What a cgroup is charged counts the page cache too; what it cannot reclaim is the charge less the
+cached file pages no process maps (the kubelet's "working set" subtracts every inactive file page,
+which would leave out the weights of a runner idle for a while).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import psutil
 from gguf import PoolingType
 
 from daemon.gguf_info import GGUFFacts
+from daemon.options import MAX_SEQUENCES_PER_DECODE
 
 MIB = 1024 * 1024
 # A runner is a Python interpreter with numpy and llama.cpp, before any model (measured: the tiny
@@ -24,8 +26,6 @@ MIB = 1024 * 1024
 RUNNER_BASE_BYTES = 28 * MIB
 # llama.cpp's vocabulary tables, per token (4.5 MiB for all-MiniLM's 30,522 tokens).
 VOCAB_BYTES_PER_TOKEN = 160
-# llama_max_parallel_sequences(): a runner's n_seq_max is min(n_batch, this).
-LLAMA_MAX_SEQUENCES = 256
 # Special tokens a tokenizer may add around an input (BERT adds 2, some add a BOS and an EOS).
 SPECIAL_TOKENS_BOUND = 8
 # cgroup v1 writes "no limit" as the largest page-aligned counter (9223372036854771712).
@@ -98,13 +98,14 @@ def _read_stat(path: Path) -> dict[str, int]:
 
 
 def read_cgroup_memory(cgroup: OwnCgroup) -> tuple[int | None, int]:
-    """(limit, charge less reclaimable cache) of a cgroup, the limit being the lowest on the way
+    """(limit, charge less reclaimable page cache) of a cgroup, the limit being the lowest on the way
     up to the root (a parent's limit binds its children too); (None, 0) when unreadable."""
     if cgroup.version == 1:
         stat = _read_stat(cgroup.directory / "memory.stat")
         limit = stat.get("hierarchical_memory_limit") or _read_int(cgroup.directory / "memory.limit_in_bytes")
         usage = _read_int(cgroup.directory / "memory.usage_in_bytes") or 0
-        inactive_file = stat.get("total_inactive_file", 0)
+        file_cache = stat.get("total_cache", 0)
+        mapped_file = stat.get("total_mapped_file", 0)
     else:
         limits = []
         directory = cgroup.directory
@@ -115,10 +116,16 @@ def read_cgroup_memory(cgroup: OwnCgroup) -> tuple[int | None, int]:
             directory = directory.parent
         limit = min((value for value in limits if value is not None), default=None)
         usage = _read_int(cgroup.directory / "memory.current") or 0
-        inactive_file = _read_stat(cgroup.directory / "memory.stat").get("inactive_file", 0)
+        stat = _read_stat(cgroup.directory / "memory.stat")
+        file_cache = stat.get("file", 0)
+        mapped_file = stat.get("file_mapped", 0)
     if limit is not None and limit >= _NO_LIMIT_BYTES:
         limit = None
-    return limit, max(0, usage - inactive_file)
+    # Page cache can be reclaimed, unless a process maps it: a runner's weights (active or not:
+    # reclaiming them would only make the runner read them back). The weights of a runner that has
+    # exited stay cached, and count no more.
+    reclaimable = max(0, file_cache - mapped_file)
+    return limit, max(0, usage - reclaimable)
 
 
 class MemoryProbe:
@@ -245,7 +252,7 @@ def held_after_bytes(shape: ModelShape, n_batch: int, largest_decode_tokens: int
 
     `n_ubatch` (0: the decode is one ubatch) bounds the compute buffer of a decode that llama.cpp
     splits into ubatches. The context holds n_batch tokens (n_ctx = n_batch: see llama_params)."""
-    n_seq_max = min(n_batch, LLAMA_MAX_SEQUENCES)
+    n_seq_max = min(n_batch, MAX_SEQUENCES_PER_DECODE)
     rows = max(n_seq_max, largest_decode_tokens)
     ubatch_tokens = min(largest_decode_tokens, n_ubatch) if n_ubatch else largest_decode_tokens
     # The last ubatch of a decode attends to every token cached before it.

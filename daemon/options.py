@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from daemon.config import Settings
@@ -35,6 +35,10 @@ _IGNORED_OPTIONS = {
 }  # fmt: skip
 
 
+# A runner's n_seq_max is min(n_batch, this): llama.cpp's output buffer starts at n_seq_max rows of
+# n_vocab floats, all touched at once (30 MiB for all-MiniLM at 256 rows, 7.5 MiB at 64).
+MAX_SEQUENCES_PER_DECODE = 64
+
 _OPTION_MAXIMUMS = {"num_batch": 16384, "num_thread": 512}
 
 
@@ -44,7 +48,7 @@ class LoadOptions:
     (see needs_new_runner); threads and the token budget change on a live one."""
 
     num_ctx: int  # 0 = the model's trained context
-    batch_tokens: int  # token budget of one llama.cpp decode
+    batch_tokens: int  # token budget of one llama.cpp decode; 0 = automatic (auto_batch_tokens)
     num_thread: int  # 0 = automatic: the scheduler shares the CPUs among busy runners
     num_gpu: int  # layers to offload; -1 = all
     main_gpu: int
@@ -155,9 +159,31 @@ def splits_across_ubatches(causal_attention: bool, pooling_type: int) -> bool:
     return causal_attention and pooling_type == _POOLING_LAST
 
 
-def llama_params(load: LoadOptions, trained_context: int, block_count: int, splits: bool = False) -> LlamaParams:
+# The automatic decode budget: at most this many tokens, and fewer for large vocabularies, so that
+# llama.cpp's output buffer (n_vocab floats for every token of a decode, touched and kept) stays
+# under OUTPUT_BUFFER_BYTES; never fewer than MIN_AUTO_BATCH_TOKENS.
+MAX_AUTO_BATCH_TOKENS = 512
+MIN_AUTO_BATCH_TOKENS = 128
+OUTPUT_BUFFER_BYTES = 32 * 1024 * 1024
+
+
+def auto_batch_tokens(n_vocab: int) -> int:
+    """The decode budget when none is set: the largest power of two up to MAX_AUTO_BATCH_TOKENS whose
+    output buffer fits OUTPUT_BUFFER_BYTES (256 for all-MiniLM's 30,522 tokens: 31 MiB, where 512
+    held 61 MiB and was no faster), at least MIN_AUTO_BATCH_TOKENS (250k-token vocabularies)."""
+    budget = MAX_AUTO_BATCH_TOKENS
+    while budget > MIN_AUTO_BATCH_TOKENS and 4 * n_vocab * budget > OUTPUT_BUFFER_BYTES:
+        budget //= 2
+    return budget
+
+
+def llama_params(
+    load: LoadOptions, trained_context: int, block_count: int, splits: bool = False, n_vocab: int = 0
+) -> LlamaParams:
     """`splits`: the model embeds a sequence decoded over several ubatches exactly (see
-    splits_across_ubatches)."""
+    splits_across_ubatches). `n_vocab` sizes the automatic decode budget (0: not known)."""
+    if load.batch_tokens == 0:
+        load = replace(load, batch_tokens=auto_batch_tokens(n_vocab))
     limit = context_limit(load.num_ctx, trained_context)
     # The context and one decode hold the longest input. An encoder sees a whole sequence in one
     # ubatch, so its ubatch must hold it too; the per-decode budget stays small because attention

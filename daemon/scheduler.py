@@ -223,7 +223,7 @@ class Scheduler:
         try:
             limit_tokens = min(limit_tokens, entry.params.limit_tokens)
             # The budget is capped at a ubatch; one decode holds up to n_batch (a long input alone).
-            batch_tokens = min(load.batch_tokens, entry.params.n_ubatch)
+            batch_tokens = min(load.batch_tokens or entry.params.batch_tokens, entry.params.n_ubatch)
             longest = min(longest_input_tokens, limit_tokens)
             await self._allow_decode(entry, decode_tokens_needed(batch_tokens, longest, entry.params.n_batch))
             self._apply_live_options(entry, load)
@@ -247,7 +247,7 @@ class Scheduler:
         previous = entry.load
         entry.load = replace(previous, batch_tokens=load.batch_tokens, num_thread=load.num_thread)
         if load.batch_tokens != previous.batch_tokens:
-            entry.runner.set_batch_tokens(load.batch_tokens)
+            entry.runner.set_batch_tokens(load.batch_tokens or entry.params.batch_tokens)
         if load.num_thread != previous.num_thread:
             if load.num_thread:
                 entry.runner.set_threads(load.num_thread)
@@ -312,11 +312,11 @@ class Scheduler:
     async def _load(
         self, model: StoredModel, load: LoadOptions, keep_alive_s: float | None, longest_input_tokens: int
     ) -> LoadedModel:
-        splits = splits_across_ubatches(model.facts.causal_attention, model.facts.pooling_type)
-        params = llama_params(load, model.facts.context_length, model.facts.block_count, splits)
         facts = model.facts
         if facts.vocab_size == 0:  # a manifest written before the estimate needed the vocabulary's size
             facts = await asyncio.to_thread(read_gguf_facts, model.blob_path)
+        splits = splits_across_ubatches(facts.causal_attention, facts.pooling_type)
+        params = llama_params(load, facts.context_length, facts.block_count, splits, facts.vocab_size)
         shape = ModelShape.of(facts, model.size_bytes)
         # Set aside what the first request's largest decode needs, not the model's longest input: a
         # 32k-context model serving short queries must not reserve its worst case up front.

@@ -11,6 +11,7 @@ from gguf import PoolingType
 
 from daemon.gguf_info import read_gguf_facts
 from daemon.memory import ModelShape, compute_buffer_bytes, kv_cache_bytes
+from daemon.options import MAX_SEQUENCES_PER_DECODE
 from tests.conftest import MakeClient, scheduler_of
 from tests.tiny_models import make_tiny_causal_gguf
 
@@ -99,4 +100,5 @@ async def test_a_long_input_is_embedded_in_ubatches_of_the_budget_as_in_one_ubat
     shape = ModelShape.of(read_gguf_facts(path), path.stat().st_size)
     assert facts.llama_buffer_bytes["kv"] == kv_cache_bytes(shape, CONTEXT)
     logged_compute = facts.llama_buffer_bytes["compute"]
-    assert 0.9 <= compute_buffer_bytes(shape, n_ubatch, 256, n_kv=CONTEXT) / logged_compute <= 1.15
+    n_seq_max = min(CONTEXT, MAX_SEQUENCES_PER_DECODE)
+    assert 0.9 <= compute_buffer_bytes(shape, n_ubatch, n_seq_max, n_kv=CONTEXT) / logged_compute <= 1.15

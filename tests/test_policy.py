@@ -34,6 +34,7 @@ from daemon.memory import (
 from daemon.names import canonical_name
 from daemon.options import (
     LoadOptions,
+    auto_batch_tokens,
     context_limit,
     llama_params,
     n_gpu_layers,
@@ -491,7 +492,7 @@ def test_the_probe_reads_its_own_v2_cgroup_not_the_root(tmp_path: Path) -> None:
             "memory.max": str(2 * GIB),
             "memory.high": str(GIB + GIB // 2),  # throttling starts here: the lower one binds
             "memory.current": str(GIB),
-            "memory.stat": f"anon {GIB // 2}\ninactive_file {GIB // 4}\nactive_file 1\n",
+            "memory.stat": f"anon {GIB // 2}\nfile {GIB // 4}\ninactive_file {GIB // 8}\n",
         },
     )
     proc_self_cgroup = tmp_path / "cgroup-of-self"
@@ -506,12 +507,16 @@ def test_the_probe_reads_its_own_v2_cgroup_not_the_root(tmp_path: Path) -> None:
     assert MemoryProbe(root, proc_self_cgroup).snapshot().cgroup_limit_bytes == 4 * GIB  # the parent's limit binds
     proc_self_cgroup.write_text("0::/\n")
     assert MemoryProbe(root, proc_self_cgroup).snapshot().cgroup_limit_bytes is None
+    # Page cache a runner maps (its weights) is not reclaimable: it counts.
+    proc_self_cgroup.write_text("0::/system.slice/emberd.service\n")
+    (service / "memory.stat").write_text(f"anon {GIB // 2}\nfile {GIB // 4}\nfile_mapped {GIB // 8}\n")
+    assert MemoryProbe(root, proc_self_cgroup).snapshot().cgroup_used_bytes == GIB - GIB // 8
 
 
 def test_the_probe_reads_a_v1_memory_cgroup(tmp_path: Path) -> None:
     root = tmp_path / "cgroup"
     own = root / "memory" / "emberd"
-    stat = f"cache 100\nrss {GIB // 8}\nhierarchical_memory_limit {GIB}\ntotal_inactive_file {GIB // 16}\n"
+    stat = f"cache 100\nrss {GIB // 8}\nhierarchical_memory_limit {GIB}\ntotal_cache {GIB // 16}\n"
     write_files(own, {"memory.limit_in_bytes": "9223372036854771712", "memory.usage_in_bytes": str(GIB // 4)})
     (own / "memory.stat").write_text(stat)
     proc_self_cgroup = tmp_path / "cgroup-of-self"
@@ -520,6 +525,8 @@ def test_the_probe_reads_a_v1_memory_cgroup(tmp_path: Path) -> None:
     assert (snapshot.cgroup_limit_bytes, snapshot.cgroup_used_bytes) == (GIB, GIB // 4 - GIB // 16)
     (own / "memory.stat").write_text(stat.replace(str(GIB), "9223372036854771712"))
     assert MemoryProbe(root, proc_self_cgroup).snapshot().cgroup_limit_bytes is None  # v1's "unlimited"
+    (own / "memory.stat").write_text(stat + f"total_mapped_file {GIB // 32}\n")
+    assert MemoryProbe(root, proc_self_cgroup).snapshot().cgroup_used_bytes == GIB // 4 - GIB // 32
 
 
 def test_the_probe_without_a_cgroup_is_the_machine(tmp_path: Path) -> None:
@@ -684,3 +691,24 @@ def test_the_shape_of_a_causal_model_has_its_kv_cache_and_an_encoders_has_none(t
     assert (ModelShape.of(old, 1000).q_width, ModelShape.of(old, 1000).kv_width) == (64, 128)
     encoder = dataclasses.replace(facts, causal_attention=False)
     assert (ModelShape.of(encoder, 1000).n_layer, ModelShape.of(encoder, 1000).kv_width) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("n_vocab", "expected"),
+    [
+        (0, 512),  # not known
+        (100, 512),  # the tiny test model
+        (30522, 256),  # all-MiniLM, nomic-embed-text: 31 MiB of output buffer
+        (65536, 128),
+        (250002, 128),  # bge-m3: never below the floor
+    ],
+)
+def test_auto_batch_tokens(n_vocab: int, expected: int) -> None:
+    assert auto_batch_tokens(n_vocab) == expected
+
+
+def test_an_automatic_budget_is_resolved_from_the_vocabulary() -> None:
+    params = llama_params(LoadOptions(0, 0, 2, 0, 0, True), 512, 6, n_vocab=30522)
+    assert (params.batch_tokens, params.n_ubatch, params.limit_tokens) == (256, 512, 512)
+    explicit = llama_params(LoadOptions(0, 384, 2, 0, 0, True), 512, 6, n_vocab=30522)
+    assert explicit.batch_tokens == 384

@@ -14,7 +14,7 @@ import numpy as np
 from llama_cpp import _internals as internals
 
 from daemon.errors import InvalidInput
-from daemon.options import LlamaParams
+from daemon.options import MAX_SEQUENCES_PER_DECODE, LlamaParams
 from daemon.runner.batching import fit_tokens, special_token_split
 from daemon.runner.protocol import RunnerFacts, parse_llama_buffer_log
 
@@ -73,7 +73,7 @@ class EmbeddingEngine:
         context_params.n_threads_batch = params.n_threads_batch
         context_params.embeddings = True
         context_params.kv_unified = True
-        max_sequences = min(params.n_batch, llama_cpp.llama_max_parallel_sequences())
+        max_sequences = min(params.n_batch, MAX_SEQUENCES_PER_DECODE, llama_cpp.llama_max_parallel_sequences())
         context_params.n_seq_max = max_sequences
         self._context_params = context_params
         self._context = internals.LlamaContext(model=self._model, params=context_params, verbose=False)
