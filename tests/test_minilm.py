@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import DATA_DIR, MakeClient
+from tests.conftest import DATA_DIR, MINILM_DIR, MakeClient
 from tests.test_api_embed import embed
 
 Client = TestClient[Any, Any]
@@ -87,3 +87,32 @@ async def test_the_legacy_endpoint_matches_ollamas_raw_vector_and_scale(minilm_c
     assert cosine(vector, legacy["vector"]) >= 0.99
     # Ollama returns all-MiniLM's mean-pooled vector unnormalised; so does emberd.
     assert np.linalg.norm(vector) == pytest.approx(np.linalg.norm(legacy["vector"]), rel=0.01)
+
+
+async def test_token_ids_with_or_without_the_special_tokens_give_the_texts_vector(
+    make_client: MakeClient, minilm_gguf: Path
+) -> None:
+    client = await make_client({"all-minilm": minilm_gguf}, openai_token_ids="model")
+    vocab = (MINILM_DIR / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    bare = [vocab.index(word) for word in ["why", "is", "the", "sky", "blue", "?"]]
+    as_a_tokenizer_gives_them = [vocab.index("[CLS]"), *bare, vocab.index("[SEP]")]  # [101, 2339, ..., 102]
+    _, text = await embed(client, {"model": "all-minilm", "input": "why is the sky blue?"})
+    for ids in (as_a_tokenizer_gives_them, bare):
+        response = await client.post("/v1/embeddings", json={"model": "all-minilm", "input": [ids]})
+        body = await response.json()
+        assert body["usage"]["prompt_tokens"] == 8
+        assert cosine(body["data"][0]["embedding"], text["embeddings"][0]) > 0.99999
+
+
+async def test_every_embedding_answer_says_what_produced_it(minilm_client: Client) -> None:
+    digest = next(m["digest"] for m in (await (await minilm_client.get("/api/tags")).json())["models"])
+    for path, body in (
+        ("/api/embed", {"model": "all-minilm", "input": "hello"}),
+        ("/api/embeddings", {"model": "all-minilm", "prompt": "hello"}),
+        ("/v1/embeddings", {"model": "all-minilm", "input": "hello"}),
+    ):
+        response = await minilm_client.post(path, json=body)
+        assert response.status == 200
+        assert response.headers["X-Emberd-Model-Digest"] == f"sha256:{digest}"  # /api/tags gives the hex
+        assert response.headers["X-Emberd-Llama-Cpp"].startswith("llama-cpp-python 0.3.")
+        assert "ggml " in response.headers["X-Emberd-Llama-Cpp"]

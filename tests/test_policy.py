@@ -49,6 +49,7 @@ from daemon.runner.batching import (
     same_bucket,
     special_token_split,
     take_batch,
+    wrap_token_ids,
 )
 from daemon.runner.protocol import parse_llama_buffer_log
 from daemon.vectors import finish_embeddings, normalize_rows
@@ -712,3 +713,22 @@ def test_an_automatic_budget_is_resolved_from_the_vocabulary() -> None:
     assert (params.batch_tokens, params.n_ubatch, params.limit_tokens) == (256, 512, 512)
     explicit = llama_params(LoadOptions(0, 384, 2, 0, 0, True), 512, 6, n_vocab=30522)
     assert explicit.batch_tokens == 384
+
+
+@pytest.mark.parametrize(
+    ("ids", "expected"),
+    [
+        ([2339, 2003], [CLS, 2339, 2003, SEP]),  # bare ids are wrapped like a text's tokens
+        ([CLS, 2339, 2003, SEP], [CLS, 2339, 2003, SEP]),  # a tokenizer's output is not wrapped again
+        ([CLS, 2339], [CLS, 2339, SEP]),
+        ([2339, SEP], [CLS, 2339, SEP]),
+        ([CLS], [CLS, SEP]),
+        ([], [CLS, SEP]),
+    ],
+)
+def test_wrap_token_ids(ids: list[int], expected: list[int]) -> None:
+    assert wrap_token_ids(ids, [CLS], [SEP]) == expected
+
+
+def test_wrap_token_ids_without_special_tokens() -> None:
+    assert wrap_token_ids([5, 6], [], []) == [5, 6]

@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from daemon.api.common import SETTINGS, TRUNCATED_HEADER, error_response
+from daemon.api.common import EXPOSED_HEADERS, SETTINGS, error_response
 from daemon.errors import InvalidConfig
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
     if origin_allowed(origin, cors_origins) and "Access-Control-Allow-Origin" not in response.headers:
         assert origin is not None
         response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = TRUNCATED_HEADER
+        response.headers["Access-Control-Expose-Headers"] = ", ".join(EXPOSED_HEADERS)
 
 
 @web.middleware

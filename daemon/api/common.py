@@ -69,6 +69,11 @@ REQUEST_STATS = web.RequestKey("request_stats", RequestStats)
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 TRUNCATED_HEADER = "X-Emberd-Truncated-Inputs"
+# What produced a vector, on every embedding answer: a client can tell when vectors it stored were
+# made by another model file or another llama.cpp.
+MODEL_DIGEST_HEADER = "X-Emberd-Model-Digest"
+LLAMA_VERSION_HEADER = "X-Emberd-Llama-Cpp"
+EXPOSED_HEADERS = (TRUNCATED_HEADER, MODEL_DIGEST_HEADER, LLAMA_VERSION_HEADER)
 MAX_KEEP_ALIVE_S = 100 * 365 * 24 * 3600.0
 
 

@@ -10,7 +10,18 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from daemon.api.common import HUB, METRICS, PULLS, REQUEST_STATS, SCHEDULER, SETTINGS, STORE, RequestStats
+from daemon.api.common import (
+    HUB,
+    LLAMA_VERSION_HEADER,
+    METRICS,
+    MODEL_DIGEST_HEADER,
+    PULLS,
+    REQUEST_STATS,
+    SCHEDULER,
+    SETTINGS,
+    STORE,
+    RequestStats,
+)
 from daemon.errors import UnknownModel
 from daemon.memory import input_tokens_bound
 
@@ -23,6 +34,7 @@ class Embedded:
     token_count: int
     truncated_count: int
     load_duration_ns: int
+    provenance: dict[str, str]  # headers saying what produced the vectors (model digest, llama.cpp)
 
 
 async def pull_if_allowed(app: web.Application, name: str) -> None:
@@ -57,8 +69,13 @@ async def embed_inputs(
     longest_tokens = input_tokens_bound(inputs)
     async with scheduler.admit(), scheduler.lease(model, options, keep_alive_s, longest_tokens) as lease:
         stats.model = lease.loaded.name
+        facts = lease.loaded.runner.facts
+        provenance = {
+            MODEL_DIGEST_HEADER: lease.loaded.model.digest,
+            LLAMA_VERSION_HEADER: facts.llama_version if facts is not None else "",
+        }
         if not inputs:
-            return Embedded(np.empty((0, 0), np.float32), 0, 0, lease.load_duration_ns)
+            return Embedded(np.empty((0, 0), np.float32), 0, 0, lease.load_duration_ns, provenance)
         result = await lease.loaded.runner.embed(inputs, truncate, lease.limit_tokens)
     # Queue time is everything but the runner's decoding: admission, loading, the runner's queue.
     queue_s = max(0.0, time.perf_counter() - started_s - result.inference_s)
@@ -66,4 +83,4 @@ async def embed_inputs(
     metrics = app[METRICS]
     metrics.embedded(stats.model, len(inputs), result.token_count, result.truncated_count, queue_s, result.inference_s)
     metrics.decoded(stats.model, result.decodes)
-    return Embedded(result.vectors, result.token_count, result.truncated_count, lease.load_duration_ns)
+    return Embedded(result.vectors, result.token_count, result.truncated_count, lease.load_duration_ns, provenance)

@@ -111,7 +111,7 @@ async def embed(request: web.Request) -> web.Response:
             "load_duration": embedded.load_duration_ns,
             "prompt_eval_count": embedded.token_count,
         },
-        headers={TRUNCATED_HEADER: str(embedded.truncated_count)},
+        headers={TRUNCATED_HEADER: str(embedded.truncated_count), **embedded.provenance},
     )
 
 
@@ -134,7 +134,7 @@ async def legacy_embeddings(request: web.Request) -> web.Response:
     if not prompt:
         return json_response({"embedding": []})
     check_finite(embedded.vectors)
-    return json_response({"embedding": embedded.vectors[0]})
+    return json_response({"embedding": embedded.vectors[0]}, headers=embedded.provenance)
 
 
 async def generate(request: web.Request) -> web.Response:

@@ -94,7 +94,9 @@ async def embeddings(request: web.Request) -> web.Response:
         for index, vector in enumerate(vectors)
     ]
     usage = {"prompt_tokens": embedded.token_count, "total_tokens": embedded.token_count}
-    return json_response({"object": "list", "data": data, "model": embed_request.model, "usage": usage})
+    return json_response(
+        {"object": "list", "data": data, "model": embed_request.model, "usage": usage}, headers=embedded.provenance
+    )
 
 
 def _model_object(model: StoredModel) -> dict[str, Any]:

@@ -95,6 +95,16 @@ def take_batch(
     return counts
 
 
+def wrap_token_ids(ids: Sequence[int], head: Sequence[int], tail: Sequence[int]) -> list[int]:
+    """Token ids between the model's special tokens, as a text's tokens are. Ids that already start
+    (or end) with them, as a Hugging Face tokenizer gives them, are not wrapped again: [CLS] [CLS]
+    ... [SEP] [SEP] embeds another vector (cosine 0.96 for "why is the sky blue?")."""
+    ids = list(ids)
+    starts = bool(head) and ids[: len(head)] == list(head)
+    ends = bool(tail) and len(ids) >= len(head) * starts + len(tail) and ids[len(ids) - len(tail) :] == list(tail)
+    return [*([] if starts else head), *ids, *([] if ends else tail)]
+
+
 def special_token_split(with_specials: Sequence[int], without_specials: Sequence[int]) -> tuple[int, int]:
     """(leading, trailing) special tokens the tokenizer adds, found by comparing the two
     tokenizations of one probe text."""

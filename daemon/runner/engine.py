@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import llama_cpp
 import numpy as np
@@ -15,7 +16,7 @@ from llama_cpp import _internals as internals
 
 from daemon.errors import InvalidInput
 from daemon.options import MAX_SEQUENCES_PER_DECODE, LlamaParams
-from daemon.runner.batching import fit_tokens, special_token_split
+from daemon.runner.batching import fit_tokens, special_token_split, wrap_token_ids
 from daemon.runner.protocol import RunnerFacts, parse_llama_buffer_log
 
 _PROBE_TEXT = b"probe"
@@ -36,11 +37,20 @@ def _log_errors_only(level: int, text: bytes, _user_data: ctypes.c_void_p) -> No
     # llama.cpp is chatty at load time; keep its errors (they reach the daemon's log via stderr).
     line = text.decode("utf-8", errors="replace")
     if level >= 4:  # GGML_LOG_LEVEL_ERROR
-        import sys
-
         sys.stderr.write(line)
     elif "buffer size" in line:
         _BUFFER_LOG.append(line)
+
+
+def llama_version() -> str:
+    """The binding's version and the ggml library's version and commit it was built from."""
+    described = f"llama-cpp-python {llama_cpp.__version__}"
+    for library in sorted((Path(llama_cpp.__file__).parent / "lib").glob("*ggml-base*")):
+        with contextlib.suppress(OSError, AttributeError):
+            ggml = ctypes.CDLL(str(library))
+            ggml.ggml_version.restype = ggml.ggml_commit.restype = ctypes.c_char_p
+            return f"{described}, ggml {ggml.ggml_version().decode()} ({ggml.ggml_commit().decode()})"
+    return described
 
 
 def _release_freed_memory() -> None:
@@ -92,6 +102,7 @@ class EmbeddingEngine:
             gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
             pid=os.getpid(),
             llama_buffer_bytes=parse_llama_buffer_log(_BUFFER_LOG),
+            llama_version=llama_version(),
         )
         probe_with_specials = self._tokenize(_PROBE_TEXT, add_special=True)
         self._head_specials, self._tail_specials = special_token_split(
@@ -115,7 +126,7 @@ class EmbeddingEngine:
             for token in item:
                 if not 0 <= token < self._n_vocab:
                     raise InvalidInput(f"token id {token} is outside the model's vocabulary (0..{self._n_vocab - 1})")
-            tokens = [*self._head_tokens, *item, *self._tail_tokens]
+            tokens = wrap_token_ids(item, self._head_tokens, self._tail_tokens)
         fitted, truncated = fit_tokens(
             tokens,
             self._head_specials,

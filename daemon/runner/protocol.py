@@ -54,6 +54,7 @@ class RunnerFacts:
     pid: int
     # What llama.cpp says it allocated at load, bytes by kind: model, output, compute, kv.
     llama_buffer_bytes: dict[str, int] = field(default_factory=dict)
+    llama_version: str = ""  # "llama-cpp-python 0.3.36, ggml 0.25.3 (0c1e570)"
 
 
 MAX_HEADER_BYTES = 256 * 1024 * 1024
