@@ -142,6 +142,7 @@ class LlamaParams:
     n_threads_batch: int
     limit_tokens: int  # longest single input, special tokens included
     batch_tokens: int  # token budget of one decode
+    vocab_only: bool = False  # the tokenizer alone: no weights, no context (tokenize/detokenize)
 
 
 # gguf.PoolingType.LAST (options stays free of the gguf package).

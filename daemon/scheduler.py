@@ -232,6 +232,20 @@ class Scheduler:
         finally:
             self._release(entry)
 
+    @contextlib.asynccontextmanager
+    async def lease_if_loaded(self, name: str) -> AsyncIterator[RunnerProcess | None]:
+        """Hold `name`'s runner if it is loaded and serving, without ever loading it; else None."""
+        model = self._store.get(name)
+        entry = self._loaded.get(model.name)
+        if entry is None or entry.model.digest != model.digest or not entry.runner.alive:
+            yield None
+            return
+        self._acquire(entry, None)
+        try:
+            yield entry.runner
+        finally:
+            self._release(entry)
+
     @staticmethod
     def _serves(entry: LoadedModel, model: StoredModel, load: LoadOptions, limit_tokens: int) -> bool:
         """Whether a loaded runner can take a request: same file, alive, and options that need no

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from daemon import __version__
-from daemon.api import ollama, openai, ops
+from daemon.api import ollama, openai, ops, tokens
 from daemon.api.access import (
     API_KEYS,
     ApiKeys,
@@ -33,6 +33,7 @@ from daemon.api.common import (
     SCHEDULER,
     SETTINGS,
     STORE,
+    VOCABULARIES,
     Lifecycle,
     error_response,
 )
@@ -67,6 +68,7 @@ from daemon.pulls import disk_free_bytes as disk_free
 from daemon.runner.client import RunnerProcess
 from daemon.scheduler import RunnerFactory, Scheduler
 from daemon.store import ModelStore, StoredModel
+from daemon.vocabularies import Vocabularies
 
 log = logging.getLogger(__name__)
 # The aliases file of a clone or an editable install (the README's way to run emberd).
@@ -228,6 +230,9 @@ def build_app(
         )
         jobs = JobExecutor(settings.max_jobs)
         app[SCHEDULER] = scheduler
+        app[VOCABULARIES] = vocabularies = Vocabularies(
+            settings, store, scheduler, runner_factory or default_runner_factory(settings)
+        )
         app[JOBS] = jobs
         app[PULLS] = PullManager(store, hub, jobs, disk_free_bytes or disk_free, metrics.pulled)
         metrics.watch_state(lambda: daemon_state(app))
@@ -237,12 +242,14 @@ def build_app(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(settings.shutdown_timeout_s):
                 await app[PULLS].wait_finished()
+        await vocabularies.close()
         await scheduler.close(settings.shutdown_timeout_s)
         jobs.close()
 
     app.cleanup_ctx.append(scheduler_lifetime)
     ollama.add_routes(app)
     openai.add_routes(app)
+    tokens.add_routes(app)
     ops.add_routes(app)
     return app
 

@@ -17,6 +17,7 @@ from daemon.metrics import Metrics
 from daemon.pulls import PullManager
 from daemon.scheduler import Scheduler
 from daemon.store import ModelStore
+from daemon.vocabularies import Vocabularies
 
 
 @dataclass
@@ -65,6 +66,7 @@ PULLS = web.AppKey("pulls", PullManager)
 JOBS = web.AppKey("jobs", JobExecutor)
 METRICS = web.AppKey("metrics", Metrics)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+VOCABULARIES = web.AppKey("vocabularies", Vocabularies)
 REQUEST_STATS = web.RequestKey("request_stats", RequestStats)
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"

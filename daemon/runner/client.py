@@ -180,6 +180,30 @@ class RunnerProcess:
         finally:
             self._pending.pop(request_id, None)
 
+    async def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """The model's own token ids for a text (with its special tokens if `add_special`)."""
+        tokens: list[int] = await self._ask({"type": "tokenize", "text": text, "add_special": add_special})
+        return tokens
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        """The text of the model's token ids (special tokens left out)."""
+        content: str = await self._ask({"type": "detokenize", "tokens": tokens})
+        return content
+
+    async def _ask(self, message: dict[str, Any]) -> Any:
+        """Send a message that gets one answer frame, and wait for that answer."""
+        if not self.alive or self._stopping:
+            raise ShuttingDown(f"runner for {self.label} is stopping")
+        request_id = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        assert self._process.stdin is not None
+        try:
+            self._process.stdin.write(encode_frame({**message, "id": request_id}))
+            return await future
+        finally:
+            self._pending.pop(request_id, None)
+
     def _send_cancel(self, request_id: int) -> None:
         if self.alive and self._process.stdin is not None and not self._process.stdin.is_closing():
             self._process.stdin.write(encode_frame({"type": "cancel", "id": request_id}))
@@ -230,6 +254,10 @@ class RunnerProcess:
         if kind == "renewed":
             self.largest_decode_tokens = 0
             future.set_result(None)
+        elif kind == "tokens":
+            future.set_result(header["tokens"])
+        elif kind == "text":
+            future.set_result(header["content"])
         elif kind == "result":
             vectors = np.frombuffer(payload, dtype="<f4").reshape(header["rows"], header["dims"])
             decodes = [(tokens, sequences) for tokens, sequences in header["decodes"]]

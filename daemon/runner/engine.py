@@ -19,7 +19,7 @@ from daemon.options import MAX_SEQUENCES_PER_DECODE, LlamaParams
 from daemon.runner.batching import fit_tokens, special_token_split, wrap_token_ids
 from daemon.runner.protocol import RunnerFacts, parse_llama_buffer_log
 
-_PROBE_TEXT = b"probe"
+_PROBE_TEXT = "probe"
 
 
 @dataclass
@@ -63,6 +63,64 @@ def _release_freed_memory() -> None:
 _LOG_CALLBACK = llama_cpp.llama_log_callback(_log_errors_only)
 
 
+class Vocabulary:
+    """A model's own tokenizer (llama.cpp's), from a full load or a vocabulary-only one."""
+
+    def __init__(self, model: internals.LlamaModel) -> None:
+        self._model = model
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(model.vocab)
+        self._word_piece = llama_cpp.llama_vocab_type(model.vocab) == llama_cpp.LLAMA_VOCAB_TYPE_WPM
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        # special=False: text that spells "[SEP]" is text, not a control token.
+        return list(self._model.tokenize(text.encode("utf-8"), add_special, False))
+
+    def check_ids(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            if not 0 <= token < self.n_vocab:
+                raise InvalidInput(f"token id {token} is outside the model's vocabulary (0..{self.n_vocab - 1})")
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of token ids; special tokens ([CLS], <s>, ...) are left out, as a text has none
+        (before detokenizing: llama.cpp would leave the space that follows them)."""
+        self.check_ids(tokens)
+        tokens = [token for token in tokens if not llama_cpp.llama_vocab_is_control(self._model.vocab, token)]
+        ids = (llama_cpp.llama_token * len(tokens))(*tokens)
+        size = max(64, 8 * len(tokens))
+        for _ in range(2):
+            buffer = ctypes.create_string_buffer(size)
+            written = llama_cpp.llama_detokenize(self._model.vocab, ids, len(tokens), buffer, size, True, False)
+            if written >= 0:
+                text = buffer.raw[:written].decode("utf-8", errors="replace")
+                # WordPiece puts a space before every word, the first too; BERT's own decoder drops
+                # it (its tokenizer never keeps a leading space of the text).
+                return text.removeprefix(" ") if self._word_piece else text
+            size = -written  # the size it needs
+        raise RuntimeError("llama.cpp could not detokenize")
+
+
+def load_vocabulary(model_path: str, params: LlamaParams) -> tuple[Vocabulary, RunnerFacts, internals.LlamaModel]:
+    """A vocabulary-only load: the tokenizer without weights or a context (a few MB)."""
+    llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    model_params = llama_cpp.llama_model_default_params()
+    model_params.vocab_only = True
+    model = internals.LlamaModel(path_model=model_path, params=model_params, verbose=False)
+    facts = RunnerFacts(
+        n_embd=model.n_embd(),
+        trained_context=model.n_ctx_train(),
+        limit_tokens=params.limit_tokens,
+        batch_tokens=0,
+        capacity_tokens=0,
+        max_sequences=0,
+        pooling_type=-1,  # no context: not known here
+        gpu_offload=False,
+        pid=os.getpid(),
+        llama_version=llama_version(),
+    )
+    return Vocabulary(model), facts, model
+
+
 class EmbeddingEngine:
     """One model and one context, used from a single thread."""
 
@@ -74,6 +132,7 @@ class EmbeddingEngine:
         model_params.main_gpu = params.main_gpu
         model_params.use_mmap = params.use_mmap
         self._model = internals.LlamaModel(path_model=model_path, params=model_params, verbose=False)
+        self.vocabulary = Vocabulary(self._model)
 
         context_params = llama_cpp.llama_context_default_params()
         context_params.n_ctx = params.n_ctx
@@ -104,28 +163,21 @@ class EmbeddingEngine:
             llama_buffer_bytes=parse_llama_buffer_log(_BUFFER_LOG),
             llama_version=llama_version(),
         )
-        probe_with_specials = self._tokenize(_PROBE_TEXT, add_special=True)
+        probe_with_specials = self.vocabulary.tokenize(_PROBE_TEXT, add_special=True)
         self._head_specials, self._tail_specials = special_token_split(
-            probe_with_specials, self._tokenize(_PROBE_TEXT, add_special=False)
+            probe_with_specials, self.vocabulary.tokenize(_PROBE_TEXT, add_special=False)
         )
         # The special tokens themselves, to wrap inputs that arrive as token ids.
         self._head_tokens = probe_with_specials[: self._head_specials]
         self._tail_tokens = probe_with_specials[len(probe_with_specials) - self._tail_specials :]
-        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._model.vocab)
-
-    def _tokenize(self, text: bytes, add_special: bool) -> list[int]:
-        # special=False: text that spells "[SEP]" is text, not a control token.
-        return list(self._model.tokenize(text, add_special, False))
 
     def tokenize(self, item: str | list[int], truncate: bool, limit_tokens: int | None = None) -> TokenizedInput:
         """A text, or token ids of this model's vocabulary (wrapped in the special tokens, as a
         text would be), cut to the context (or to a request's shorter `limit_tokens`)."""
         if isinstance(item, str):
-            tokens = self._tokenize(item.encode("utf-8"), add_special=True)
+            tokens = self.vocabulary.tokenize(item, add_special=True)
         else:
-            for token in item:
-                if not 0 <= token < self._n_vocab:
-                    raise InvalidInput(f"token id {token} is outside the model's vocabulary (0..{self._n_vocab - 1})")
+            self.vocabulary.check_ids(item)
             tokens = wrap_token_ids(item, self._head_tokens, self._tail_tokens)
         fitted, truncated = fit_tokens(
             tokens,

@@ -12,6 +12,8 @@ Child -> parent headers:
                                                       those run since the previous result
     {"type": "error", "id": N, "kind": "context_exceeded" | "invalid_input" | "failed", "message": "..."}
     {"type": "renewed", "id": N}                      the context of renew N is a fresh one
+    {"type": "tokens", "id": N, "tokens": [...]}      the answer to tokenize N
+    {"type": "text", "id": N, "content": "..."}       the answer to detokenize N
 Parent -> child headers:
     {"type": "embed", "id": N, "texts": [text or [token ids], ...], "truncate": bool, "limit_tokens": L}
                                                       L: this request's context, at most the runner's
@@ -20,6 +22,8 @@ Parent -> child headers:
     {"type": "cancel", "id": N}                        no answer; drop request N's sequences not decoded yet
     {"type": "renew", "id": N}                         replace the context by a fresh one (gives back
                                                       the buffers a long decode grew), between decodes
+    {"type": "tokenize", "id": N, "text": "...", "add_special": bool}    the model's own tokenizer
+    {"type": "detokenize", "id": N, "tokens": [...]}  (also in a vocabulary-only runner)
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from daemon.runner.batching import OVERDUE_AFTER_DECODES, QueuedRequest, take_ba
 from daemon.runner.protocol import GROUP_SIGNALS, encode_frame, read_frame_blocking
 
 _END = None
+VOCABULARY_MESSAGES = ("tokenize", "detokenize")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -97,6 +98,26 @@ def _read_requests(stream: BinaryIO, inbox: queue.Queue[dict[str, Any] | None]) 
             inbox.put(frame[0])
     finally:
         inbox.put(_END)
+
+
+def answer_vocabulary(vocabulary: Any, message: dict[str, Any], writer: _Writer) -> None:
+    """A tokenize or detokenize message, answered at once (no decode involved)."""
+    request_id = message["id"]
+    try:
+        if message["type"] == "tokenize":
+            tokens = vocabulary.tokenize(message["text"], message["add_special"])
+            writer.send({"type": "tokens", "id": request_id, "tokens": tokens})
+        else:
+            writer.send({"type": "text", "id": request_id, "content": vocabulary.detokenize(message["tokens"])})
+    except InvalidInput as error:
+        writer.send({"type": "error", "id": request_id, "kind": "invalid_input", "message": error.message})
+
+
+def serve_vocabulary(vocabulary: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Writer) -> None:
+    """A vocabulary-only runner: tokenize and detokenize until the end marker."""
+    while (message := inbox.get()) is not _END:
+        if message["type"] in VOCABULARY_MESSAGES:
+            answer_vocabulary(vocabulary, message, writer)
 
 
 def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Writer) -> None:
@@ -167,6 +188,9 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
                 if message["type"] == "cancel":
                     cancel(message["id"])
                     continue
+                if message["type"] in VOCABULARY_MESSAGES:
+                    answer_vocabulary(engine.vocabulary, message, writer)
+                    continue
                 if message["type"] == "renew":
                     engine.renew_context()
                     writer.send({"type": "renewed", "id": message["id"]})
@@ -232,17 +256,24 @@ def main() -> int:
     protocol_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     writer = _Writer(protocol_out)
+    params = LlamaParams(**config["params"])
     try:
-        from daemon.runner.engine import EmbeddingEngine
+        from daemon.runner.engine import EmbeddingEngine, load_vocabulary
 
-        engine = EmbeddingEngine(config["model_path"], LlamaParams(**config["params"]))
+        if params.vocab_only:
+            vocabulary, facts, _model = load_vocabulary(config["model_path"], params)
+        else:
+            engine = EmbeddingEngine(config["model_path"], params)
+            facts = engine.facts
     except Exception as error:
         writer.send({"type": "load_failed", "message": f"{type(error).__name__}: {error}"})
         return 1
-    facts = engine.facts
     writer.send({"type": "ready", "facts": dataclasses.asdict(facts)})
     inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
     threading.Thread(target=_read_requests, args=(sys.stdin.buffer, inbox), daemon=True).start()
+    if params.vocab_only:
+        serve_vocabulary(vocabulary, inbox, writer)
+        return 0
     serve(engine, inbox, writer)
     engine.close()
     return 0

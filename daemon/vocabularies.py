@@ -1,0 +1,90 @@
+"""The models' own tokenizers for /api/tokenize and /api/detokenize.
+
+A loaded model's runner answers itself. For a model that is not loaded, the model is not loaded
+whole: a vocabulary-only runner (llama.cpp's vocab_only load: no weights, no context, a few MB
+beside the interpreter) answers, and is kept a minute for the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from daemon.config import Settings
+from daemon.options import llama_params, resolve_load_options
+from daemon.runner.client import RunnerProcess
+from daemon.scheduler import RunnerFactory, Scheduler
+from daemon.store import ModelStore, StoredModel
+
+log = logging.getLogger(__name__)
+VOCABULARY_KEEP_S = 60.0
+MAX_VOCABULARY_RUNNERS = 4
+
+
+class Vocabularies:
+    def __init__(
+        self, settings: Settings, store: ModelStore, scheduler: Scheduler, runner_factory: RunnerFactory
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._scheduler = scheduler
+        self._runner_factory = runner_factory
+        self._runners: OrderedDict[str, RunnerProcess] = OrderedDict()  # by model digest, oldest first
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._starting: dict[str, asyncio.Lock] = {}
+        self._stopping: set[asyncio.Task[None]] = set()
+
+    async def tokenize(self, name: str, text: str, add_special: bool) -> list[int]:
+        async with self._runner(name) as runner:
+            return await runner.tokenize(text, add_special)
+
+    async def detokenize(self, name: str, tokens: list[int]) -> str:
+        async with self._runner(name) as runner:
+            return await runner.detokenize(tokens)
+
+    @contextlib.asynccontextmanager
+    async def _runner(self, name: str) -> AsyncIterator[RunnerProcess]:
+        async with self._scheduler.lease_if_loaded(name) as loaded:
+            if loaded is not None:
+                yield loaded
+                return
+        model = self._store.get(name)
+        yield await self._vocabulary_runner(model)
+
+    async def _vocabulary_runner(self, model: StoredModel) -> RunnerProcess:
+        async with self._starting.setdefault(model.digest, asyncio.Lock()):
+            runner = self._runners.get(model.digest)
+            if runner is None or not runner.alive:
+                load = resolve_load_options(self._settings, {})
+                params = replace(
+                    llama_params(load, model.facts.context_length, model.facts.block_count), vocab_only=True
+                )
+                runner = await self._runner_factory(model, params)
+                self._runners[model.digest] = runner
+                while len(self._runners) > MAX_VOCABULARY_RUNNERS:
+                    self._stop(next(iter(self._runners)))
+            self._runners.move_to_end(model.digest)
+            if (timer := self._timers.pop(model.digest, None)) is not None:
+                timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._timers[model.digest] = loop.call_later(VOCABULARY_KEEP_S, self._stop, model.digest)
+            return runner
+
+    def _stop(self, digest: str) -> None:
+        runner = self._runners.pop(digest, None)
+        if (timer := self._timers.pop(digest, None)) is not None:
+            timer.cancel()
+        if runner is not None:
+            # Messages already sent are answered first: the runner reads its pipe to the end.
+            task = asyncio.ensure_future(runner.stop(self._settings.shutdown_timeout_s))
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+
+    async def close(self) -> None:
+        for digest in list(self._runners):
+            self._stop(digest)
+        await asyncio.gather(*self._stopping)
