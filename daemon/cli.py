@@ -18,6 +18,7 @@ from daemon import __version__
 from daemon.config import Settings, load_settings
 from daemon.errors import EmberdError
 from daemon.logs import configure_logging
+from daemon.prompts import parse_prompt_option
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     create_parser.add_argument("name")
     create_parser.add_argument("--from", dest="source", required=True, help="GGUF file or Hugging Face directory")
     create_parser.add_argument("--quantize", help="f16 (default), f32 or q8_0, for directories")
+    create_parser.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="NAME=TEXT",
+        help='a named prompt requests can pick with prompt_name, e.g. --prompt "query=search_query: "',
+    )
+    create_parser.add_argument("--default-prompt", metavar="NAME", help="the prompt applied when a request names none")
 
     embed_parser = commands.add_parser("embed", help="embed texts and print the JSON answer")
     embed_parser.add_argument("name")
@@ -150,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         body: dict[str, Any] = {"model": args.name, "from": str(Path(args.source).resolve())}
         if args.quantize:
             body["quantize"] = args.quantize
+        if args.prompt:
+            try:
+                body["prompts"] = dict(parse_prompt_option(option) for option in args.prompt)
+            except EmberdError as error:
+                raise SystemExit(f"Error: {error.message}") from None
+        if args.default_prompt:
+            body["default_prompt_name"] = args.default_prompt
         client.stream("/api/create", body)
     elif args.command == "pull":
         client.stream("/api/pull", {"model": args.name})

@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx2
@@ -28,9 +28,10 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils._headers import build_hf_headers
 from huggingface_hub.utils._http import get_session, hf_raise_for_status
 
-from daemon.errors import DownloadFailed, HubUnavailable, InvalidConfig, UnknownModel
+from daemon.errors import DownloadFailed, HubUnavailable, InvalidConfig, InvalidInput, UnknownModel
 from daemon.jobs import NEVER_CANCELLED, CancelToken
 from daemon.names import canonical_name, parse_hub_name
+from daemon.prompts import ModelPrompts, check_prompts
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class AliasEntry:
     filename: str | None  # None: picked from the repo like an hf.co name without a tag
     revision: str
     sha256: str | None
+    prompts: ModelPrompts = field(default_factory=ModelPrompts)  # the model card's query/document prompts
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class HubFile:
     revision: str  # a commit hash once resolved
     sha256: str  # the Hub's LFS hash, checked before the blob is published
     size_bytes: int
+    prompts: ModelPrompts = field(default_factory=ModelPrompts)  # from the alias, if any
 
     @property
     def source(self) -> str:
@@ -75,7 +78,7 @@ class HubFile:
 
 def load_aliases(path: Path) -> dict[str, AliasEntry]:
     """configs/models.toml: one table per model name, e.g. ["all-minilm:latest"], with repo, revision,
-    and optionally file and sha256."""
+    and optionally file, sha256, prompts (a table of name = text) and default_prompt_name."""
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as error:
@@ -85,9 +88,12 @@ def load_aliases(path: Path) -> dict[str, AliasEntry]:
         try:
             sha256 = entry.get("sha256") or None
             filename = entry.get("file") or None
-            aliases[canonical_name(name)] = AliasEntry(entry["repo"], filename, entry["revision"], sha256)
+            prompts = check_prompts(entry.get("prompts", {}), entry.get("default_prompt_name"), f"alias {name!r}")
+            aliases[canonical_name(name)] = AliasEntry(entry["repo"], filename, entry["revision"], sha256, prompts)
         except (KeyError, AttributeError, TypeError):
             raise InvalidConfig(f"{path}: alias {name!r} needs repo and revision") from None
+        except InvalidInput as error:
+            raise InvalidConfig(f"{path}: {error.message}") from None
     return aliases
 
 
@@ -166,7 +172,8 @@ class HubClient:
             raise DownloadFailed(
                 f"{filename}: the Hub's sha256 {sibling.lfs.sha256} differs from the pinned {alias.sha256}"
             )
-        return HubFile(repo_id, filename, info.sha, sibling.lfs.sha256, sibling.lfs.size)
+        prompts = alias.prompts if alias is not None else ModelPrompts()
+        return HubFile(repo_id, filename, info.sha, sibling.lfs.sha256, sibling.lfs.size, prompts)
 
     def download(
         self,

@@ -134,7 +134,9 @@ class PullManager:
             if not self._store.has_blob(hub_file.sha256):
                 await self._download(hub_file, job)
             job.add({"status": "writing manifest"})
-            await asyncio.to_thread(self._store.publish_blob, canonical, hub_file.sha256, hub_file.source)
+            await asyncio.to_thread(
+                self._store.publish_blob, canonical, hub_file.sha256, hub_file.source, hub_file.prompts
+            )
             job.add({"status": "success"})
         except EmberdError as failure:
             error = failure

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from daemon.errors import InsufficientDisk, InvalidModelFile, NotEmbeddingModel,
 from daemon.gguf_info import GGUFFacts, read_gguf_facts
 from daemon.jobs import NEVER_CANCELLED, CancelToken
 from daemon.names import canonical_name
+from daemon.prompts import ModelPrompts, merge_prompts, read_sentence_transformers_prompts
 
 _COPY_CHUNK_BYTES = 4 * 1024 * 1024
 
@@ -42,6 +43,7 @@ class StoredModel:
     modified_at: str  # RFC 3339
     blob_path: Path
     facts: GGUFFacts
+    prompts: ModelPrompts = field(default_factory=ModelPrompts)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -89,6 +91,7 @@ class ModelStore:
             modified_at=manifest["modified_at"],
             blob_path=self.blobs_dir / digest.replace(":", "-"),
             facts=GGUFFacts(**{**facts, "metadata": {}}),
+            prompts=ModelPrompts.from_manifest(manifest),
         )
 
     def get(self, name: str) -> StoredModel:
@@ -115,7 +118,9 @@ class ModelStore:
             _fsync_directory(self.blobs_dir)
         return blob
 
-    def _write_manifest(self, name: str, blob: Path, facts: GGUFFacts, source: str) -> StoredModel:
+    def _write_manifest(
+        self, name: str, blob: Path, facts: GGUFFacts, source: str, prompts: ModelPrompts
+    ) -> StoredModel:
         digest = "sha256:" + blob.name.removeprefix("sha256-")
         modified_at = datetime.now(UTC).isoformat()
         manifest: dict[str, Any] = {
@@ -126,6 +131,7 @@ class ModelStore:
             "modified_at": modified_at,
             "source": source,
             "facts": {k: v for k, v in dataclasses.asdict(facts).items() if k != "metadata"},
+            **prompts.as_manifest(),
         }
         path = self._manifest_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,9 +179,12 @@ class ModelStore:
         output_type: str = "f16",
         progress: Callable[[str], None] = lambda _status: None,
         token: CancelToken = NEVER_CANCELLED,
+        prompts: ModelPrompts | None = None,
     ) -> StoredModel:
         """Register a GGUF file, or convert a Hugging Face directory, under `name`. Blocking; a
-        cancelled `token` stops it at the next chunk or tensor, leaving nothing behind."""
+        cancelled `token` stops it at the next chunk or tensor, leaving nothing behind. `prompts`
+        add to (and override) those a sentence-transformers directory carries."""
+        prompts = prompts or ModelPrompts()
         canonical = canonical_name(name)
         self.check_source(source)
         fd, partial_name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".partial")
@@ -185,6 +194,7 @@ class ModelStore:
             if source.is_dir():
                 progress(f"converting {source.name} to gguf ({output_type})")
                 convert_hf_directory(source, partial, output_type, canonical.split(":")[0], progress, token)
+                prompts = merge_prompts(read_sentence_transformers_prompts(source), prompts)
                 with partial.open("rb+") as handle:
                     os.fsync(handle.fileno())
                 progress("computing sha256 digest")
@@ -194,7 +204,7 @@ class ModelStore:
                 digest_hex = self._hash_copy(source, partial, token)
             require_embedding_model(read_gguf_facts(partial), source.name)
             progress("writing manifest")
-            return self.publish(canonical, partial, digest_hex, str(source))
+            return self.publish(canonical, partial, digest_hex, str(source), prompts)
         except OSError as error:
             if error.errno == errno.ENOSPC:
                 raise InsufficientDisk(f"no space left in {self.models_dir} to create {canonical}") from None
@@ -202,10 +212,12 @@ class ModelStore:
         finally:
             partial.unlink(missing_ok=True)
 
-    def publish(self, name: str, partial: Path, digest_hex: str, source: str) -> StoredModel:
+    def publish(
+        self, name: str, partial: Path, digest_hex: str, source: str, prompts: ModelPrompts | None = None
+    ) -> StoredModel:
         """Make a complete, fsynced file the blob of `name`."""
         self.adopt_blob(partial, digest_hex)
-        return self.publish_blob(name, digest_hex, source)
+        return self.publish_blob(name, digest_hex, source, prompts)
 
     def adopt_blob(self, complete: Path, digest_hex: str) -> None:
         """Move a complete file, whose sha256 was checked, into the blobs (same filesystem)."""
@@ -214,14 +226,14 @@ class ModelStore:
         with self._lock:
             self._publish_blob(complete, digest_hex)
 
-    def publish_blob(self, name: str, digest_hex: str, source: str) -> StoredModel:
+    def publish_blob(self, name: str, digest_hex: str, source: str, prompts: ModelPrompts | None = None) -> StoredModel:
         """Point `name` at an existing blob. Any GGUF is accepted: a download may bring a model
         without pooling, which /api/embed then refuses with its own error."""
         canonical = canonical_name(name)
         blob = self.blobs_dir / f"sha256-{digest_hex}"
         facts = read_gguf_facts(blob)
         with self._lock:
-            return self._write_manifest(canonical, blob, facts, source)
+            return self._write_manifest(canonical, blob, facts, source, prompts or ModelPrompts())
 
     def has_blob(self, digest_hex: str) -> bool:
         return (self.blobs_dir / f"sha256-{digest_hex}").is_file()

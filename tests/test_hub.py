@@ -37,7 +37,8 @@ def aliases_file(tmp_path: Path, fake_hub: FakeHub, quant_files: dict[str, bytes
     path = tmp_path / "models.toml"
     path.write_text(
         f'["tiny-alias:latest"]\nrepo = "{REPO}"\nfile = "tiny-embed-Q8_0.gguf"\nrevision = "{repo.commit}"\n'
-        f'sha256 = "{sha_of(quant_files["tiny-embed-Q8_0.gguf"])}"\n\n'
+        f'sha256 = "{sha_of(quant_files["tiny-embed-Q8_0.gguf"])}"\n'
+        'prompts = { query = "why ", document = "the " }\n\n'
         f'["pinned-wrong"]\nrepo = "{REPO}"\nfile = "tiny-embed-F16.gguf"\nrevision = "main"\nsha256 = "{"0" * 64}"\n'
     )
     return path
@@ -230,6 +231,12 @@ async def test_an_alias_pulls_its_pinned_file(hub_client: Client, quant_files: d
     assert (
         store_of(hub_client).get("tiny-alias:latest").digest == f"sha256:{sha_of(quant_files['tiny-embed-Q8_0.gguf'])}"
     )
+    # The alias's prompts come with it: /api/show lists them and a request can pick one.
+    show = await (await hub_client.post("/api/show", json={"model": "tiny-alias"})).json()
+    assert (show["prompts"], show["default_prompt_name"]) == ({"query": "why ", "document": "the "}, None)
+    _, picked = await embed(hub_client, {"model": "tiny-alias", "input": "sky", "prompt_name": "query"})
+    _, spelled = await embed(hub_client, {"model": "tiny-alias", "input": "why sky"})
+    assert picked["embeddings"] == spelled["embeddings"]
 
 
 async def test_an_alias_whose_pinned_sha256_differs_is_refused(hub_client: Client) -> None:

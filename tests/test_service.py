@@ -39,6 +39,15 @@ def test_the_cli_drives_a_running_daemon(daemon: Daemon, tiny_gguf: Path) -> Non
     listed = daemon.cli("list")
     assert "tiny:latest" in listed.stdout and "second:latest" in listed.stdout
 
+    prompted = daemon.cli(
+        "create", "third", "--from", str(tiny_gguf), "--prompt", "query=why ", "--prompt", "document=the "
+    )
+    assert prompted.returncode == 0, prompted.stderr
+    shown = json.loads(daemon.cli("show", "third").stdout)
+    assert shown["prompts"] == {"query": "why ", "document": "the "}
+    malformed = daemon.cli("create", "fourth", "--from", str(tiny_gguf), "--prompt", "no-equals")
+    assert (malformed.returncode, malformed.stderr.strip()) == (1, "Error: --prompt takes NAME=TEXT, got 'no-equals'")
+
     embedded = daemon.cli("embed", "tiny", "why is the sky blue?", "hello")
     assert embedded.returncode == 0, embedded.stderr
     assert len(json.loads(embedded.stdout)["embeddings"]) == 2

@@ -24,6 +24,7 @@ from daemon.api.common import (
 )
 from daemon.errors import UnknownModel
 from daemon.memory import input_tokens_bound
+from daemon.prompts import apply_prompt, choose_prompt
 
 MAX_LOGGED_NAME_CHARS = 200
 
@@ -56,14 +57,19 @@ async def embed_inputs(
     truncate: bool,
     options: dict[str, Any],
     keep_alive_s: float | None,
+    prompt_name: str | None = None,
+    input_type: str | None = None,
 ) -> Embedded:
-    """Embed texts (or token-id lists of the model's vocabulary). With no inputs, the model is
-    only loaded: the preload idiom. What happened is left in request[REQUEST_STATS] for the log."""
+    """Embed texts (or token-id lists of the model's vocabulary), after the model's prompt that
+    `prompt_name` or `input_type` picks (see daemon.prompts). With no inputs, the model is only
+    loaded: the preload idiom. What happened is left in request[REQUEST_STATS] for the log."""
     app = request.app
     started_s = time.perf_counter()
     # The name as sent, until the lease gives the canonical one (cut: it is echoed into a log line).
     stats = request[REQUEST_STATS] = RequestStats(model[:MAX_LOGGED_NAME_CHARS], len(inputs))
     await pull_if_allowed(app, model)
+    prompt = choose_prompt(app[STORE].get(model).prompts, prompt_name, input_type)
+    inputs = apply_prompt(prompt, inputs)
     scheduler = app[SCHEDULER]
     # Bounded before tokenizing, so memory for the largest decode is set aside before it is sent.
     longest_tokens = input_tokens_bound(inputs)

@@ -35,6 +35,7 @@ from daemon.errors import EmberdError, InvalidInput, InvalidModelFile, NotEmbedd
 from daemon.gguf_info import format_parameter_size, read_gguf_facts
 from daemon.names import canonical_name
 from daemon.options import parse_options
+from daemon.prompts import check_prompts
 from daemon.scheduler import LoadedModel
 from daemon.store import StoredModel
 from daemon.vectors import check_finite, finish_embeddings
@@ -55,6 +56,7 @@ class EmbedRequest:
     dimensions: int | None
     keep_alive_s: float | None
     options: dict[str, Any]
+    prompt_name: str | None  # one of the model's prompts, put before every input
 
 
 def decode_embed_request(document: dict[str, Any]) -> EmbedRequest:
@@ -80,6 +82,7 @@ def decode_embed_request(document: dict[str, Any]) -> EmbedRequest:
         dimensions=dimensions,
         keep_alive_s=parse_keep_alive_s(document.get("keep_alive")),
         options=parse_options(document.get("options")),
+        prompt_name=require_type(document, "prompt_name", str, "a string"),
     )
 
 
@@ -99,6 +102,7 @@ async def embed(request: web.Request) -> web.Response:
         embed_request.truncate,
         embed_request.options,
         embed_request.keep_alive_s,
+        embed_request.prompt_name,
     )
     if not embed_request.texts:
         return json_response(empty_answer)  # the preload idiom
@@ -223,6 +227,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     if output_type not in OUTPUT_TYPES:
         raise InvalidInput(f"unsupported quantize {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
     stream = require_type(document, "stream", bool, "true or false")
+    prompts = check_prompts(document.get("prompts") or {}, document.get("default_prompt_name"), "create")
     source = Path(source_text).expanduser()
     store = request.app[STORE]
     try:
@@ -234,7 +239,7 @@ async def create(request: web.Request) -> web.StreamResponse:
 
     jobs = request.app[JOBS]  # a conversion is a long job: its own bounded threads, cancelled at shutdown
     if stream is False:
-        await jobs.run(lambda token: store.create(name, source, output_type, token=token))
+        await jobs.run(lambda token: store.create(name, source, output_type, token=token, prompts=prompts))
         return json_response({"status": "success"})
 
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -245,7 +250,9 @@ async def create(request: web.Request) -> web.StreamResponse:
     def progress(status: str) -> None:
         loop.call_soon_threadsafe(statuses.put_nowait, status)
 
-    work = asyncio.ensure_future(jobs.run(lambda token: store.create(name, source, output_type, progress, token)))
+    work = asyncio.ensure_future(
+        jobs.run(lambda token: store.create(name, source, output_type, progress, token, prompts))
+    )
     # Progress lines are queued from the thread before the work's own completion, so the end marker
     # added on completion comes after all of them.
     work.add_done_callback(lambda _work: statuses.put_nowait(None))
@@ -304,6 +311,7 @@ async def show(request: web.Request) -> web.Response:
             "model_info": model_info,
             "capabilities": ["embedding"] if facts.is_embedding_model else [],
             "modified_at": model.modified_at,
+            **model.prompts.as_manifest(),  # "prompts": {name: text}, "default_prompt_name"
         }
     )
 

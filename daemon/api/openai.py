@@ -36,6 +36,8 @@ class OpenAIEmbedRequest:
     token_lists: list[list[int]]  # set instead of texts when the input is token ids
     encoding_format: str
     dimensions: int | None
+    prompt_name: str | None  # TEI's name: one of the model's prompts
+    input_type: str | None  # Cohere's and Voyage's: "query" or "document" picks that prompt
 
 
 def _is_token(value: Any) -> bool:
@@ -69,7 +71,9 @@ def decode_openai_request(document: dict[str, Any]) -> OpenAIEmbedRequest:
     if dimensions is not None and dimensions <= 0:
         raise InvalidInput("dimensions must be a positive integer")
     require_type(document, "user", str, "a string")
-    return OpenAIEmbedRequest(name, texts, token_lists, encoding_format, dimensions)
+    prompt_name = require_type(document, "prompt_name", str, "a string")
+    input_type = require_type(document, "input_type", str, "a string")
+    return OpenAIEmbedRequest(name, texts, token_lists, encoding_format, dimensions, prompt_name, input_type)
 
 
 def encode_vector(vector: np.ndarray, encoding_format: str) -> Any:
@@ -87,7 +91,9 @@ async def embeddings(request: web.Request) -> web.Response:
             inputs = list(await asyncio.to_thread(lambda: [decode_cl100k(t) for t in embed_request.token_lists]))
         else:
             inputs = list(embed_request.token_lists)
-    embedded = await embed_inputs(request, embed_request.model, inputs, True, {}, None)
+    embedded = await embed_inputs(
+        request, embed_request.model, inputs, True, {}, None, embed_request.prompt_name, embed_request.input_type
+    )
     vectors = finish_embeddings(embedded.vectors, embed_request.dimensions)
     data = [
         {"object": "embedding", "embedding": encode_vector(vector, embed_request.encoding_format), "index": index}
