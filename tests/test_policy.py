@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,9 @@ from daemon.runner.batching import (
     fit_tokens,
     same_bucket,
     special_token_split,
+    split_windows,
     take_batch,
+    window_overlap_tokens,
     wrap_token_ids,
 )
 from daemon.runner.protocol import parse_llama_buffer_log
@@ -732,3 +735,32 @@ def test_wrap_token_ids(ids: list[int], expected: list[int]) -> None:
 
 def test_wrap_token_ids_without_special_tokens() -> None:
     assert wrap_token_ids([5, 6], [], []) == [5, 6]
+
+
+@pytest.mark.parametrize(
+    ("length", "limit", "expected_windows"),
+    [
+        (10, 16, 1),  # fits: itself
+        (16, 16, 1),
+        (17, 16, 2),  # 15 content tokens, 14 a window, stride 13 (overlap 1)
+        (100, 16, 8),
+    ],
+)
+def test_split_windows_cover_the_input_with_overlap(length: int, limit: int, expected_windows: int) -> None:
+    tokens = [CLS, *range(1000, 1000 + length - 2), SEP]
+    windows = split_windows(tokens, 1, 1, limit)
+    assert len(windows) == expected_windows
+    assert all(len(window) <= limit and window[0] == CLS and window[-1] == SEP for window in windows)
+    contents = [window[1:-1] for window in windows]
+    assert sorted({token for content in contents for token in content}) == tokens[1:-1]  # nothing lost
+    overlap = window_overlap_tokens(limit - 2)
+    for previous, following in itertools.pairwise(contents):
+        assert previous[len(previous) - overlap :] == following[:overlap]
+    if expected_windows == 1:
+        assert windows == [tokens]
+
+
+def test_window_overlap_is_an_eighth_of_a_window() -> None:
+    assert (window_overlap_tokens(510), window_overlap_tokens(14), window_overlap_tokens(7)) == (63, 1, 0)
+    with pytest.raises(ContextExceeded):
+        split_windows([CLS, 5, 6, SEP], 1, 1, 2)

@@ -36,6 +36,7 @@ class Embedded:
     truncated_count: int
     load_duration_ns: int
     provenance: dict[str, str]  # headers saying what produced the vectors (model digest, llama.cpp)
+    windows: list[int]  # per input: 1, or the windows a long input was split into
 
 
 async def pull_if_allowed(app: web.Application, name: str) -> None:
@@ -59,6 +60,7 @@ async def embed_inputs(
     keep_alive_s: float | None,
     prompt_name: str | None = None,
     input_type: str | None = None,
+    split_long_inputs: bool = False,
 ) -> Embedded:
     """Embed texts (or token-id lists of the model's vocabulary), after the model's prompt that
     `prompt_name` or `input_type` picks (see daemon.prompts). With no inputs, the model is only
@@ -81,12 +83,14 @@ async def embed_inputs(
             LLAMA_VERSION_HEADER: facts.llama_version if facts is not None else "",
         }
         if not inputs:
-            return Embedded(np.empty((0, 0), np.float32), 0, 0, lease.load_duration_ns, provenance)
-        result = await lease.loaded.runner.embed(inputs, truncate, lease.limit_tokens)
+            return Embedded(np.empty((0, 0), np.float32), 0, 0, lease.load_duration_ns, provenance, [])
+        result = await lease.loaded.runner.embed(inputs, truncate, lease.limit_tokens, split_long_inputs)
     # Queue time is everything but the runner's decoding: admission, loading, the runner's queue.
     queue_s = max(0.0, time.perf_counter() - started_s - result.inference_s)
     stats.tokens, stats.queue_ms, stats.inference_ms = result.token_count, queue_s * 1e3, result.inference_s * 1e3
     metrics = app[METRICS]
     metrics.embedded(stats.model, len(inputs), result.token_count, result.truncated_count, queue_s, result.inference_s)
     metrics.decoded(stats.model, result.decodes)
-    return Embedded(result.vectors, result.token_count, result.truncated_count, lease.load_duration_ns, provenance)
+    return Embedded(
+        result.vectors, result.token_count, result.truncated_count, lease.load_duration_ns, provenance, result.windows
+    )

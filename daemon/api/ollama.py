@@ -57,6 +57,7 @@ class EmbedRequest:
     keep_alive_s: float | None
     options: dict[str, Any]
     prompt_name: str | None  # one of the model's prompts, put before every input
+    split_long_inputs: bool  # inputs over the context in overlapping windows, pooled (not cut)
 
 
 def decode_embed_request(document: dict[str, Any]) -> EmbedRequest:
@@ -83,6 +84,7 @@ def decode_embed_request(document: dict[str, Any]) -> EmbedRequest:
         keep_alive_s=parse_keep_alive_s(document.get("keep_alive")),
         options=parse_options(document.get("options")),
         prompt_name=require_type(document, "prompt_name", str, "a string"),
+        split_long_inputs=require_type(document, "split_long_inputs", bool, "true or false") or False,
     )
 
 
@@ -103,6 +105,7 @@ async def embed(request: web.Request) -> web.Response:
         embed_request.options,
         embed_request.keep_alive_s,
         embed_request.prompt_name,
+        split_long_inputs=embed_request.split_long_inputs,
     )
     if not embed_request.texts:
         return json_response(empty_answer)  # the preload idiom
@@ -114,6 +117,7 @@ async def embed(request: web.Request) -> web.Response:
             "total_duration": time.perf_counter_ns() - started_ns,
             "load_duration": embedded.load_duration_ns,
             "prompt_eval_count": embedded.token_count,
+            **({"windows": embedded.windows} if embed_request.split_long_inputs else {}),
         },
         headers={TRUNCATED_HEADER: str(embedded.truncated_count), **embedded.provenance},
     )

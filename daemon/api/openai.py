@@ -38,6 +38,7 @@ class OpenAIEmbedRequest:
     dimensions: int | None
     prompt_name: str | None  # TEI's name: one of the model's prompts
     input_type: str | None  # Cohere's and Voyage's: "query" or "document" picks that prompt
+    split_long_inputs: bool  # inputs over the context in overlapping windows, pooled (not cut)
 
 
 def _is_token(value: Any) -> bool:
@@ -73,7 +74,8 @@ def decode_openai_request(document: dict[str, Any]) -> OpenAIEmbedRequest:
     require_type(document, "user", str, "a string")
     prompt_name = require_type(document, "prompt_name", str, "a string")
     input_type = require_type(document, "input_type", str, "a string")
-    return OpenAIEmbedRequest(name, texts, token_lists, encoding_format, dimensions, prompt_name, input_type)
+    split = require_type(document, "split_long_inputs", bool, "true or false") or False
+    return OpenAIEmbedRequest(name, texts, token_lists, encoding_format, dimensions, prompt_name, input_type, split)
 
 
 def encode_vector(vector: np.ndarray, encoding_format: str) -> Any:
@@ -92,13 +94,24 @@ async def embeddings(request: web.Request) -> web.Response:
         else:
             inputs = list(embed_request.token_lists)
     embedded = await embed_inputs(
-        request, embed_request.model, inputs, True, {}, None, embed_request.prompt_name, embed_request.input_type
+        request,
+        embed_request.model,
+        inputs,
+        True,
+        {},
+        None,
+        embed_request.prompt_name,
+        embed_request.input_type,
+        embed_request.split_long_inputs,
     )
     vectors = finish_embeddings(embedded.vectors, embed_request.dimensions)
     data = [
         {"object": "embedding", "embedding": encode_vector(vector, embed_request.encoding_format), "index": index}
         for index, vector in enumerate(vectors)
     ]
+    if embed_request.split_long_inputs:
+        for item, windows in zip(data, embedded.windows, strict=True):
+            item["windows"] = windows
     usage = {"prompt_tokens": embedded.token_count, "total_tokens": embedded.token_count}
     return json_response(
         {"object": "list", "data": data, "model": embed_request.model, "usage": usage}, headers=embedded.provenance

@@ -54,6 +54,34 @@ def same_bucket(first: int, length: int) -> bool:
     return max(first, length) <= max(2 * min(first, length), SHORT_SEQUENCE_TOKENS)
 
 
+def window_overlap_tokens(window_content_tokens: int) -> int:
+    """How many content tokens consecutive windows share: an eighth of a window (64 tokens of a
+    512-token context), so no sentence is only ever seen cut at a window's edge."""
+    return window_content_tokens // 8
+
+
+def split_windows(tokens: Sequence[int], head_specials: int, tail_specials: int, limit: int) -> list[list[int]]:
+    """An input longer than `limit` as windows of at most `limit` tokens, each between the special
+    tokens as a text of its own would be, overlapping by window_overlap_tokens; an input that fits
+    is its own single window."""
+    if len(tokens) <= limit:
+        return [list(tokens)]
+    size = limit - head_specials - tail_specials
+    if size < 1:
+        raise ContextExceeded(LIMIT_TOO_SMALL)
+    head = list(tokens[:head_specials])
+    tail = list(tokens[len(tokens) - tail_specials :]) if tail_specials else []
+    content = tokens[head_specials : len(tokens) - tail_specials]
+    stride = max(1, size - window_overlap_tokens(size))
+    windows = []
+    start = 0
+    while True:
+        windows.append([*head, *content[start : start + size], *tail])
+        if start + size >= len(content):
+            return windows
+        start += stride
+
+
 def take_batch(
     requests: Sequence[QueuedRequest], budget_tokens: int, max_sequences: int, overdue_first: bool = True
 ) -> list[int]:

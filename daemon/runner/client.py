@@ -35,6 +35,7 @@ class EmbedResult:
     truncated_count: int
     inference_s: float  # from the request's first decode to its answer, measured in the runner
     decodes: list[tuple[int, int]]  # (tokens, sequences) of the decodes run since the last result
+    windows: list[int]  # per input: 1, or the windows a long input was split into
 
 
 def _describe_exit(returncode: int | None) -> str:
@@ -132,7 +133,11 @@ class RunnerProcess:
         self._exit_callbacks.append(callback)
 
     async def embed(
-        self, texts: list[str] | list[str | list[int]], truncate: bool, limit_tokens: int | None = None
+        self,
+        texts: list[str] | list[str | list[int]],
+        truncate: bool,
+        limit_tokens: int | None = None,
+        split: bool = False,
     ) -> EmbedResult:
         """Embed texts, or token-id lists of the model's own vocabulary, cut at `limit_tokens` (at
         most the runner's own limit)."""
@@ -151,6 +156,7 @@ class RunnerProcess:
                         "texts": texts,
                         "truncate": truncate,
                         "limit_tokens": limit_tokens,
+                        "split": split,
                     }
                 )
             )
@@ -263,7 +269,14 @@ class RunnerProcess:
             decodes = [(tokens, sequences) for tokens, sequences in header["decodes"]]
             self.largest_decode_tokens = max([self.largest_decode_tokens, *(tokens for tokens, _ in decodes)])
             future.set_result(
-                EmbedResult(vectors, header["token_count"], header["truncated"], header["inference_s"], decodes)
+                EmbedResult(
+                    vectors,
+                    header["token_count"],
+                    header["truncated"],
+                    header["inference_s"],
+                    decodes,
+                    header["windows"],
+                )
             )
         elif header.get("kind") == "context_exceeded":
             future.set_exception(ContextExceeded(header["message"]))

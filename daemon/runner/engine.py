@@ -16,7 +16,7 @@ from llama_cpp import _internals as internals
 
 from daemon.errors import InvalidInput
 from daemon.options import MAX_SEQUENCES_PER_DECODE, LlamaParams
-from daemon.runner.batching import fit_tokens, special_token_split, wrap_token_ids
+from daemon.runner.batching import fit_tokens, special_token_split, split_windows, wrap_token_ids
 from daemon.runner.protocol import RunnerFacts, parse_llama_buffer_log
 
 _PROBE_TEXT = "probe"
@@ -24,7 +24,7 @@ _PROBE_TEXT = "probe"
 
 @dataclass
 class TokenizedInput:
-    tokens: list[int]
+    windows: list[list[int]]  # one, unless a long input was split into windows
     truncated: bool
 
 
@@ -171,22 +171,22 @@ class EmbeddingEngine:
         self._head_tokens = probe_with_specials[: self._head_specials]
         self._tail_tokens = probe_with_specials[len(probe_with_specials) - self._tail_specials :]
 
-    def tokenize(self, item: str | list[int], truncate: bool, limit_tokens: int | None = None) -> TokenizedInput:
+    def tokenize(
+        self, item: str | list[int], truncate: bool, limit_tokens: int | None = None, split: bool = False
+    ) -> TokenizedInput:
         """A text, or token ids of this model's vocabulary (wrapped in the special tokens, as a
-        text would be), cut to the context (or to a request's shorter `limit_tokens`)."""
+        text would be), cut to the context (or to a request's shorter `limit_tokens`), or with
+        `split`, in overlapping windows of the context (see split_windows)."""
         if isinstance(item, str):
             tokens = self.vocabulary.tokenize(item, add_special=True)
         else:
             self.vocabulary.check_ids(item)
             tokens = wrap_token_ids(item, self._head_tokens, self._tail_tokens)
-        fitted, truncated = fit_tokens(
-            tokens,
-            self._head_specials,
-            self._tail_specials,
-            min(limit_tokens or self.facts.limit_tokens, self.facts.limit_tokens),
-            truncate,
-        )
-        return TokenizedInput(fitted, truncated)
+        limit = min(limit_tokens or self.facts.limit_tokens, self.facts.limit_tokens)
+        if split:
+            return TokenizedInput(split_windows(tokens, self._head_specials, self._tail_specials, limit), False)
+        fitted, truncated = fit_tokens(tokens, self._head_specials, self._tail_specials, limit, truncate)
+        return TokenizedInput([fitted], truncated)
 
     def set_threads(self, threads: int) -> None:
         self._context_params.n_threads = threads

@@ -8,15 +8,17 @@ Child -> parent headers:
     {"type": "ready", "facts": {...}}                 once, after the model loaded
     {"type": "load_failed", "message": "..."}         instead of ready, then the child exits
     {"type": "result", "id": N, "rows": R, "dims": D, "token_count": T, "truncated": K,
-     "inference_s": S, "decodes": [[tokens, sequences], ...]}   S: first decode to answer; decodes:
-                                                      those run since the previous result
+     "inference_s": S, "decodes": [[tokens, sequences], ...], "windows": [W, ...]}
+                                                      S: first decode to answer; decodes: those run
+                                                      since the previous result; W: windows per input
     {"type": "error", "id": N, "kind": "context_exceeded" | "invalid_input" | "failed", "message": "..."}
     {"type": "renewed", "id": N}                      the context of renew N is a fresh one
     {"type": "tokens", "id": N, "tokens": [...]}      the answer to tokenize N
     {"type": "text", "id": N, "content": "..."}       the answer to detokenize N
 Parent -> child headers:
-    {"type": "embed", "id": N, "texts": [text or [token ids], ...], "truncate": bool, "limit_tokens": L}
-                                                      L: this request's context, at most the runner's
+    {"type": "embed", "id": N, "texts": [text or [token ids], ...], "truncate": bool, "limit_tokens": L,
+     "split": bool}                                   L: this request's context, at most the runner's;
+                                                      split: long inputs in windows, pooled
     {"type": "set_threads", "threads": N}             no answer; applies from the next decode
     {"type": "set_batch_tokens", "tokens": N}         no answer; the decode budget, capped at capacity
     {"type": "cancel", "id": N}                        no answer; drop request N's sequences not decoded yet

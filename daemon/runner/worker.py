@@ -73,6 +73,23 @@ class _Request:
     token_count: int = 0
     truncated: int = 0
     first_decode_s: float | None = None  # perf_counter at the start of its first decode
+    windows: list[int] = field(default_factory=list)  # per input: 1, or the windows a long one took
+    weights: np.ndarray | None = None  # tokens of the windows pooled so far, per input (split inputs)
+
+    def add(self, sequence: _Sequence, vector: np.ndarray) -> None:
+        """A sequence's vector into its input's row: as it is, or weighted by its tokens when the
+        input was split into windows (the mean is taken in finish_rows)."""
+        if self.windows[sequence.row] == 1:
+            self.output[sequence.row] = vector
+            return
+        assert self.weights is not None
+        self.output[sequence.row] += vector * len(sequence.tokens)
+        self.weights[sequence.row] += len(sequence.tokens)
+
+    def finish_rows(self) -> None:
+        if self.weights is not None:
+            split = self.weights > 0
+            self.output[split] /= self.weights[split, None]
 
     def queued(self) -> QueuedRequest:
         return QueuedRequest(_PendingLengths(self.pending, self.next_pending), self.passed_over)
@@ -133,19 +150,24 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
         request_id = message["id"]
         texts: list[str | list[int]] = message["texts"]
         try:
-            limit = message.get("limit_tokens")
-            tokenized = [engine.tokenize(text, message["truncate"], limit) for text in texts]
+            limit, split = message.get("limit_tokens"), message.get("split", False)
+            tokenized = [engine.tokenize(text, message["truncate"], limit, split) for text in texts]
         except ContextExceeded as error:
             writer.send({"type": "error", "id": request_id, "kind": "context_exceeded", "message": error.message})
             return
         except InvalidInput as error:
             writer.send({"type": "error", "id": request_id, "kind": "invalid_input", "message": error.message})
             return
-        request = _Request(request_id, np.empty((len(texts), facts.n_embd), dtype=np.float32), len(texts))
+        windows = [len(item.windows) for item in tokenized]
+        request = _Request(request_id, np.zeros((len(texts), facts.n_embd), dtype=np.float32), sum(windows))
+        request.windows = windows
+        if max(windows, default=1) > 1:
+            request.weights = np.zeros(len(texts), dtype=np.float32)
         for row, item in enumerate(tokenized):
-            request.token_count += len(item.tokens)
             request.truncated += item.truncated
-            request.pending.append(_Sequence(row, item.tokens))
+            for window in item.windows:
+                request.token_count += len(window)
+                request.pending.append(_Sequence(row, window))
         request.pending.sort(key=lambda sequence: len(sequence.tokens))
         requests[request_id] = request
         if not texts:
@@ -160,6 +182,7 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
 
     def finish(request: _Request) -> None:
         requests.pop(request.request_id, None)
+        request.finish_rows()
         started_s = request.first_decode_s
         header = {
             "type": "result",
@@ -170,6 +193,7 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
             "truncated": request.truncated,
             "inference_s": 0.0 if started_s is None else time.perf_counter() - started_s,
             "decodes": decodes.copy(),
+            "windows": request.windows,
         }
         decodes.clear()
         writer.send(header, request.output.tobytes())
@@ -226,7 +250,7 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
                 writer.send({"type": "error", "id": request.request_id, "kind": "failed", "message": str(error)})
             continue
         for (request, sequence), vector in zip(batch, vectors, strict=True):
-            request.output[sequence.row] = vector
+            request.add(sequence, vector)
             request.remaining -= 1
             if request.remaining == 0 and request.request_id in requests:
                 finish(request)
