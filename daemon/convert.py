@@ -35,6 +35,14 @@ OUTPUT_TYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
     "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
     "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
 }
+# BertForSequenceClassification's head as llama.cpp's BERT graph runs it for rank pooling: the
+# pooler's dense layer (then tanh) is "cls", the classifier "cls.output".
+_CLASSIFIER_HEAD = {
+    "pooler.dense.weight": "cls.weight",
+    "pooler.dense.bias": "cls.bias",
+    "classifier.weight": "cls.output.weight",
+    "classifier.bias": "cls.output.bias",
+}
 # Tensors llama.cpp's converter always keeps in f32, whatever the requested type.
 _ALWAYS_F32_SUFFIXES = ("position_embd.weight", "token_types.weight")
 _SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -46,7 +54,7 @@ class HFModelDirectory:
     config: dict[str, Any]
     weights: list[Path]
     vocab: list[str]
-    pooling: PoolingType
+    pooling: PoolingType  # RANK for a cross-encoder (a reranker: *ForSequenceClassification)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -104,7 +112,9 @@ def inspect_hf_directory(directory: Path) -> HFModelDirectory:
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         if not isinstance(config.get(key), int):
             raise InvalidModelFile(f"{directory.name}: config.json lacks {key}")
-    return HFModelDirectory(directory, config, weights, _read_vocab(directory), _read_pooling(directory))
+    # A cross-encoder scores a query/document pair with a classifier head: llama.cpp's rank pooling.
+    pooling = PoolingType.RANK if "BertForSequenceClassification" in architectures else _read_pooling(directory)
+    return HFModelDirectory(directory, config, weights, _read_vocab(directory), pooling)
 
 
 def _phantom_space(token: str) -> str:
@@ -165,6 +175,9 @@ def convert_hf_directory(
     writer.add_layer_norm_eps(float(config.get("layer_norm_eps", 1e-12)))
     writer.add_causal_attention(False)
     writer.add_pooling_type(source.pooling)
+    labels = [str(label) for _, label in sorted((config.get("id2label") or {}).items(), key=lambda kv: int(kv[0]))]
+    if source.pooling == PoolingType.RANK and len(labels) > 1:
+        writer.add_classifier_output_labels(labels)
 
     writer.add_tokenizer_model("bert")
     writer.add_token_list([_phantom_space(token) for token in source.vocab])
@@ -209,9 +222,12 @@ def _add_tensors(
             for hf_name in tensors.keys():  # noqa: SIM118 (safe_open is not iterable)
                 token.check()
                 bare = hf_name.removeprefix("bert.")
-                if bare.startswith(("pooler.", "cls.")) or bare.endswith("position_ids"):
+                head = _CLASSIFIER_HEAD.get(bare) if source.pooling == PoolingType.RANK else None
+                if head is None and (
+                    bare.startswith(("pooler.", "cls.", "classifier.")) or bare.endswith("position_ids")
+                ):
                     continue  # not part of the encoder llama.cpp runs
-                gguf_name = name_map.get_name(bare, try_suffixes=(".weight", ".bias"))
+                gguf_name = head or name_map.get_name(bare, try_suffixes=(".weight", ".bias"))
                 if gguf_name is None:
                     raise InvalidModelFile(f"{source.path.name}: unexpected tensor {hf_name}")
                 data, tensor_type = _tensor_data(gguf_name, tensors.get_tensor(hf_name), qtype)

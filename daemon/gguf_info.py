@@ -68,6 +68,15 @@ class GGUFFacts:
         return self.pooling_type not in (PoolingType.NONE, PoolingType.RANK)
 
     @property
+    def is_reranker(self) -> bool:
+        """A cross-encoder: llama.cpp's rank pooling scores a query/document pair."""
+        return self.pooling_type == PoolingType.RANK
+
+    @property
+    def capabilities(self) -> list[str]:
+        return ["embedding"] if self.is_embedding_model else ["rerank"] if self.is_reranker else []
+
+    @property
     def pooling_name(self) -> str:
         try:
             return PoolingType(self.pooling_type).name.lower()

@@ -18,6 +18,8 @@ from typing import Any
 from daemon.errors import InvalidInput, InvalidModelFile
 
 MAX_PROMPT_CHARS = 4096
+# A text, token ids, or a reranker's query/document pair (the runner's inputs).
+PromptInput = str | list[int] | dict[str, str]
 # Cohere's and Voyage's names for the two sides of retrieval, as prompt names.
 INPUT_TYPE_PROMPTS = {
     "query": "query",
@@ -97,8 +99,9 @@ def choose_prompt(prompts: ModelPrompts, prompt_name: str | None, input_type: st
     return prompts.prompts[prompt_name]
 
 
-def apply_prompt(prompt: str, inputs: Sequence[str | list[int]]) -> list[str | list[int]]:
-    """Texts get the prompt before them; token ids are taken as they are (already a model input)."""
+def apply_prompt(prompt: str, inputs: Sequence[PromptInput]) -> list[PromptInput]:
+    """Texts get the prompt before them; token ids (already a model input) and reranking pairs are
+    taken as they are."""
     if not prompt:
         return list(inputs)
     return [prompt + item if isinstance(item, str) else item for item in inputs]

@@ -257,7 +257,7 @@ class ModelStore:
 
 
 def require_embedding_model(facts: GGUFFacts, label: str) -> GGUFFacts:
-    if not facts.is_embedding_model:
+    if not facts.is_embedding_model and not facts.is_reranker:
         raise NotEmbeddingModel(
             f"{label}: {facts.architecture} model has no pooling type in its GGUF, so it is not an embedding model"
         )

@@ -41,6 +41,15 @@ def tiny_gguf(models_dir: Path, tiny_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def reranker_gguf(models_dir: Path) -> Path:
+    """A tiny random-weight cross-encoder (BertForSequenceClassification): llama.cpp's rank pooling."""
+    directory = make_tiny_bert_dir(models_dir / "tiny-reranker", classifier=True, seed=7)
+    path = models_dir / "tiny-reranker.gguf"
+    convert_hf_directory(directory, path, "f32", "tiny-reranker")
+    return path
+
+
+@pytest.fixture(scope="session")
 def nan_gguf(models_dir: Path) -> Path:
     directory = make_tiny_bert_dir(models_dir / "nan-bert", poison_with_nan=True)
     path = models_dir / "nan.gguf"

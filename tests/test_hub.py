@@ -336,6 +336,7 @@ def test_the_shipped_aliases_cover_the_documented_models() -> None:
         "all-minilm", "nomic-embed-text", "mxbai-embed-large", "bge-m3", "bge-small-en-v1.5", "bge-large-en-v1.5",
         "snowflake-arctic-embed", "snowflake-arctic-embed2", "granite-embedding", "embeddinggemma",
         "qwen3-embedding", "paraphrase-multilingual",
+        "bge-reranker-v2-m3", "jina-reranker-v1-tiny-en", "jina-reranker-v2-base-multilingual",
     ]  # fmt: skip
     for name in wanted:
         entry = aliases[f"{name}:latest"]

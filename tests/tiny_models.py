@@ -30,13 +30,15 @@ def make_tiny_bert_dir(
     pooling: str = "mean",
     poison_with_nan: bool = False,
     seed: int = 0,
+    classifier: bool = False,
 ) -> Path:
-    """Write config.json, vocab.txt, model.safetensors and 1_Pooling/config.json."""
+    """Write config.json, vocab.txt, model.safetensors and 1_Pooling/config.json; with `classifier`,
+    a cross-encoder (BertForSequenceClassification: a reranker)."""
     directory.mkdir(parents=True, exist_ok=True)
     vocab = tiny_vocab()
     intermediate = hidden * 2
     config = {
-        "architectures": ["BertModel"],
+        "architectures": ["BertForSequenceClassification" if classifier else "BertModel"],
         "model_type": "bert",
         "hidden_size": hidden,
         "num_hidden_layers": layers,
@@ -78,6 +80,9 @@ def make_tiny_bert_dir(
         for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
             tensors[prefix + norm + ".weight"] = np.ones(hidden, np.float32)
             tensors[prefix + norm + ".bias"] = np.zeros(hidden, np.float32)
+    if classifier:
+        tensors["classifier.weight"] = weight(1, hidden)
+        tensors["classifier.bias"] = weight(1)
     if poison_with_nan:
         tensors["embeddings.LayerNorm.bias"][:] = np.nan
     save_file(tensors, str(directory / "model.safetensors"))

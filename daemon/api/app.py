@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from daemon import __version__
-from daemon.api import ollama, openai, ops, tokens
+from daemon.api import ollama, openai, ops, rerank, tokens
 from daemon.api.access import (
     API_KEYS,
     ApiKeys,
@@ -250,6 +250,7 @@ def build_app(
     ollama.add_routes(app)
     openai.add_routes(app)
     tokens.add_routes(app)
+    rerank.add_routes(app)
     ops.add_routes(app)
     return app
 

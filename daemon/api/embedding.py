@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +23,10 @@ from daemon.api.common import (
     STORE,
     RequestStats,
 )
-from daemon.errors import UnknownModel
+from daemon.errors import InvalidInput, UnknownModel
 from daemon.memory import input_tokens_bound
 from daemon.prompts import apply_prompt, choose_prompt
+from daemon.runner.client import RunnerInput
 
 MAX_LOGGED_NAME_CHARS = 200
 
@@ -54,7 +56,7 @@ async def pull_if_allowed(app: web.Application, name: str) -> None:
 async def embed_inputs(
     request: web.Request,
     model: str,
-    inputs: list[str] | list[str | list[int]],
+    inputs: Sequence[RunnerInput],
     truncate: bool,
     options: dict[str, Any],
     keep_alive_s: float | None,
@@ -70,7 +72,15 @@ async def embed_inputs(
     # The name as sent, until the lease gives the canonical one (cut: it is echoed into a log line).
     stats = request[REQUEST_STATS] = RequestStats(model[:MAX_LOGGED_NAME_CHARS], len(inputs))
     await pull_if_allowed(app, model)
-    prompt = choose_prompt(app[STORE].get(model).prompts, prompt_name, input_type)
+    stored = app[STORE].get(model)
+    pairs = any(isinstance(item, dict) for item in inputs)
+    if inputs and stored.facts.is_reranker != pairs:
+        raise InvalidInput(
+            f"{stored.name} is a reranker: use /api/rerank"
+            if stored.facts.is_reranker
+            else f"{stored.name} is an embedding model, not a reranker: use /api/embed"
+        )
+    prompt = choose_prompt(stored.prompts, prompt_name, input_type)
     inputs = apply_prompt(prompt, inputs)
     scheduler = app[SCHEDULER]
     # Bounded before tokenizing, so memory for the largest decode is set aside before it is sent.

@@ -313,7 +313,7 @@ async def show(request: web.Request) -> web.Response:
             "template": "",
             "details": model_details(model),
             "model_info": model_info,
-            "capabilities": ["embedding"] if facts.is_embedding_model else [],
+            "capabilities": facts.capabilities,
             "modified_at": model.modified_at,
             **model.prompts.as_manifest(),  # "prompts": {name: text}, "default_prompt_name"
         }

@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 _STDERR_TAIL_LINES = 20
 # Two llama.cpp processes spinning at once on few cores collapse throughput (see DESIGN.md).
 RUNNER_ENVIRONMENT: dict[str, str] = {}
+
+
+# What a runner embeds: a text, token ids of its vocabulary, or (a reranker) a query/document pair.
+RunnerInput = str | list[int] | dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,7 @@ class RunnerProcess:
 
     async def embed(
         self,
-        texts: list[str] | list[str | list[int]],
+        texts: Sequence[RunnerInput],
         truncate: bool,
         limit_tokens: int | None = None,
         split: bool = False,

@@ -148,8 +148,11 @@ class EmbeddingEngine:
         self._context = internals.LlamaContext(model=self._model, params=context_params, verbose=False)
         self._batch = internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False)
 
+        pooling_type = llama_cpp.llama_pooling_type(self._context.ctx)
+        ranks = pooling_type == llama_cpp.LLAMA_POOLING_TYPE_RANK
         self.facts = RunnerFacts(
-            n_embd=self._model.n_embd(),
+            # A reranker's "vector" is its classifier's scores (one for a relevance score).
+            n_embd=llama_cpp.llama_model_n_cls_out(self._model.model) if ranks else self._model.n_embd(),
             trained_context=self._model.n_ctx_train(),
             limit_tokens=params.limit_tokens,
             batch_tokens=params.batch_tokens,
@@ -157,7 +160,7 @@ class EmbeddingEngine:
             # than the budget is decoded alone; a model that splits takes it in several ubatches.
             capacity_tokens=params.n_ubatch,
             max_sequences=max_sequences,
-            pooling_type=llama_cpp.llama_pooling_type(self._context.ctx),
+            pooling_type=pooling_type,
             gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
             pid=os.getpid(),
             llama_buffer_bytes=parse_llama_buffer_log(_BUFFER_LOG),
@@ -186,6 +189,30 @@ class EmbeddingEngine:
         if split:
             return TokenizedInput(split_windows(tokens, self._head_specials, self._tail_specials, limit), False)
         fitted, truncated = fit_tokens(tokens, self._head_specials, self._tail_specials, limit, truncate)
+        return TokenizedInput([fitted], truncated)
+
+    def tokenize_pair(
+        self, query: str, document: str, truncate: bool, limit_tokens: int | None = None
+    ) -> TokenizedInput:
+        """A query/document pair for a reranker, as llama.cpp's server lays it out: [BOS] query
+        [EOS] [SEP] document [EOS], each special token where the vocabulary adds it (a BERT
+        vocabulary, which has no EOS, ends with its separator: [CLS] q [SEP] d [SEP]). A pair over
+        the context is cut at the document's end."""
+        vocab = self._model.vocab
+        eos = llama_cpp.llama_vocab_eos(vocab) if llama_cpp.llama_vocab_get_add_eos(vocab) else -1
+        sep = llama_cpp.llama_vocab_sep(vocab) if llama_cpp.llama_vocab_get_add_sep(vocab) else -1
+        bos = llama_cpp.llama_vocab_bos(vocab) if llama_cpp.llama_vocab_get_add_bos(vocab) else -1
+        end = [eos] if eos >= 0 else [sep] if sep >= 0 else []
+        tokens = [
+            *([bos] if bos >= 0 else []),
+            *self.vocabulary.tokenize(query, add_special=False),
+            *([eos] if eos >= 0 else []),
+            *([sep] if sep >= 0 else []),
+            *self.vocabulary.tokenize(document, add_special=False),
+            *end,
+        ]
+        limit = min(limit_tokens or self.facts.limit_tokens, self.facts.limit_tokens)
+        fitted, truncated = fit_tokens(tokens, 0, len(end), limit, truncate)
         return TokenizedInput([fitted], truncated)
 
     def set_threads(self, threads: int) -> None:

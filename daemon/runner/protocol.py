@@ -16,7 +16,8 @@ Child -> parent headers:
     {"type": "tokens", "id": N, "tokens": [...]}      the answer to tokenize N
     {"type": "text", "id": N, "content": "..."}       the answer to detokenize N
 Parent -> child headers:
-    {"type": "embed", "id": N, "texts": [text or [token ids], ...], "truncate": bool, "limit_tokens": L,
+    {"type": "embed", "id": N, "texts": [text, [token ids] or {"query", "document"}, ...], "truncate": bool,
+     "limit_tokens": L,
      "split": bool}                                   L: this request's context, at most the runner's;
                                                       split: long inputs in windows, pooled
     {"type": "set_threads", "threads": N}             no answer; applies from the next decode

@@ -148,10 +148,15 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
 
     def accept(message: dict[str, Any]) -> None:
         request_id = message["id"]
-        texts: list[str | list[int]] = message["texts"]
+        texts: list[str | list[int] | dict[str, str]] = message["texts"]
         try:
             limit, split = message.get("limit_tokens"), message.get("split", False)
-            tokenized = [engine.tokenize(text, message["truncate"], limit, split) for text in texts]
+            tokenized = [
+                engine.tokenize_pair(item["query"], item["document"], message["truncate"], limit)
+                if isinstance(item, dict)  # a reranker's query/document pair
+                else engine.tokenize(item, message["truncate"], limit, split)
+                for item in texts
+            ]
         except ContextExceeded as error:
             writer.send({"type": "error", "id": request_id, "kind": "context_exceeded", "message": error.message})
             return
