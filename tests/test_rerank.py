@@ -65,8 +65,11 @@ async def test_scores_are_llama_cpps_rank_pooling_and_the_order_follows_them(
     expected = llama_cpp_scores(reranker_gguf, QUERY, DOCUMENTS)
     assert len(set(np.round(expected, 4))) == len(DOCUMENTS)  # distinct: the order means something
     for path in ("/api/rerank", "/v1/rerank"):
-        status, body = await post(client, path, {"model": "reranker", "query": QUERY, "documents": DOCUMENTS})
+        response = await client.post(path, json={"model": "reranker", "query": QUERY, "documents": DOCUMENTS})
+        status, body = response.status, await response.json()
         assert status == 200
+        assert response.headers["X-Emberd-Model-Digest"].startswith("sha256:")  # what produced the scores
+        assert response.headers["X-Emberd-Llama-Cpp"].startswith("llama-cpp-python ")
         results = body["results"]
         assert [r["index"] for r in results] == sorted(range(len(DOCUMENTS)), key=lambda i: -expected[i])
         for result in results:
