@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sys
 import urllib.error
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__
-from daemon.config import Settings, load_settings
+from daemon.config import Settings, load_settings, unknown_environment_settings
 from daemon.errors import EmberdError
 from daemon.logs import configure_logging
 from daemon.prompts import parse_prompt_option
@@ -24,10 +25,18 @@ from daemon.prompts import parse_prompt_option
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emberd", description="Local embedding daemon (Ollama API, llama.cpp).")
     parser.add_argument("--version", action="version", version=f"emberd {__version__}")
-    parser.add_argument("--host", help="daemon address host:port (default: EMBERD_HOST or 127.0.0.1:11434)")
+    host_help = "daemon address host:port (default: EMBERD_HOST or 127.0.0.1:11434)"
+    parser.add_argument("--host", help=host_help)
+    # `emberd list --host H` as well as `emberd --host H list`: every verb takes it too (SUPPRESS:
+    # not given after the verb, the one before it stands).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--host", default=argparse.SUPPRESS, help=host_help)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve_parser = commands.add_parser("serve", help="run the daemon")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[common])
+
+    serve_parser = command("serve", help="run the daemon")
     serve_parser.add_argument("--config", type=Path, help="settings file (default: EMBERD_CONFIG)")
     serve_parser.add_argument("--home", help="model store and state (default: EMBERD_HOME)")
     serve_parser.add_argument("--log-level", help="debug, info, warning or error")
@@ -40,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         help="create NAME from PATH (GGUF or Hugging Face directory) before serving, if missing",
     )
 
-    create_parser = commands.add_parser("create", help="register a GGUF file or convert a model directory")
+    create_parser = command("create", help="register a GGUF file or convert a model directory")
     create_parser.add_argument("name")
     create_parser.add_argument("--from", dest="source", required=True, help="GGUF file or Hugging Face directory")
     create_parser.add_argument("--quantize", help="f16 (default), f32 or q8_0, for directories")
@@ -53,20 +62,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     create_parser.add_argument("--default-prompt", metavar="NAME", help="the prompt applied when a request names none")
 
-    embed_parser = commands.add_parser("embed", help="embed texts and print the JSON answer")
+    embed_parser = command("embed", help="embed texts and print the JSON answer")
     embed_parser.add_argument("name")
     embed_parser.add_argument("texts", nargs="+")
 
-    pull_parser = commands.add_parser("pull", help="download a model from the Hugging Face Hub")
+    pull_parser = command("pull", help="download a model from the Hugging Face Hub")
     pull_parser.add_argument("name", help="an alias (configs/models.toml) or hf.co/{owner}/{repo}[:{quant}]")
-    show_parser = commands.add_parser("show", help="a model's details and GGUF metadata")
+    show_parser = command("show", help="a model's details and GGUF metadata")
     show_parser.add_argument("name")
-    rm_parser = commands.add_parser("rm", help="remove a model (unloading it first)")
+    rm_parser = command("rm", help="remove a model (unloading it first)")
     rm_parser.add_argument("name")
 
-    commands.add_parser("list", help="models in the store")
-    commands.add_parser("ps", help="loaded models")
-    stop_parser = commands.add_parser("stop", help="unload a model")
+    command("list", help="models in the store")
+    command("ps", help="loaded models")
+    stop_parser = command("stop", help="unload a model")
     stop_parser.add_argument("name")
     return parser
 
@@ -139,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "serve":
         configure_logging(settings.log_level, settings.log_format)
+        for warning in unknown_environment_settings(os.environ):
+            logging.getLogger("daemon.config").warning("%s", warning)
         wanted = []
         for item in args.ensure_model:
             name, separator, path = item.partition("=")

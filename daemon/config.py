@@ -7,6 +7,7 @@ Everything is read and validated once, in `load_settings`; the rest of the daemo
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import tomllib
 from collections.abc import Mapping
@@ -274,6 +275,26 @@ def _validate(settings: Settings) -> Settings:
     if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise InvalidConfig(f"log_level: expected debug, info, warning or error, got {settings.log_level!r}")
     return settings
+
+
+# Variables named EMBERD_* that are not settings but are documented elsewhere: the file of settings,
+# and configs/haproxy.cfg's own (read by HAProxy, often set in the same environment).
+_OTHER_ENVIRONMENT = {"EMBERD_CONFIG"}
+_OTHER_ENVIRONMENT_PREFIXES = ("EMBERD_LB_", "EMBERD_BACKEND_")
+
+
+def unknown_environment_settings(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each EMBERD_* variable that is no setting (a typo such as EMBERD_KEEPALIVE
+    would otherwise be ignored without a word), naming the closest setting."""
+    known = {f"EMBERD_{key.upper()}" for key in _FILE_KEYS} | _OTHER_ENVIRONMENT
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith("EMBERD_") or name in known or name.startswith(_OTHER_ENVIRONMENT_PREFIXES):
+            continue
+        closest = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {closest[0]}?" if closest else ""
+        warnings.append(f"{name} is not an emberd setting and is ignored{hint}")
+    return warnings
 
 
 def load_settings(

@@ -87,6 +87,10 @@ class TooManyInputs(InvalidInput):
     """A request carries more inputs than max_inputs allows."""
 
 
+class AddressInUse(EmberdError):
+    """The address to listen on is taken (by Ollama, most often, on 11434)."""
+
+
 class Unauthorized(EmberdError):
     """API keys are on and the request has no valid `Authorization: Bearer KEY`."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -19,7 +20,7 @@ from daemon.api.access import API_KEYS
 from daemon.api.app import build_app
 from daemon.api.common import JOBS, LIFECYCLE, PULLS, SCHEDULER, STORE
 from daemon.config import Settings
-from daemon.errors import EmberdError, UnknownModel
+from daemon.errors import AddressInUse, EmberdError, UnknownModel
 from daemon.jobs import CancelToken
 from daemon.store import ModelStore
 
@@ -75,6 +76,15 @@ def ensure_models(store: ModelStore, wanted: Sequence[tuple[str, Path]], token: 
             store.create(name, source, progress=functools.partial(log.info, "%s: %s", name), token=token)
 
 
+def address_in_use_message(host: str, port: int) -> str:
+    """One line for a taken address: which, what probably holds it, how to pick another."""
+    holder = "Ollama, probably (its default port), or another emberd" if port == 11434 else "another program"
+    return (
+        f"{host}:{port} is already in use ({holder}); stop it, or pick another address with "
+        f"EMBERD_HOST={host}:{port + 1} (or --host)"
+    )
+
+
 async def serve(settings: Settings, wanted: Sequence[tuple[str, Path]] = (), systemd: SystemdLink | None = None) -> int:
     """Serve until SIGINT or SIGTERM, then shut down within settings.shutdown_timeout_s.
 
@@ -87,7 +97,13 @@ async def serve(settings: Settings, wanted: Sequence[tuple[str, Path]] = (), sys
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=FINAL_RESERVE_MAX_S, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as bind_error:
+        await runner.cleanup()
+        if bind_error.errno != errno.EADDRINUSE:
+            raise
+        raise AddressInUse(address_in_use_message(settings.host, settings.port)) from None
     log.info("emberd listening on %s:%d, models in %s", settings.host, settings.port, settings.home)
 
     loop = asyncio.get_running_loop()
@@ -121,8 +137,8 @@ async def serve(settings: Settings, wanted: Sequence[tuple[str, Path]] = (), sys
         log.info("ready")
         await stopped
     elif ensured.done():
-        error = ensured.exception()
-        message = error.message if isinstance(error, EmberdError) else repr(error)
+        failure = ensured.exception()
+        message = failure.message if isinstance(failure, EmberdError) else repr(failure)
         log.error("cannot serve: --ensure-model failed: %s", message)
         status = 1
     stopped.cancel()

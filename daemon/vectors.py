@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from daemon.errors import InvalidEmbedding
+from daemon.errors import InvalidEmbedding, InvalidInput
 
 NON_FINITE_MESSAGE = "embedding contains NaN or Inf values"
 
@@ -23,9 +23,13 @@ def check_finite(vectors: np.ndarray) -> None:
 
 def finish_embeddings(pooled: np.ndarray, dimensions: int | None) -> np.ndarray:
     """What /api/embed returns: normalised, optionally cut to the first `dimensions` values and
-    renormalised. `dimensions` outside 0 < d < width is ignored, like Ollama."""
+    renormalised. More dimensions than the model has is a 400, as OpenAI answers it (not silently
+    the full width); 0 or None means the full width (Go's zero value: Ollama clients send it)."""
     check_finite(pooled)
     vectors = normalize_rows(pooled)
-    if dimensions is not None and 0 < dimensions < vectors.shape[1]:
+    width = vectors.shape[1]
+    if dimensions is not None and (dimensions < 0 or (dimensions > width and len(vectors))):
+        raise InvalidInput(f"dimensions must be between 1 and the model's {width}, got {dimensions}")
+    if dimensions is not None and 0 < dimensions < width:
         vectors = normalize_rows(np.ascontiguousarray(vectors[:, :dimensions]))
     return vectors

@@ -86,9 +86,12 @@ async def test_dimensions_keeps_the_first_values_renormalised(tiny_client: Clien
     expected = np.array(full["embeddings"][0][:8])
     expected /= np.linalg.norm(expected)
     np.testing.assert_allclose(cut["embeddings"][0], expected, atol=1e-6)
-    for ignored in (0, -3, 32, 1000):
-        _, same = await embed(tiny_client, {"model": "tiny", "input": "hello", "dimensions": ignored})
+    for full_width in (0, 32):  # 0: unset, as Go's zero value
+        _, same = await embed(tiny_client, {"model": "tiny", "input": "hello", "dimensions": full_width})
         assert len(same["embeddings"][0]) == 32
+    for refused in (-3, 33, 1000):  # a clear 400, not the full width in silence
+        status, body = await embed(tiny_client, {"model": "tiny", "input": "hello", "dimensions": refused})
+        assert (status, body["error"]) == (400, f"dimensions must be between 1 and the model's 32, got {refused}")
 
 
 # -- truncation -------------------------------------------------------------------------------------

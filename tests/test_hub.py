@@ -278,6 +278,23 @@ async def test_auto_pull_fetches_a_missing_model_for_embed(make_hub_client: Any)
     assert status == 200
 
 
+async def test_an_auto_pull_is_admitted_first_and_counts_against_the_queue(
+    make_hub_client: Any, fake_hub: FakeHub, quant_files: dict[str, bytes]
+) -> None:
+    release = threading.Event()
+    fake_hub.hold[sha_of(quant_files["tiny-embed-Q8_0.gguf"])] = release
+    client = await make_hub_client(auto_pull=True, max_queue=1)
+    pulling = asyncio.ensure_future(embed(client, {"model": f"hf.co/{REPO}:Q8_0", "input": "hello"}))
+    try:
+        await wait_until(lambda: scheduler_of(client).admitted == 1)  # admitted while its pull runs
+        status, body = await embed(client, {"model": f"hf.co/{REPO}:Q8_0", "input": "hello"})
+        assert (status, body["error"]) == (503, "server busy, please try again.  maximum pending requests exceeded")
+    finally:
+        release.set()
+    status, _ = await pulling
+    assert status == 200
+
+
 # -- show, delete, list -----------------------------------------------------------------------------
 
 

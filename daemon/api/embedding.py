@@ -71,30 +71,32 @@ async def embed_inputs(
     started_s = time.perf_counter()
     # The name as sent, until the lease gives the canonical one (cut: it is echoed into a log line).
     stats = request[REQUEST_STATS] = RequestStats(model[:MAX_LOGGED_NAME_CHARS], len(inputs))
-    await pull_if_allowed(app, model)
-    stored = app[STORE].get(model)
-    pairs = any(isinstance(item, dict) for item in inputs)
-    if inputs and stored.facts.is_reranker != pairs:
-        raise InvalidInput(
-            f"{stored.name} is a reranker: use /api/rerank"
-            if stored.facts.is_reranker
-            else f"{stored.name} is an embedding model, not a reranker: use /api/embed"
-        )
-    prompt = choose_prompt(stored.prompts, prompt_name, input_type)
-    inputs = apply_prompt(prompt, inputs)
     scheduler = app[SCHEDULER]
-    # Bounded before tokenizing, so memory for the largest decode is set aside before it is sent.
-    longest_tokens = input_tokens_bound(inputs)
-    async with scheduler.admit(), scheduler.lease(model, options, keep_alive_s, longest_tokens) as lease:
-        stats.model = lease.loaded.name
-        facts = lease.loaded.runner.facts
-        provenance = {
-            MODEL_DIGEST_HEADER: lease.loaded.model.digest,
-            LLAMA_VERSION_HEADER: facts.llama_version if facts is not None else "",
-        }
-        if not inputs:
-            return Embedded(np.empty((0, 0), np.float32), 0, 0, lease.load_duration_ns, provenance, [])
-        result = await lease.loaded.runner.embed(inputs, truncate, lease.limit_tokens, split_long_inputs)
+    # Admitted first: an auto-pull counts against the queue bound and the shutdown drain too.
+    async with scheduler.admit():
+        await pull_if_allowed(app, model)
+        stored = app[STORE].get(model)
+        pairs = any(isinstance(item, dict) for item in inputs)
+        if inputs and stored.facts.is_reranker != pairs:
+            raise InvalidInput(
+                f"{stored.name} is a reranker: use /api/rerank"
+                if stored.facts.is_reranker
+                else f"{stored.name} is an embedding model, not a reranker: use /api/embed"
+            )
+        prompt = choose_prompt(stored.prompts, prompt_name, input_type)
+        inputs = apply_prompt(prompt, inputs)
+        # Bounded before tokenizing, so memory for the largest decode is set aside before it is sent.
+        longest_tokens = input_tokens_bound(inputs)
+        async with scheduler.lease(model, options, keep_alive_s, longest_tokens) as lease:
+            stats.model = lease.loaded.name
+            facts = lease.loaded.runner.facts
+            provenance = {
+                MODEL_DIGEST_HEADER: lease.loaded.model.digest,
+                LLAMA_VERSION_HEADER: facts.llama_version if facts is not None else "",
+            }
+            if not inputs:
+                return Embedded(np.empty((0, 0), np.float32), 0, 0, lease.load_duration_ns, provenance, [])
+            result = await lease.loaded.runner.embed(inputs, truncate, lease.limit_tokens, split_long_inputs)
     # Queue time is everything but the runner's decoding: admission, loading, the runner's queue.
     queue_s = max(0.0, time.perf_counter() - started_s - result.inference_s)
     stats.tokens, stats.queue_ms, stats.inference_ms = result.token_count, queue_s * 1e3, result.inference_s * 1e3

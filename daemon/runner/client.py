@@ -252,7 +252,8 @@ class RunnerProcess:
         kind = header["type"]
         if kind == "ready":
             self.facts = RunnerFacts(**header["facts"])
-            self._ready.set_result(self.facts)
+            if not self._ready.done():  # a load that timed out was cancelled: its late frame is moot
+                self._ready.set_result(self.facts)
             return
         if kind == "load_failed":
             if not self._ready.done():
