@@ -44,6 +44,7 @@ class PullJob:
         self.events: list[Event] = []
         self.error: EmberdError | None = None
         self.finished = False
+        self.followers = 0  # streams that follow it (a second pull of the same name joins)
         self._changed = asyncio.Event()
         self._last_step = -1
         self._last_completed = -1
@@ -70,6 +71,7 @@ class PullJob:
 
     async def follow(self) -> AsyncIterator[Event]:
         """Every event from the first, then new ones as they come; raises the pull's error at the end."""
+        self.followers += 1
         index = 0
         while True:
             changed = self._changed
@@ -99,10 +101,23 @@ class PullManager:
         self._on_bytes = on_bytes  # bytes received from the Hub, for /metrics
         self._jobs: dict[str, PullJob] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Downloads by blob sha256, with the jobs waiting on each: two names for one file (an alias
+        # and its hf.co name) share one download and one staging folder.
+        self._downloads: dict[str, tuple[asyncio.Task[None], list[PullJob]]] = {}
 
     @property
     def in_flight(self) -> int:
         return len(self._jobs)
+
+    def followers(self, name: str) -> int:
+        """How many streams follow the pull of `name` now (0: none under way)."""
+        job = self._jobs.get(canonical_name(name))
+        return job.followers if job is not None else 0
+
+    def waiting_for(self, sha256: str) -> int:
+        """How many pulls wait on the download of one blob (one download, however many names)."""
+        shared = self._downloads.get(sha256)
+        return len(shared[1]) if shared is not None else 0
 
     def start(self, name: str) -> PullJob:
         """Start pulling `name`, or join the pull of it already under way."""
@@ -132,7 +147,7 @@ class PullManager:
             job.add({"status": "pulling manifest"})
             hub_file = await self._executor.run(lambda _token: self._hub.resolve(name))
             if not self._store.has_blob(hub_file.sha256):
-                await self._download(hub_file, job)
+                await self._download_once(hub_file, job)
             job.add({"status": "writing manifest"})
             await asyncio.to_thread(
                 self._store.publish_blob, canonical, hub_file.sha256, hub_file.source, hub_file.prompts
@@ -147,7 +162,27 @@ class PullManager:
             del self._jobs[canonical]
             job.finish(error)
 
-    async def _download(self, hub_file: HubFile, job: PullJob) -> None:
+    async def _download_once(self, hub_file: HubFile, job: PullJob) -> None:
+        """Download a blob once, however many pulls (under different names) want it."""
+        sha256 = hub_file.sha256
+        shared = self._downloads.get(sha256)
+        if shared is None:
+            listeners = [job]
+            download = asyncio.create_task(self._download(hub_file, listeners))
+            self._downloads[sha256] = (download, listeners)
+
+            def forget(done: asyncio.Task[None]) -> None:
+                self._downloads.pop(sha256, None)
+                if not done.cancelled():
+                    done.exception()  # retrieved: every waiter may have left
+
+            download.add_done_callback(forget)
+        else:
+            download, listeners = shared
+            listeners.append(job)
+        await asyncio.shield(download)
+
+    async def _download(self, hub_file: HubFile, jobs: list[PullJob]) -> None:
         directory = self._store.download_dir(hub_file.sha256)
         directory.mkdir(parents=True, exist_ok=True)
         already = sum(p.stat().st_size for p in directory.rglob("*.incomplete"))
@@ -166,14 +201,16 @@ class PullManager:
             if received is not None and completed > received:
                 loop.call_soon_threadsafe(self._on_bytes, completed - received)
             received = completed
-            loop.call_soon_threadsafe(job.progress, status, digest, total or hub_file.size_bytes, completed)
+            for job in list(jobs):
+                loop.call_soon_threadsafe(job.progress, status, digest, total or hub_file.size_bytes, completed)
 
         def download(token: CancelToken) -> Path:
             return self._hub.download(hub_file, directory, report, token)
 
         path = await self._executor.run(download)
-        job.progress(status, digest, hub_file.size_bytes, hub_file.size_bytes)
-        job.add({"status": "verifying sha256 digest"})
+        for job in jobs:
+            job.progress(status, digest, hub_file.size_bytes, hub_file.size_bytes)
+            job.add({"status": "verifying sha256 digest"})
         actual = await self._executor.run(lambda token: ModelStore.hash_file(path, token))
         if actual != hub_file.sha256:
             shutil.rmtree(directory, ignore_errors=True)

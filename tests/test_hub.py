@@ -217,12 +217,33 @@ async def test_two_pulls_of_one_model_share_one_download(
     await wait_until(lambda: fake_hub.transfers_started[sha] == 1)
     second = asyncio.create_task(pull_lines(hub_client, f"HF.CO/{REPO}:q8_0"))
     pulls = hub_client.server.app[PULLS]
-    await wait_until(lambda: second.done() or pulls.in_flight == 1)
+    # The second pull has joined the first (not merely started after it ended).
+    await wait_until(lambda: pulls.followers(f"hf.co/{REPO}:Q8_0") == 2)
     release.set()
     (_, first_lines), (_, second_lines) = await asyncio.gather(first, second)
     assert first_lines[-1] == second_lines[-1] == {"status": "success"}
     assert second_lines[0] == {"status": "pulling manifest"}  # the follower sees the whole story
     assert fake_hub.downloads[sha] == 1
+
+
+async def test_an_alias_and_its_hf_co_name_pulled_at_once_share_one_download(
+    hub_client: Client, fake_hub: FakeHub, quant_files: dict[str, bytes]
+) -> None:
+    sha = sha_of(quant_files["tiny-embed-Q8_0.gguf"])
+    release = threading.Event()
+    fake_hub.hold[sha] = release
+    by_alias = asyncio.create_task(pull_lines(hub_client, "tiny-alias"))
+    await wait_until(lambda: fake_hub.transfers_started[sha] == 1)
+    by_name = asyncio.create_task(pull_lines(hub_client, f"hf.co/{REPO}:Q8_0"))
+    pulls = hub_client.server.app[PULLS]
+    # Two jobs (two names) wait on one download of the blob, in one staging folder.
+    await wait_until(lambda: by_name.done() or fake_hub.transfers_started[sha] > 1 or pulls.waiting_for(sha) == 2)
+    release.set()
+    (_, alias_lines), (_, name_lines) = await asyncio.gather(by_alias, by_name)
+    assert alias_lines[-1] == name_lines[-1] == {"status": "success"}
+    assert fake_hub.downloads[sha] == 1
+    store = store_of(hub_client)
+    assert store.get("tiny-alias").digest == store.get(f"hf.co/{REPO}:Q8_0").digest == f"sha256:{sha}"
 
 
 async def test_an_alias_pulls_its_pinned_file(hub_client: Client, quant_files: dict[str, bytes]) -> None:
