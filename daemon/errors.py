@@ -87,6 +87,10 @@ class TooManyInputs(InvalidInput):
     """A request carries more inputs than max_inputs allows."""
 
 
+class BlobMissing(EmberdError):
+    """A blob a manifest was about to name was deleted meanwhile (a pull then downloads it again)."""
+
+
 class AddressInUse(EmberdError):
     """The address to listen on is taken (by Ollama, most often, on 11434)."""
 

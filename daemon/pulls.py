@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import DownloadFailed, EmberdError, InsufficientDisk, InvalidModelFile
+from daemon.errors import BlobMissing, DownloadFailed, EmberdError, InsufficientDisk, InvalidModelFile
 from daemon.gguf_info import read_gguf_facts
 from daemon.hub import HubClient, HubFile
 from daemon.jobs import CancelToken, JobExecutor
@@ -146,12 +146,19 @@ class PullManager:
         try:
             job.add({"status": "pulling manifest"})
             hub_file = await self._executor.run(lambda _token: self._hub.resolve(name))
-            if not self._store.has_blob(hub_file.sha256):
-                await self._download_once(hub_file, job)
-            job.add({"status": "writing manifest"})
-            await asyncio.to_thread(
-                self._store.publish_blob, canonical, hub_file.sha256, hub_file.source, hub_file.prompts
-            )
+            for attempt in range(2):
+                if not self._store.has_blob(hub_file.sha256):
+                    await self._download_once(hub_file, job)
+                job.add({"status": "writing manifest"})
+                try:
+                    await asyncio.to_thread(
+                        self._store.publish_blob, canonical, hub_file.sha256, hub_file.source, hub_file.prompts
+                    )
+                    break
+                except BlobMissing:
+                    if attempt == 1:
+                        raise  # deleted twice in a row: the pull fails with the reason
+                    log.info("the blob of %s was deleted meanwhile: downloading it again", canonical)
             job.add({"status": "success"})
         except EmberdError as failure:
             error = failure

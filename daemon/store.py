@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.convert import convert_hf_directory, inspect_hf_directory
-from daemon.errors import InsufficientDisk, InvalidModelFile, NotEmbeddingModel, UnknownModel
+from daemon.errors import BlobMissing, InsufficientDisk, InvalidModelFile, NotEmbeddingModel, UnknownModel
 from daemon.gguf_info import GGUFFacts, read_gguf_facts
 from daemon.jobs import NEVER_CANCELLED, CancelToken
 from daemon.names import canonical_name
@@ -231,8 +231,12 @@ class ModelStore:
         without pooling, which /api/embed then refuses with its own error."""
         canonical = canonical_name(name)
         blob = self.blobs_dir / f"sha256-{digest_hex}"
-        facts = read_gguf_facts(blob)
+        # Under the lock a delete takes too: a delete that came first removed the blob (this fails,
+        # and no manifest names a missing blob); one that comes after sees this manifest and keeps it.
         with self._lock:
+            if not blob.is_file():
+                raise BlobMissing(f"the blob sha256:{digest_hex} was deleted before {canonical} could name it")
+            facts = read_gguf_facts(blob)
             return self._write_manifest(canonical, blob, facts, source, prompts or ModelPrompts())
 
     def has_blob(self, digest_hex: str) -> bool:

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from daemon.api.common import STORE
 from daemon.convert import convert_hf_directory
-from daemon.errors import InsufficientDisk, InvalidModelFile, NotEmbeddingModel, UnknownModel
+from daemon.errors import BlobMissing, InsufficientDisk, InvalidModelFile, NotEmbeddingModel, UnknownModel
 from daemon.gguf_info import format_parameter_size, read_gguf_facts
 from daemon.store import ModelStore
 from tests.conftest import MakeClient
@@ -228,3 +228,19 @@ async def test_a_manifest_from_before_the_memory_facts_still_loads(make_client: 
     status, body = await embed(client, {"model": "tiny", "input": "hello"})
     assert status == 200 and len(body["embeddings"]) == 1
     assert (await client.get("/api/tags")).status == 200
+
+
+def test_a_delete_before_a_publish_leaves_no_manifest_naming_a_missing_blob(store: ModelStore, tiny_gguf: Path) -> None:
+    first = store.create("first", tiny_gguf)
+    digest_hex = first.digest.removeprefix("sha256:")
+    # A pull of another name for the same file found the blob, then a delete of the only name
+    # that used it removed the blob before the pull could name it.
+    store.delete("first")
+    with pytest.raises(BlobMissing):
+        store.publish_blob("second", digest_hex, "hf.co/x/y")
+    assert store.list() == []
+    # After the publish, a delete of the other name keeps the blob the new manifest names.
+    store.create("first", tiny_gguf)
+    store.publish_blob("second", digest_hex, "hf.co/x/y")
+    store.delete("first")
+    assert store.get("second").blob_path.is_file()

@@ -39,6 +39,7 @@ from daemon.api.common import (
 )
 from daemon.config import Settings
 from daemon.errors import (
+    BlobMissing,
     ContextExceeded,
     DownloadFailed,
     EmberdError,
@@ -85,6 +86,7 @@ ERROR_STATUS: list[tuple[type[EmberdError], int]] = [
     (UnknownModel, 404),
     (NotEmbeddingModel, 501),
     (DownloadFailed, 502),
+    (BlobMissing, 409),
     (Overloaded, 503),
     (ShuttingDown, 503),
     (MemoryBusy, 503),
