@@ -87,6 +87,10 @@ class TooManyInputs(InvalidInput):
     """A request carries more inputs than max_inputs allows."""
 
 
+class UnreadableManifest(EmberdError):
+    """A manifest this version cannot read (written by a newer emberd)."""
+
+
 class BlobMissing(EmberdError):
     """A blob a manifest was about to name was deleted meanwhile (a pull then downloads it again)."""
 

@@ -15,10 +15,12 @@ import dataclasses
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,13 +28,33 @@ from pathlib import Path
 from typing import Any
 
 from daemon.convert import convert_hf_directory, inspect_hf_directory
-from daemon.errors import BlobMissing, InsufficientDisk, InvalidModelFile, NotEmbeddingModel, UnknownModel
+from daemon.errors import (
+    BlobMissing,
+    InsufficientDisk,
+    InvalidModelFile,
+    NotEmbeddingModel,
+    UnknownModel,
+    UnreadableManifest,
+)
 from daemon.gguf_info import GGUFFacts, read_gguf_facts
 from daemon.jobs import NEVER_CANCELLED, CancelToken
 from daemon.names import canonical_name
 from daemon.prompts import ModelPrompts, merge_prompts, read_sentence_transformers_prompts
 
 _COPY_CHUNK_BYTES = 4 * 1024 * 1024
+# The manifest layout this version writes; it reads this one and older ones (see _read_manifest).
+SCHEMA_VERSION = 1
+_FACT_FIELDS = {f.name for f in dataclasses.fields(GGUFFacts)}
+# A download no pull has touched for this long is abandoned: removed at start-up.
+ABANDONED_DOWNLOAD_S = 7 * 86400
+log = logging.getLogger(__name__)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -64,15 +86,27 @@ class ModelStore:
         self.downloads_dir = home / "downloads"
         self._lock = threading.Lock()
 
-    def open(self) -> None:
-        """Create the layout and drop partial files a previous run left behind."""
+    def open(self, now_s: float | None = None) -> None:
+        """Create the layout and clean what a previous run left behind: partial files, blobs no
+        manifest names, and downloads untouched for ABANDONED_DOWNLOAD_S (a recent one is kept, so
+        a pull resumes where it broke off)."""
         for directory in (self.blobs_dir, self.manifests_dir, self.tmp_dir, self.downloads_dir):
             directory.mkdir(parents=True, exist_ok=True)
         for leftover in self.tmp_dir.iterdir():
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
+            _remove(leftover)
+        named = {model.blob_path.name for model in self.list()}
+        for blob in self.blobs_dir.iterdir():
+            if blob.name.startswith("sha256-") and blob.name not in named:
+                log.info("removing %s: no model names it", blob.name)
+                blob.unlink(missing_ok=True)
+        now_s = time.time() if now_s is None else now_s
+        for download in self.downloads_dir.iterdir():
+            touched_s = max((p.stat().st_mtime for p in [download, *download.rglob("*")]), default=0.0)
+            if now_s - touched_s > ABANDONED_DOWNLOAD_S:
+                log.info(
+                    "removing the download %s: untouched for %.0f days", download.name, (now_s - touched_s) / 86400
+                )
+                _remove(download)
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -81,9 +115,14 @@ class ModelStore:
         return self.manifests_dir.joinpath(*model.split("/"), f"{tag}.json")
 
     def _read_manifest(self, path: Path) -> StoredModel:
+        """A manifest as this version reads it: fields added since it was written take their
+        defaults, fields it no longer knows are ignored (older and newer stores stay readable)."""
         manifest = json.loads(path.read_text(encoding="utf-8"))
+        version = manifest.get("schema_version", 1)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise UnreadableManifest(f"{path}: schema_version {version!r} is newer than this emberd's {SCHEMA_VERSION}")
         digest = manifest["digest"]
-        facts = manifest["facts"]
+        facts = {key: value for key, value in manifest["facts"].items() if key in _FACT_FIELDS}
         return StoredModel(
             name=manifest["name"],
             digest=digest,
@@ -103,7 +142,13 @@ class ModelStore:
         return self._read_manifest(path)
 
     def list(self) -> list[StoredModel]:
-        models = [self._read_manifest(path) for path in self.manifests_dir.rglob("*.json")]
+        """Every model whose manifest this version can read; others are logged and skipped."""
+        models = []
+        for path in self.manifests_dir.rglob("*.json"):
+            try:
+                models.append(self._read_manifest(path))
+            except (UnreadableManifest, ValueError, KeyError, TypeError) as error:
+                log.warning("skipping the manifest %s: %s", path, error)
         return sorted(models, key=lambda model: model.modified_at, reverse=True)
 
     # -- writing ---------------------------------------------------------------------------------
@@ -124,7 +169,7 @@ class ModelStore:
         digest = "sha256:" + blob.name.removeprefix("sha256-")
         modified_at = datetime.now(UTC).isoformat()
         manifest: dict[str, Any] = {
-            "schema_version": 1,
+            "schema_version": SCHEMA_VERSION,
             "name": name,
             "digest": digest,
             "size": blob.stat().st_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,16 @@ from aiohttp.test_utils import TestClient
 
 from daemon.api.common import STORE
 from daemon.convert import convert_hf_directory
-from daemon.errors import BlobMissing, InsufficientDisk, InvalidModelFile, NotEmbeddingModel, UnknownModel
+from daemon.errors import (
+    BlobMissing,
+    InsufficientDisk,
+    InvalidModelFile,
+    NotEmbeddingModel,
+    UnknownModel,
+    UnreadableManifest,
+)
 from daemon.gguf_info import format_parameter_size, read_gguf_facts
-from daemon.store import ModelStore
+from daemon.store import ABANDONED_DOWNLOAD_S, SCHEMA_VERSION, ModelStore
 from tests.conftest import MakeClient
 from tests.test_api_embed import embed
 from tests.tiny_models import make_header_only_gguf, make_tiny_bert_dir
@@ -244,3 +252,41 @@ def test_a_delete_before_a_publish_leaves_no_manifest_naming_a_missing_blob(stor
     store.publish_blob("second", digest_hex, "hf.co/x/y")
     store.delete("first")
     assert store.get("second").blob_path.is_file()
+
+
+def test_opening_the_store_removes_orphan_blobs_and_abandoned_downloads(store: ModelStore, tiny_gguf: Path) -> None:
+    kept = store.create("kept", tiny_gguf)
+    orphan = store.blobs_dir / f"sha256-{'0' * 64}"
+    orphan.write_bytes(b"no manifest names me")
+    recent, abandoned = store.download_dir("1" * 64), store.download_dir("2" * 64)
+    for download in (recent, abandoned):
+        download.mkdir(parents=True)
+        (download / "model.gguf.incomplete").write_bytes(b"partial")
+    now_s = (recent / "model.gguf.incomplete").stat().st_mtime + ABANDONED_DOWNLOAD_S / 2
+    old_s = now_s - ABANDONED_DOWNLOAD_S - 60
+    for path in (abandoned, abandoned / "model.gguf.incomplete"):
+        os.utime(path, (old_s, old_s))
+    store.open(now_s=now_s)
+    assert not orphan.exists() and not abandoned.exists()
+    assert recent.exists() and kept.blob_path.exists()  # a recent download still resumes
+    assert store.get("kept").digest == kept.digest
+
+
+def test_manifests_from_other_versions_stay_readable_or_are_skipped(store: ModelStore, tiny_gguf: Path) -> None:
+    model = store.create("current", tiny_gguf)
+    path = store.manifests_dir / "current" / "latest.json"
+    manifest = json.loads(path.read_text())
+    # A manifest from a version whose facts had a field this one lacks, and lacked one it has.
+    manifest["facts"]["a_field_from_the_future"] = 1
+    del manifest["facts"]["vocab_size"]
+    (store.manifests_dir / "older").mkdir()
+    (store.manifests_dir / "older" / "latest.json").write_text(json.dumps({**manifest, "name": "older:latest"}))
+    assert store.get("older").digest == model.digest
+    assert store.get("older").facts.vocab_size == 0  # the default: read again from the GGUF at load
+    # A manifest a newer emberd wrote is skipped by list and refused by get, with the reason.
+    (store.manifests_dir / "newer").mkdir()
+    newer = {**manifest, "name": "newer:latest", "schema_version": SCHEMA_VERSION + 1}
+    (store.manifests_dir / "newer" / "latest.json").write_text(json.dumps(newer))
+    assert sorted(m.name for m in store.list()) == ["current:latest", "older:latest"]
+    with pytest.raises(UnreadableManifest, match="newer than this emberd"):
+        store.get("newer")

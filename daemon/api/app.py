@@ -57,6 +57,7 @@ from daemon.errors import (
     TooManyInputs,
     Unauthorized,
     UnknownModel,
+    UnreadableManifest,
 )
 from daemon.hub import AliasEntry, HubClient, load_aliases
 from daemon.jobs import JobExecutor
@@ -87,6 +88,7 @@ ERROR_STATUS: list[tuple[type[EmberdError], int]] = [
     (NotEmbeddingModel, 501),
     (DownloadFailed, 502),
     (BlobMissing, 409),
+    (UnreadableManifest, 409),
     (Overloaded, 503),
     (ShuttingDown, 503),
     (MemoryBusy, 503),
