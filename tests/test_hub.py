@@ -246,6 +246,26 @@ async def test_an_alias_and_its_hf_co_name_pulled_at_once_share_one_download(
     assert store.get("tiny-alias").digest == store.get(f"hf.co/{REPO}:Q8_0").digest == f"sha256:{sha}"
 
 
+async def test_a_pull_whose_client_leaves_mid_stream_finishes_without_an_error_logged(
+    hub_client: Client, fake_hub: FakeHub, quant_files: dict[str, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    sha = sha_of(quant_files["tiny-embed-Q8_0.gguf"])
+    release = threading.Event()
+    fake_hub.hold[sha] = release
+    body = orjson.dumps({"model": f"hf.co/{REPO}:Q8_0"})
+    host, port = hub_client.server.host, hub_client.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"POST /api/pull HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    await reader.readuntil(b"pulling manifest")  # the stream has begun
+    writer.close()  # the client leaves
+    release.set()
+    store = store_of(hub_client)
+    await wait_until(lambda: any(m.name == f"hf.co/{REPO}:Q8_0" for m in store.list()))  # the pull went on
+    pulls = hub_client.server.app[PULLS]
+    await wait_until(lambda: pulls.in_flight == 0)
+    assert not [record for record in caplog.records if "unexpected error" in record.getMessage()]
+
+
 async def test_an_alias_pulls_its_pinned_file(hub_client: Client, quant_files: dict[str, bytes]) -> None:
     _, lines = await pull_lines(hub_client, "tiny-alias")
     assert lines[-1] == {"status": "success"}

@@ -166,6 +166,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if error.status < 400:
             raise
         return error_response(request, error.status, error.reason.lower())
+    except ConnectionResetError:
+        # The client left (a streamed pull or create, say): nothing to answer, and no bug.
+        log.info("the client of %s %s left before its answer ended", request.method, request.path)
+        raise
     except Exception:
         log.exception("unexpected error in %s %s", request.method, request.path)
         return error_response(request, 500, "internal server error")

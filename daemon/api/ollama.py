@@ -257,9 +257,15 @@ async def create(request: web.Request) -> web.StreamResponse:
     work = asyncio.ensure_future(
         jobs.run(lambda token: store.create(name, source, output_type, progress, token, prompts))
     )
+
     # Progress lines are queued from the thread before the work's own completion, so the end marker
-    # added on completion comes after all of them.
-    work.add_done_callback(lambda _work: statuses.put_nowait(None))
+    # added on completion comes after all of them. The outcome is retrieved even if the client left.
+    def ended(done: asyncio.Future[Any]) -> None:
+        if not done.cancelled():
+            done.exception()  # retrieved here: its outcome is also written to the stream, if still open
+        statuses.put_nowait(None)
+
+    work.add_done_callback(ended)
     while (status := await statuses.get()) is not None:
         await response.write(orjson.dumps({"status": status}) + b"\n")
     try:
