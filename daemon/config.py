@@ -291,8 +291,10 @@ def unknown_environment_settings(environ: Mapping[str, str]) -> list[str]:
     for name in sorted(environ):
         if not name.startswith("EMBERD_") or name in known or name.startswith(_OTHER_ENVIRONMENT_PREFIXES):
             continue
-        closest = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
-        hint = f"; did you mean {closest[0]}?" if closest else ""
+        # Compared without the shared prefix, which would make every name look close.
+        suffixes = sorted(known_name.removeprefix("EMBERD_") for known_name in known)
+        closest = difflib.get_close_matches(name.removeprefix("EMBERD_"), suffixes, n=1, cutoff=0.6)
+        hint = f"; did you mean EMBERD_{closest[0]}?" if closest else ""
         warnings.append(f"{name} is not an emberd setting and is ignored{hint}")
     return warnings
 

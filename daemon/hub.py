@@ -1,32 +1,19 @@
 """The Hugging Face Hub: which file a name means, and downloading it (through huggingface_hub).
 
 Resolution policy (aliases, tag -> file) is pure and table-tested; `HubClient` does the blocking
-HTTP through huggingface_hub, which honours HF_TOKEN for gated repos and resumes cut transfers.
+HTTP through huggingface_hub (daemon.hub_http, imported at the first pull: it costs the daemon about
+9 MiB of memory), which honours HF_TOKEN for gated repos and resumes cut transfers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import httpx2
-from huggingface_hub import HfApi, hf_hub_url
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    GatedRepoError,
-    HfHubHTTPError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils._headers import build_hf_headers
-from huggingface_hub.utils._http import get_session, hf_raise_for_status
 
 from daemon.errors import DownloadFailed, HubUnavailable, InvalidConfig, InvalidInput, UnknownModel
 from daemon.jobs import NEVER_CANCELLED, CancelToken
@@ -159,8 +146,10 @@ class HubClient:
         else:
             assert hub_name is not None
             repo_id, revision, filename, tag = hub_name.repo_id, None, None, hub_name.tag
-        with _translated_errors(repo_id):
-            info = HfApi(endpoint=self._endpoint).model_info(repo_id, revision=revision, files_metadata=True)
+        from daemon import hub_http  # huggingface_hub: imported at the first pull, not at start-up
+
+        with hub_http.translated_errors(repo_id):
+            info = hub_http.model_info(self._endpoint, repo_id, revision)
         siblings = {sibling.rfilename: sibling for sibling in info.siblings or []}
         filename = filename or pick_gguf_file(list(siblings), tag, repo_id)
         sibling = siblings.get(filename)
@@ -191,13 +180,15 @@ class HubClient:
         partial, complete = directory / f"{name}.partial", directory / name
         if complete.is_file():
             return complete  # an earlier run finished the transfer but not the verification
-        url = hf_hub_url(hub_file.repo_id, hub_file.filename, revision=hub_file.revision, endpoint=self._endpoint)
-        with _translated_errors(hub_file.repo_id):
+        from daemon import hub_http
+
+        url = hub_http.file_url(self._endpoint, hub_file.repo_id, hub_file.filename, hub_file.revision)
+        with hub_http.translated_errors(hub_file.repo_id):
             for attempt in range(1, TRANSFER_ATTEMPTS + 1):
                 try:
-                    _transfer(url, partial, hub_file.size_bytes, report, token)
+                    hub_http.transfer(url, partial, hub_file.size_bytes, report, token)
                     break
-                except httpx2.TransportError as error:
+                except hub_http.TransportError as error:
                     if attempt == TRANSFER_ATTEMPTS:
                         raise
                     log.warning("download of %s broke off (%s); resuming", hub_file.filename, error)
@@ -206,56 +197,3 @@ class HubClient:
             raise DownloadFailed(f"{hub_file.filename}: the Hub sent {have} bytes, {hub_file.size_bytes} expected")
         os.replace(partial, complete)
         return complete
-
-
-def _transfer(url: str, partial: Path, size_bytes: int, report: Callable[[int, int], None], token: CancelToken) -> None:
-    """GET the bytes `partial` lacks (a Range request when it has some) and append them."""
-    start = partial.stat().st_size if partial.exists() else 0
-    if start >= size_bytes > 0:
-        return
-    headers = build_hf_headers()  # HF_TOKEN, for gated repos; dropped on the redirect to the CDN
-    if start:
-        headers["Range"] = f"bytes={start}-"
-    timeout = httpx2.Timeout(READ_TIMEOUT_S, connect=READ_TIMEOUT_S)
-    with get_session().stream("GET", url, headers=headers, timeout=timeout) as response:
-        hf_raise_for_status(response)
-        if response.status_code != 206:
-            start = 0  # the server sent the whole file: start over
-        with partial.open("r+b" if start else "wb") as file:
-            file.seek(start)
-            done = start
-            report(done, size_bytes)
-            for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
-                file.write(chunk)
-                done += len(chunk)
-                report(done, size_bytes)
-                token.check()  # after the write: what arrived is kept for the next attempt
-            file.flush()
-            os.fsync(file.fileno())
-
-
-@contextlib.contextmanager
-def _translated_errors(repo_id: str) -> Iterator[None]:
-    """huggingface_hub's exceptions as the daemon's domain errors, each with a message to act on."""
-    repo = f"hf.co/{repo_id}"
-    try:
-        yield
-    except GatedRepoError:
-        raise UnknownModel(f"{repo} is gated: accept its terms on the Hub and set HF_TOKEN") from None
-    except RevisionNotFoundError:
-        raise UnknownModel(f"{repo}: revision not found") from None
-    except EntryNotFoundError:
-        raise UnknownModel(f"{repo}: file not found") from None
-    except RepositoryNotFoundError:
-        raise UnknownModel(f"{repo} not found on the Hugging Face Hub (or private: set HF_TOKEN)") from None
-    except OfflineModeIsEnabled:
-        raise HubUnavailable(OFFLINE_MESSAGE) from None
-    except HfHubHTTPError as error:
-        raise DownloadFailed(f"{repo}: the Hub answered {error}") from None
-    except Exception as error:
-        # Connection failures surface as huggingface_hub's HTTP library's own exception types.
-        if type(error).__name__ in ("ConnectError", "ConnectTimeout") or isinstance(error, ConnectionError):
-            raise HubUnavailable(f"cannot reach the Hugging Face Hub ({error}); {OFFLINE_HINT}") from None
-        if isinstance(error, OSError | ValueError) or type(error).__module__.startswith("httpx"):
-            raise DownloadFailed(f"{repo}: download failed: {error}") from None
-        raise

@@ -125,6 +125,11 @@ class PullManager:
         job = self._jobs.get(canonical)
         if job is None:
             self._hub.check_pullable(name)
+            # huggingface_hub is imported at the first pull, not at start-up (about 9 MiB the daemon
+            # does not hold until then). Here, on the loop, once: in a job thread the import would
+            # hold the GIL against every request for as long, in bursts.
+            import daemon.hub_http  # noqa: F401
+
             job = PullJob()
             self._jobs[canonical] = job
             task = asyncio.create_task(self._run(name, canonical, job), name=f"pull-{canonical}")

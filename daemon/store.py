@@ -27,7 +27,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from daemon.convert import convert_hf_directory, inspect_hf_directory
 from daemon.errors import (
     BlobMissing,
     InsufficientDisk,
@@ -211,6 +210,8 @@ class ModelStore:
     def check_source(self, source: Path) -> None:
         """Fail fast (before any streaming) when `source` cannot become an embedding model."""
         if source.is_dir():
+            from daemon.convert import inspect_hf_directory  # safetensors and gguf's writer: when needed
+
             inspect_hf_directory(source)
         elif source.is_file():
             require_embedding_model(read_gguf_facts(source), source.name)
@@ -238,6 +239,8 @@ class ModelStore:
         try:
             if source.is_dir():
                 progress(f"converting {source.name} to gguf ({output_type})")
+                from daemon.convert import convert_hf_directory
+
                 convert_hf_directory(source, partial, output_type, canonical.split(":")[0], progress, token)
                 prompts = merge_prompts(read_sentence_transformers_prompts(source), prompts)
                 with partial.open("rb+") as handle:

@@ -30,7 +30,6 @@ from daemon.api.common import (
     require_type,
 )
 from daemon.api.embedding import embed_inputs
-from daemon.convert import OUTPUT_TYPES
 from daemon.errors import EmberdError, InvalidInput, InvalidModelFile, NotEmbeddingModel, UnknownModel
 from daemon.gguf_info import format_parameter_size, read_gguf_facts
 from daemon.names import canonical_name
@@ -227,6 +226,8 @@ async def create(request: web.Request) -> web.StreamResponse:
     source_text = require_type(document, "from", str, "a path on the daemon's machine")
     if not source_text:
         raise InvalidInput('"from" is required: the path of a GGUF file or a Hugging Face model directory')
+    from daemon.convert import OUTPUT_TYPES  # the converter's imports, when a model is created
+
     output_type = (require_type(document, "quantize", str, "a string") or "f16").lower()
     if output_type not in OUTPUT_TYPES:
         raise InvalidInput(f"unsupported quantize {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
