@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType, PoolingType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType, PoolingType
 
 from daemon.errors import InvalidModelFile
 
@@ -21,6 +21,16 @@ _MAX_KV_COUNT = 1 << 16
 _MAX_TENSOR_COUNT = 1 << 20
 _MAX_STRING_BYTES = 1 << 20
 _MAX_DIMS = 8
+# The longest array a real model has is its merges or vocabulary (a few hundred thousand items).
+_MAX_ARRAY_LENGTH = 1 << 24
+# Arrays whose item type llama.cpp takes for granted (it would abort on another).
+_ARRAY_ITEM_TYPES = {
+    "tokenizer.ggml.tokens": GGUFValueType.STRING,
+    "tokenizer.ggml.merges": GGUFValueType.STRING,
+    "tokenizer.ggml.token_type": GGUFValueType.INT32,
+    "tokenizer.ggml.scores": GGUFValueType.FLOAT32,
+}
+_DEFAULT_ALIGNMENT = 32
 
 _SCALAR_FORMATS: dict[GGUFValueType, str] = {
     GGUFValueType.UINT8: "<B",
@@ -111,6 +121,7 @@ class _Cursor:
 @dataclass(frozen=True)
 class _SkippedArray:
     count: int
+    item_type: int
 
 
 def _read_value(cursor: _Cursor, value_type: int) -> Any:
@@ -123,6 +134,8 @@ def _read_value(cursor: _Cursor, value_type: int) -> Any:
     if kind == GGUFValueType.ARRAY:
         item_type = cursor.unpack("<I")
         count = cursor.unpack("<Q")
+        if count > _MAX_ARRAY_LENGTH:
+            raise InvalidModelFile(f"{cursor.path.name}: GGUF array of {count} items")
         if item_type == GGUFValueType.STRING:
             for _ in range(count):
                 cursor.skip(cursor.unpack("<Q"))
@@ -130,7 +143,7 @@ def _read_value(cursor: _Cursor, value_type: int) -> Any:
             cursor.skip(count * struct.calcsize(_SCALAR_FORMATS[GGUFValueType(item_type)]))
         else:
             raise InvalidModelFile(f"{cursor.path.name}: unsupported GGUF array item type {item_type}")
-        return _SkippedArray(count)  # vocabularies, merges: only their length is kept
+        return _SkippedArray(count, item_type)  # vocabularies, merges: only their length is kept
     return cursor.unpack(_SCALAR_FORMATS[kind])
 
 
@@ -149,6 +162,14 @@ def _file_type_name(metadata: dict[str, Any], tensor_types: list[int]) -> str:
         except ValueError:
             pass
     return "unknown"
+
+
+def _tensor_bytes(path: Path, name: str, tensor_type: int, elements: int) -> int:
+    try:
+        block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(tensor_type)]
+    except (ValueError, KeyError):
+        raise InvalidModelFile(f"{path.name}: tensor {name} has unknown type {tensor_type}") from None
+    return elements // block_size * type_size
 
 
 def read_gguf_facts(path: Path) -> GGUFFacts:
@@ -171,13 +192,17 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
                 key = cursor.string()
                 value = _read_value(cursor, cursor.unpack("<I"))
                 if isinstance(value, _SkippedArray):
+                    expected = _ARRAY_ITEM_TYPES.get(key)
+                    if expected is not None and value.item_type != expected:
+                        raise InvalidModelFile(f"{path.name}: {key} must be an array of {expected.name.lower()}")
                     # Arrays are left out of the metadata, as Ollama's /api/show leaves them out.
                     array_lengths[key], value = value.count, None
                 metadata[key] = value
             parameter_count = 0
             tensor_types: list[int] = []
+            data_ends: list[tuple[str, int]] = []  # (tensor, where its data ends past the data section's start)
             for _ in range(tensor_count):
-                cursor.string()
+                tensor_name = cursor.string()
                 n_dims = cursor.unpack("<I")
                 if n_dims > _MAX_DIMS:
                     raise InvalidModelFile(f"{path.name}: tensor with {n_dims} dimensions")
@@ -185,8 +210,22 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
                 for _ in range(n_dims):
                     elements *= cursor.unpack("<Q")
                 parameter_count += elements
-                tensor_types.append(cursor.unpack("<I"))
-                cursor.unpack("<Q")  # data offset
+                tensor_type = cursor.unpack("<I")
+                tensor_types.append(tensor_type)
+                offset = cursor.unpack("<Q")
+                data_ends.append((tensor_name, offset + _tensor_bytes(path, tensor_name, tensor_type, elements)))
+            # Every tensor's data must lie inside the file: a truncated download or a crafted
+            # offset is refused here, before llama.cpp maps the file.
+            alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+            if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+                raise InvalidModelFile(f"{path.name}: general.alignment {alignment!r} is not a power of two")
+            data_start = -(-handle.tell() // alignment) * alignment
+            file_bytes = path.stat().st_size
+            for tensor_name, end in data_ends:
+                if data_start + end > file_bytes:
+                    raise InvalidModelFile(
+                        f"{path.name}: truncated GGUF: the data of tensor {tensor_name} ends past the file"
+                    )
     except OSError as error:
         raise InvalidModelFile(f"cannot read {path}: {error.strerror}") from None
 
