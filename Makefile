@@ -33,9 +33,10 @@ test: lint
 	$(BIN)/python -m pytest -m "not fleet"
 
 # Faults and hostile input against a live daemon, with a report; not part of `make test`'s budget.
-# So far: 10,000 generated requests over every route (see tests/reliability/fuzz_routes.py).
+# 10,000 generated requests over every route, then faults under load (tests/reliability/).
 reliability: $(STAMP)
 	$(BIN)/python -m tests.reliability.fuzz_routes --requests 10000
+	$(BIN)/python -m tests.reliability.faults --clients 32 --seconds 6
 
 # Three daemons behind HAProxy (configs/haproxy.cfg as shipped), restarted one at a time under load.
 test-fleet: $(STAMP)
