@@ -339,6 +339,11 @@ def counted_bytes(
     return measured_bytes + max(0, grown - held_after_bytes(shape, n_batch, measured_at_tokens, n_ubatch))
 
 
+def _utf8_length(text: str) -> int:
+    # ASCII text (most of it) is as long in UTF-8 as in characters: no copy on the request path.
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 def input_tokens_bound(inputs: Iterable[str | list[int] | dict[str, str]]) -> int:
     """An upper bound on the tokens of the longest input, known before tokenizing: no tokenizer
     makes more tokens of a text than it has UTF-8 bytes, plus the special tokens around it (and
@@ -346,9 +351,9 @@ def input_tokens_bound(inputs: Iterable[str | list[int] | dict[str, str]]) -> in
     longest = -SPECIAL_TOKENS_BOUND
     for item in inputs:
         if isinstance(item, dict):  # a reranker's pair: both texts, and the separators between them
-            length = sum(len(text.encode("utf-8")) for text in item.values()) + SPECIAL_TOKENS_BOUND
+            length = sum(_utf8_length(text) for text in item.values()) + SPECIAL_TOKENS_BOUND
         else:
-            length = len(item.encode("utf-8")) if isinstance(item, str) else len(item)
+            length = _utf8_length(item) if isinstance(item, str) else len(item)
         longest = max(longest, length)
     return longest + SPECIAL_TOKENS_BOUND
 

@@ -194,11 +194,16 @@ class Scheduler:
 
     @contextlib.asynccontextmanager
     async def lease(
-        self, name: str, options: dict[str, Any], keep_alive_s: float | None, longest_input_tokens: int = 0
+        self,
+        name: str | StoredModel,
+        options: dict[str, Any],
+        keep_alive_s: float | None,
+        longest_input_tokens: int = 0,
     ) -> AsyncIterator[Lease]:
-        """Hold a loaded runner for `name` for the duration of the block, with memory set aside for
-        the largest decode inputs of up to `longest_input_tokens` tokens can cause."""
-        model = self._store.get(name)
+        """Hold a loaded runner for a model (its name, or the StoredModel the caller already read)
+        for the duration of the block, with memory set aside for the largest decode inputs of up to
+        `longest_input_tokens` tokens can cause."""
+        model = self._store.get(name) if isinstance(name, str) else name
         require_embedding_model(model.facts, model.name)
         load = resolve_load_options(self._settings, options)
         limit_tokens = context_limit(load.num_ctx, model.facts.context_length)
@@ -439,7 +444,6 @@ class Scheduler:
         allowance covers (llama.cpp touches its buffers as far as a decode goes, and keeps them)."""
         if decode_tokens <= entry.allowance_tokens:
             return
-        n_batch = entry.params.n_batch
         if self._room(self._growth_bytes(entry, decode_tokens))[0]:
             entry.allowance_tokens = decode_tokens
             return
@@ -447,7 +451,6 @@ class Scheduler:
             if decode_tokens > entry.allowance_tokens:
                 await self._make_room(entry.name, self._growth_bytes(entry, decode_tokens), growing=entry)
                 entry.allowance_tokens = decode_tokens
-        log.debug("%s may now decode %d tokens at once (n_batch %d)", entry.name, decode_tokens, n_batch)
 
     @staticmethod
     def _growth_bytes(entry: LoadedModel, decode_tokens: int) -> int:

@@ -87,7 +87,7 @@ async def embed_inputs(
         inputs = apply_prompt(prompt, inputs)
         # Bounded before tokenizing, so memory for the largest decode is set aside before it is sent.
         longest_tokens = input_tokens_bound(inputs)
-        async with scheduler.lease(model, options, keep_alive_s, longest_tokens) as lease:
+        async with scheduler.lease(stored, options, keep_alive_s, longest_tokens) as lease:
             stats.model = lease.loaded.name
             facts = lease.loaded.runner.facts
             provenance = {

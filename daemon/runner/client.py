@@ -178,17 +178,8 @@ class RunnerProcess:
     async def renew_context(self) -> None:
         """Have the runner replace its context by a fresh one, giving back what its largest decode
         made llama.cpp touch (see EmbeddingEngine.renew_context)."""
-        if not self.alive or self._stopping:
-            return
-        request_id = next(self._ids)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        assert self._process.stdin is not None
-        try:
-            self._process.stdin.write(encode_frame({"type": "renew", "id": request_id}))
-            await future
-        finally:
-            self._pending.pop(request_id, None)
+        if self.alive and not self._stopping:
+            await self._ask({"type": "renew"})
 
     async def tokenize(self, text: str, add_special: bool) -> list[int]:
         """The model's own token ids for a text (with its special tokens if `add_special`)."""

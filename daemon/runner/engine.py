@@ -170,6 +170,16 @@ class EmbeddingEngine:
         self._head_specials, self._tail_specials = special_token_split(
             probe_with_specials, self.vocabulary.tokenize(_PROBE_TEXT, add_special=False)
         )
+        # A reranker pair's special tokens (see tokenize_pair): before, between and after.
+        vocab = self._model.vocab
+        eos = llama_cpp.llama_vocab_eos(vocab) if llama_cpp.llama_vocab_get_add_eos(vocab) else -1
+        sep = llama_cpp.llama_vocab_sep(vocab) if llama_cpp.llama_vocab_get_add_sep(vocab) else -1
+        bos = llama_cpp.llama_vocab_bos(vocab) if llama_cpp.llama_vocab_get_add_bos(vocab) else -1
+        self._pair_specials = (
+            [bos] if bos >= 0 else [],
+            [token for token in (eos, sep) if token >= 0],
+            [eos] if eos >= 0 else [sep] if sep >= 0 else [],
+        )
         # The special tokens themselves, to wrap inputs that arrive as token ids.
         self._head_tokens = probe_with_specials[: self._head_specials]
         self._tail_tokens = probe_with_specials[len(probe_with_specials) - self._tail_specials :]
@@ -198,16 +208,11 @@ class EmbeddingEngine:
         [EOS] [SEP] document [EOS], each special token where the vocabulary adds it (a BERT
         vocabulary, which has no EOS, ends with its separator: [CLS] q [SEP] d [SEP]). A pair over
         the context is cut at the document's end."""
-        vocab = self._model.vocab
-        eos = llama_cpp.llama_vocab_eos(vocab) if llama_cpp.llama_vocab_get_add_eos(vocab) else -1
-        sep = llama_cpp.llama_vocab_sep(vocab) if llama_cpp.llama_vocab_get_add_sep(vocab) else -1
-        bos = llama_cpp.llama_vocab_bos(vocab) if llama_cpp.llama_vocab_get_add_bos(vocab) else -1
-        end = [eos] if eos >= 0 else [sep] if sep >= 0 else []
+        start, middle, end = self._pair_specials
         tokens = [
-            *([bos] if bos >= 0 else []),
+            *start,
             *self.vocabulary.tokenize(query, add_special=False),
-            *([eos] if eos >= 0 else []),
-            *([sep] if sep >= 0 else []),
+            *middle,
             *self.vocabulary.tokenize(document, add_special=False),
             *end,
         ]

@@ -20,17 +20,14 @@ import random
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
-from daemon.store import ModelStore
 from tests.live import running_daemon
-from tests.reliability.fuzz_routes import tiny_model
+from tests.reliability.fuzz_routes import home_with_tiny_model
 
 PASSAGE = "the sky is blue because the air scatters blue light more than red light, why is grass green? " * 2
 
@@ -75,11 +72,7 @@ def leaver(port: int, stop_at: float, counts: Counter[str], lock: threading.Lock
 
 
 def run(clients: int, seconds: float) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="emberd-faults-"))
-    home = workdir / "home"
-    store = ModelStore(home)
-    store.open()
-    store.create("tiny", tiny_model(workdir))
+    home = home_with_tiny_model("emberd-faults-")
     outcomes: Counter[str] = Counter()
     leavers: Counter[str] = Counter()
     lock = threading.Lock()

@@ -112,10 +112,15 @@ async def one(session: aiohttp.ClientSession, url: str, rng: random.Random) -> t
         return f"{method} {path} ({type(error).__name__})", -1
 
 
-def tiny_model(directory: Path) -> Path:
-    path = directory / "tiny.gguf"
-    convert_hf_directory(make_tiny_bert_dir(directory / "tiny"), path, "f32", "tiny")
-    return path
+def home_with_tiny_model(prefix: str) -> Path:
+    """A fresh EMBERD_HOME whose store holds the tiny test model as "tiny"."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    path = workdir / "tiny.gguf"
+    convert_hf_directory(make_tiny_bert_dir(workdir / "tiny"), path, "f32", "tiny")
+    store = ModelStore(workdir / "home")
+    store.open()
+    store.create("tiny", path)
+    return workdir / "home"
 
 
 def process_tree_usage(pid: int) -> tuple[float, int, int]:
@@ -172,11 +177,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="emberd-fuzz-"))
-    home = workdir / "home"
-    store = ModelStore(home)
-    store.open()
-    store.create("tiny", tiny_model(workdir))
+    home = home_with_tiny_model("emberd-fuzz-")
     with running_daemon(home, {}, {"EMBERD_HUB_OFFLINE": "1", "EMBERD_MAX_QUEUE": "64"}) as daemon:
         status = asyncio.run(fuzz(daemon.url, daemon.process.pid, args.requests, args.seed, args.concurrency))
         log = daemon.log_text()
