@@ -31,6 +31,35 @@ _ARRAY_ITEM_TYPES = {
     "tokenizer.ggml.scores": GGUFValueType.FLOAT32,
 }
 _DEFAULT_ALIGNMENT = 32
+# llama.cpp's LLAMA_MAX_LAYERS: a block_count outside 1..512 fails a GGML_ASSERT as it loads (an abort).
+_MAX_LAYERS = 512
+
+
+@dataclass(frozen=True)
+class _AddedToken:
+    """A special token llama.cpp's tokenizer adds to every text, and aborts on (GGML_ASSERT) when it
+    has no id for it: the id is the key's when inside the vocabulary, else llama.cpp's default id
+    for the tokenizer when inside it, else none."""
+
+    label: str
+    key: str
+    default_id: int | None
+    flag: str | None  # the tokenizer.ggml.add_*_token key that turns it on or off (None: always added)
+    added_by_default: bool = True
+
+
+_BOS, _EOS = "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"
+_ADD_BOS, _ADD_EOS = "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"
+# Per tokenizer.ggml.model, as llama.cpp's llama-vocab.cpp sets them up.
+_ADDED_TOKENS: dict[str, tuple[_AddedToken, ...]] = {
+    "bert": (  # WordPiece adds [CLS] and [SEP] whatever the flags say
+        _AddedToken("[CLS]", _BOS, 101, None),
+        _AddedToken("[SEP]", "tokenizer.ggml.seperator_token_id", 102, None),  # sic: the GGUF key's spelling
+    ),
+    "llama": (_AddedToken("BOS", _BOS, 1, _ADD_BOS), _AddedToken("EOS", _EOS, 2, _ADD_EOS, False)),
+    "t5": (_AddedToken("BOS", _BOS, None, _ADD_BOS, False), _AddedToken("EOS", _EOS, 1, _ADD_EOS)),
+    "gpt2": (_AddedToken("BOS", _BOS, 11, _ADD_BOS, False), _AddedToken("EOS", _EOS, 11, _ADD_EOS, False)),
+}
 
 _SCALAR_FORMATS: dict[GGUFValueType, str] = {
     GGUFValueType.UINT8: "<B",
@@ -237,6 +266,7 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
         value = metadata.get(f"{architecture}.{key}", default)
         return int(value) if isinstance(value, (int, float)) else default
 
+    _check_what_llama_cpp_asserts(path, architecture, metadata, array_lengths)
     causal = metadata.get(f"{architecture}.attention.causal", True)
     return GGUFFacts(
         architecture=architecture,
@@ -257,6 +287,36 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
         key_length=arch_int("attention.key_length"),
         value_length=arch_int("attention.value_length"),
     )
+
+
+def _check_what_llama_cpp_asserts(
+    path: Path, architecture: str, metadata: dict[str, Any], array_lengths: dict[str, int]
+) -> None:
+    """Refuse what llama.cpp does not refuse but aborts the process on (GGML_ASSERT, GGML_ABORT), as
+    it loads the model or tokenizes the first text. Keys left out are left to llama.cpp: it refuses
+    a missing required key cleanly."""
+    blocks = metadata.get(f"{architecture}.block_count")
+    if isinstance(blocks, int) and not 1 <= blocks <= _MAX_LAYERS:
+        raise InvalidModelFile(f"{path.name}: {architecture}.block_count {blocks} is not between 1 and {_MAX_LAYERS}")
+    pooling = metadata.get(f"{architecture}.pooling_type")
+    if isinstance(pooling, int) and pooling not in {int(kind) for kind in PoolingType}:
+        raise InvalidModelFile(f"{path.name}: unknown pooling type {pooling} ({architecture}.pooling_type)")
+    tokenizer = metadata.get("tokenizer.ggml.model")
+    vocab_size = array_lengths.get("tokenizer.ggml.tokens")
+    if not isinstance(tokenizer, str) or vocab_size is None:
+        return
+    for token in _ADDED_TOKENS.get(tokenizer, ()):
+        flag = metadata.get(token.flag) if token.flag else None
+        if not (flag if isinstance(flag, bool) else token.added_by_default):
+            continue
+        explicit = metadata.get(token.key)
+        ids = (explicit if isinstance(explicit, int) else None, token.default_id)
+        if not any(token_id is not None and 0 <= token_id < vocab_size for token_id in ids):
+            found = f"{token.key} = {explicit}" if explicit is not None else f"no {token.key}"
+            raise InvalidModelFile(
+                f"{path.name}: its {tokenizer} tokenizer adds a {token.label} token to every text, but "
+                f"has no id for it inside its vocabulary of {vocab_size} tokens ({found})"
+            )
 
 
 def format_parameter_size(count: int) -> str:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from gguf import GGUFWriter, PoolingType, TokenType
+from gguf import GGUFReader, GGUFValueType, GGUFWriter, PoolingType, TokenType
 from safetensors.numpy import save_file
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -186,3 +187,38 @@ def make_tiny_causal_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def copy_gguf(source: Path, path: Path, changes: dict[str, Any]) -> Path:
+    """A copy of a GGUF with some keys set (a key it has keeps its type). Tensors are copied as
+    they are."""
+    reader = GGUFReader(source)
+    writer = GGUFWriter(path, str(reader.fields["general.architecture"].contents()))
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in changes:
+            continue
+        if field.types[0] == GGUFValueType.ARRAY:
+            writer.add_array(key, field.contents())
+        else:
+            writer.add_key_value(key, field.contents(), field.types[0])
+    for key, value in changes.items():
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        else:
+            existing = reader.fields.get(key)
+            writer.add_key_value(key, value, existing.types[0] if existing else GGUFValueType.get_type(value))
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data), raw_shape=tensor.data.shape, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def make_byteless_sentencepiece_gguf(bert_gguf: Path, path: Path) -> Path:
+    """The tiny BERT with a SentencePiece tokenizer ("llama") over the same pieces, and no byte
+    pieces (<0x00>..<0xFF>) to fall back on: a model llama.cpp loads and embeds ASCII words with,
+    but whose tokenizer throws std::out_of_range, uncaught (the process aborts), on a character
+    outside the vocabulary ("é")."""
+    return copy_gguf(bert_gguf, path, {"tokenizer.ggml.model": "llama"})

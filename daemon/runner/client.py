@@ -25,7 +25,9 @@ from daemon.runner.protocol import FRAME_PREFIX, GROUP_SIGNALS, RunnerFacts, enc
 log = logging.getLogger(__name__)
 _STDERR_TAIL_LINES = 20
 # Two llama.cpp processes spinning at once on few cores collapse throughput (see DESIGN.md).
-RUNNER_ENVIRONMENT: dict[str, str] = {}
+# GGML_NO_BACKTRACE: on an abort, ggml would attach gdb to print a backtrace first (seconds before
+# the daemon learns of the death, and the last stderr line, which says why, would be gdb's).
+RUNNER_ENVIRONMENT: dict[str, str] = {"GGML_NO_BACKTRACE": "1"}
 
 
 # What a runner embeds: a text, token ids of its vocabulary, or (a reranker) a query/document pair.
@@ -285,11 +287,12 @@ class RunnerProcess:
         self.exited.set()
         how = _describe_exit(returncode)
         last_line = next((line for line in reversed(self._stderr_tail) if line.strip()), "")
-        detail = f"model runner for {self.label} {how}" + (f": {last_line}" if last_line else "")
+        said = f": {last_line}" if last_line else ""  # llama.cpp's assert message, most often
+        detail = f"model runner for {self.label} {how}{said}"
         if not self._stopping:
             log.warning("%s", detail)
         if not self._ready.done():
-            self._ready.set_exception(ModelLoadFailed(f"failed to load {self.label}: runner {how}"))
+            self._ready.set_exception(ModelLoadFailed(f"failed to load {self.label}: runner {how}{said}"))
         # A runner the daemon killed (a stop out of time, at shutdown) leaves its requests a 503.
         error: Exception = (
             ShuttingDown(f"server is shutting down: the runner for {self.label} stopped before answering")
