@@ -33,10 +33,12 @@ test: lint
 	$(BIN)/python -m pytest -m "not fleet"
 
 # Faults and hostile input against a live daemon, with a report; not part of `make test`'s budget.
-# 10,000 generated requests over every route, then faults under load (tests/reliability/).
+# 10,000 generated requests over every route, then faults under load: the runner killed, clients
+# leaving, a Hub transfer cut, the disk filling, memory pressure (tests/reliability/).
 reliability: $(STAMP)
 	$(BIN)/python -m tests.reliability.fuzz_routes --requests 10000
 	$(BIN)/python -m tests.reliability.faults --clients 32 --seconds 6
+	$(BIN)/python -m tests.reliability.store_faults --clients 32
 
 # Three daemons behind HAProxy (configs/haproxy.cfg as shipped), restarted one at a time under load.
 test-fleet: $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils._headers import build_hf_headers
 from huggingface_hub.utils._http import get_session, hf_raise_for_status
 
-from daemon.errors import DownloadFailed, HubUnavailable, UnknownModel
+from daemon.errors import DownloadFailed, HubUnavailable, InsufficientDisk, UnknownModel
 from daemon.hub import DOWNLOAD_CHUNK_BYTES, OFFLINE_HINT, OFFLINE_MESSAGE, READ_TIMEOUT_S
 from daemon.jobs import CancelToken
 
@@ -82,6 +83,8 @@ def translated_errors(repo_id: str) -> Iterator[None]:
         raise DownloadFailed(f"{repo}: the Hub answered {error}") from None
     except Exception as error:
         # Connection failures surface as huggingface_hub's HTTP library's own exception types.
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:  # our disk, not the Hub
+            raise InsufficientDisk(f"no space left on device while downloading from {repo}") from None
         if type(error).__name__ in ("ConnectError", "ConnectTimeout") or isinstance(error, ConnectionError):
             raise HubUnavailable(f"cannot reach the Hugging Face Hub ({error}); {OFFLINE_HINT}") from None
         if isinstance(error, OSError | ValueError) or type(error).__module__.startswith("httpx"):

@@ -7,9 +7,11 @@ from the start). A pull keeps going if its client disconnects, so a retry finds 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,14 +198,38 @@ class PullManager:
 
     async def _download(self, hub_file: HubFile, jobs: list[PullJob]) -> None:
         directory = self._store.download_dir(hub_file.sha256)
-        directory.mkdir(parents=True, exist_ok=True)
-        already = sum(p.stat().st_size for p in directory.rglob("*.incomplete"))
-        needed, free = bytes_needed(hub_file.size_bytes, already), self._free_bytes(directory)
+        # What an earlier attempt left (a partial file, or a complete one not yet verified) is not
+        # fetched again: only the rest needs room. A refusal creates nothing.
+        already = sum(p.stat().st_size for p in directory.glob("*") if p.is_file())
+        needed, free = bytes_needed(hub_file.size_bytes, already), self._free_bytes(self._store.downloads_dir)
         if free < needed:
             raise InsufficientDisk(
                 f"not enough disk space for {hub_file.filename}: it needs {needed / 2**20:.0f} MiB, "
                 f"{free / 2**20:.0f} MiB are free"
             )
+        directory.mkdir(parents=True, exist_ok=True)
+        with self._removed_if_the_disk_fills(hub_file, directory):
+            await self._fetch_verify_adopt(hub_file, directory, jobs)
+
+    @contextlib.contextmanager
+    def _removed_if_the_disk_fills(self, hub_file: HubFile, directory: Path) -> Iterator[None]:
+        """A disk that fills up during the download (another writer took the room the check saw) is a
+        507 that says so. The partial file goes: it holds the space that ran out, and a pull can only
+        resume once there is room for the rest anyway."""
+        try:
+            yield
+        except (OSError, InsufficientDisk) as error:
+            if isinstance(error, OSError) and error.errno != errno.ENOSPC:
+                raise
+            shutil.rmtree(directory, ignore_errors=True)
+            free = self._free_bytes(self._store.downloads_dir)
+            raise InsufficientDisk(
+                f"no space left on device: the disk of {self._store.downloads_dir.parent} filled up while "
+                f"downloading {hub_file.filename} ({hub_file.size_bytes / 2**20:.0f} MiB). The partial download "
+                f"was removed; {free / 2**20:.0f} MiB are free now. Free some space and pull again"
+            ) from None
+
+    async def _fetch_verify_adopt(self, hub_file: HubFile, directory: Path, jobs: list[PullJob]) -> None:
         loop = asyncio.get_running_loop()
         status, digest = f"pulling {hub_file.sha256[:12]}", f"sha256:{hub_file.sha256}"
         received: int | None = None  # the first report is where the transfer starts (resumes)

@@ -178,11 +178,24 @@ class ModelStore:
             **prompts.as_manifest(),
         }
         path = self._manifest_path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=self.tmp_dir, delete=False, encoding="utf-8") as handle:
-            json.dump(manifest, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.tmp_dir, delete=False, encoding="utf-8") as handle:
+                try:
+                    json.dump(manifest, handle, indent=2)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                except BaseException:
+                    Path(handle.name).unlink(missing_ok=True)  # no half-written manifest left in tmp/
+                    raise
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            # The blob stays (complete and verified): a pull or create after freeing space names it.
+            raise InsufficientDisk(
+                f"no space left on device in {self.models_dir} to write the manifest of {name}; free some space"
+                " and try again"
+            ) from None
         os.replace(handle.name, path)
         _fsync_directory(path.parent)
         return self._read_manifest(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import socket
 import threading
@@ -18,7 +19,7 @@ from daemon.api.common import PULLS, STORE
 from daemon.config import Settings
 from daemon.errors import InvalidConfig, UnknownModel
 from daemon.hub import load_aliases, pick_gguf_file, quant_of
-from daemon.pulls import PROGRESS_STEPS, PullJob
+from daemon.pulls import DISK_MARGIN_BYTES, PROGRESS_STEPS, PullJob
 from daemon.store import ModelStore
 from tests.conftest import REPO, scheduler_of, wait_until
 from tests.hub_server import FakeHub
@@ -197,6 +198,67 @@ async def test_a_full_disk_fails_before_downloading(make_hub_client: Any, fake_h
     assert "not enough disk space" in lines[-1]["error"]
     assert sum(fake_hub.downloads.values()) == 0
     assert list(store_of(client).blobs_dir.iterdir()) == []
+    assert list(store_of(client).downloads_dir.iterdir()) == []  # a refusal creates nothing
+
+
+async def test_a_resumed_download_needs_room_only_for_the_bytes_it_lacks(
+    make_hub_client: Any, fake_hub: FakeHub, quant_files: dict[str, bytes]
+) -> None:
+    data = quant_files["tiny-embed-F16.gguf"]
+    half = len(data) // 2
+    client = await make_hub_client(disk_free_bytes=lambda _path: DISK_MARGIN_BYTES + (len(data) - half))
+    staged = store_of(client).download_dir(sha_of(data))
+    staged.mkdir(parents=True)
+    (staged / "tiny-embed-F16.gguf.partial").write_bytes(data[:half])  # what a cut transfer left
+    _, lines = await pull_lines(client, f"hf.co/{REPO}:F16")
+    assert lines[-1] == {"status": "success"}
+    assert fake_hub.range_starts[sha_of(data)] == [half]
+
+
+def fill_the_disk_midway(url: str, partial: Path, size_bytes: int, *_args: Any) -> None:
+    """hub_http.transfer on a disk another writer fills: half the bytes land, then ENOSPC."""
+    partial.write_bytes(b"\0" * (size_bytes // 2))
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+async def test_a_disk_that_fills_during_the_transfer_is_a_507_that_says_so_and_leaves_no_partial(
+    hub_client: Client, quant_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from daemon import hub_http
+
+    monkeypatch.setattr(hub_http, "transfer", fill_the_disk_midway)
+    response = await hub_client.post("/api/pull", json={"model": f"hf.co/{REPO}:Q8_0", "stream": False})
+    assert response.status == 507
+    message = (await response.json())["error"]
+    assert "filled up while downloading tiny-embed-Q8_0.gguf" in message
+    assert "no space left on device" in message and "partial download was removed" in message
+    store = store_of(hub_client)
+    assert list(store.downloads_dir.iterdir()) == [] and list(store.blobs_dir.iterdir()) == []
+    _, lines = await pull_lines(hub_client, f"hf.co/{REPO}:Q8_0")
+    assert "filled up while downloading" in lines[-1]["error"]  # streamed: the last line says so too
+
+    monkeypatch.undo()  # room again: the same pull succeeds, with no restart
+    _, lines = await pull_lines(hub_client, f"hf.co/{REPO}:Q8_0")
+    assert lines[-1] == {"status": "success"}
+    assert store.get(f"hf.co/{REPO}:Q8_0").blob_path.read_bytes() == quant_files["tiny-embed-Q8_0.gguf"]
+
+
+async def test_a_full_disk_when_the_manifest_is_written_is_a_507_and_the_next_pull_names_the_kept_blob(
+    hub_client: Client, fake_hub: FakeHub, quant_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(*_args: Any, **_kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("daemon.store.json.dump", no_space)
+    response = await hub_client.post("/api/pull", json={"model": f"hf.co/{REPO}:Q8_0", "stream": False})
+    assert response.status == 507
+    assert "to write the manifest of" in (await response.json())["error"]
+    store = store_of(hub_client)
+    assert list(store.tmp_dir.iterdir()) == [] and list(store.manifests_dir.rglob("*.json")) == []
+    monkeypatch.undo()
+    _, lines = await pull_lines(hub_client, f"hf.co/{REPO}:Q8_0")
+    assert lines[-1] == {"status": "success"}
+    assert fake_hub.downloads[sha_of(quant_files["tiny-embed-Q8_0.gguf"])] == 1  # the verified blob was kept
 
 
 async def test_offline_fails_at_once_and_suggests_create(make_hub_client: Any, fake_hub: FakeHub) -> None:

@@ -224,6 +224,19 @@ def test_a_full_disk_while_creating_is_a_clear_error_and_leaves_nothing(
     assert list(store.tmp_dir.iterdir()) == []
 
 
+def test_a_full_disk_while_writing_a_manifest_is_a_clear_error_and_leaves_no_half_manifest(
+    store: ModelStore, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(*_args: Any, **_kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("daemon.store.json.dump", no_space)
+    with pytest.raises(InsufficientDisk, match=r"no space left on device .* to write the manifest of full:latest"):
+        store.create("full", tiny_gguf)
+    assert list(store.tmp_dir.iterdir()) == []
+    assert list(store.manifests_dir.rglob("*.json")) == []
+
+
 async def test_a_manifest_from_before_the_memory_facts_still_loads(make_client: MakeClient, tiny_gguf: Path) -> None:
     client = await make_client({"tiny": tiny_gguf})
     store = client.server.app[STORE]
