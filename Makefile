@@ -49,7 +49,7 @@ test-fleet: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/python benchmarks/bench_threads.py
-	$(BIN)/python benchmarks/bench_load.py --batch-tokens 256,512
+	$(BIN)/python benchmarks/bench_load.py --batch-tokens 0 --quick-lane on,off
 
 UNIT_DIR ?= /etc/systemd/system
 

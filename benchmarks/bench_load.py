@@ -7,9 +7,9 @@ Workloads, each with 32 client threads sending one input per request:
   - mixed: 90% short queries, 10% documents of about 400 tokens; the short queries' p50 and p99
     (the latency a search box sees while documents are being indexed).
 The raw baseline is one llama-cpp-python Llama shared by the threads under a lock: first come, first
-served, one input per call, no HTTP. emberd runs once per --batch-tokens value (EMBERD_BATCH_TOKENS),
-so the decode budget is compared in the same run. Rounds alternate (raw, emberd..., raw, ...) and the
-table gives medians over rounds.
+served, one input per call, no HTTP. emberd runs once per --batch-tokens value (EMBERD_BATCH_TOKENS)
+and quick lane setting (EMBERD_QUICK_LANE), so they are compared in the same run. Rounds alternate
+(raw, emberd..., raw, ...) and the table gives medians over rounds.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--threads", type=int, default=available_cpu_count())
-    parser.add_argument("--batch-tokens", default="512", help="comma-separated EMBERD_BATCH_TOKENS values")
+    parser.add_argument("--batch-tokens", default="0", help="comma-separated EMBERD_BATCH_TOKENS values (0: auto)")
+    parser.add_argument("--quick-lane", default="on,off", help="comma-separated: the quick lane on, off, or both")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="emberd-bench-"))
@@ -125,10 +126,12 @@ def main() -> None:
     targets: dict[str, Callable[[], Embed]] = {"raw": raw_embed(raw)}
     daemons = []
     for budget in [int(value) for value in args.batch_tokens.split(",")]:
-        port = free_port()
-        extra = {"EMBERD_BATCH_TOKENS": str(budget)}
-        daemons.append(start_daemon(workdir / f"home-{budget}", port, model_dir, 0, environ=extra))
-        targets[f"emberd {budget}"] = emberd_embed(port)
+        for quick_lane in args.quick_lane.split(","):
+            port = free_port()
+            extra = {"EMBERD_BATCH_TOKENS": str(budget), "EMBERD_QUICK_LANE": str(quick_lane == "on").lower()}
+            home = workdir / f"home-{budget}-{quick_lane}"
+            daemons.append(start_daemon(home, port, model_dir, 0, environ=extra))
+            targets[f"emberd {budget or 'auto'}, quick lane {quick_lane}"] = emberd_embed(port)
     results: dict[tuple[str, str], list[float]] = {}
     try:
         for make in targets.values():  # load and warm up

@@ -126,6 +126,9 @@ class Settings:
     num_thread: int = 0
     # Token budget of one llama.cpp decode; 0 means automatic (options.auto_batch_tokens).
     batch_tokens: int = 0
+    # A second, one-thread llama.cpp context per runner that embeds short inputs while a long decode
+    # runs (a search query beside documents being indexed); about 9 MiB for all-MiniLM.
+    quick_lane: bool = True
     # Context per sequence; 0 means the model's trained context.
     num_ctx: int = 0
     # Layers offloaded to a GPU; -1 means all (a CPU-only build ignores it).

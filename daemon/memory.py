@@ -18,7 +18,7 @@ import psutil
 from gguf import PoolingType
 
 from daemon.gguf_info import GGUFFacts
-from daemon.options import MAX_SEQUENCES_PER_DECODE
+from daemon.options import MAX_SEQUENCES_PER_DECODE, QUICK_LANE_SEQUENCES
 
 MIB = 1024 * 1024
 # A runner is a Python interpreter with numpy and llama.cpp, before any model (measured: the tiny
@@ -244,14 +244,31 @@ def output_buffer_bytes(shape: ModelShape, rows: int) -> int:
     return 4 * (shape.n_vocab + shape.n_embd) * rows
 
 
-def held_after_bytes(shape: ModelShape, n_batch: int, largest_decode_tokens: int, n_ubatch: int = 0) -> int:
+def quick_lane_bytes(shape: ModelShape, quick_lane_tokens: int) -> int:
+    """The quick lane's context once used (see options.QUICK_LANE_TOKENS): its own output buffer,
+    compute buffer and (a causal model) KV cache, for decodes of at most `quick_lane_tokens`; 0 for no
+    quick lane. It never grows beyond that: about 9 MiB for all-MiniLM."""
+    if not quick_lane_tokens:
+        return 0
+    return (
+        kv_cache_bytes(shape, quick_lane_tokens)
+        + output_buffer_bytes(shape, quick_lane_tokens)
+        + compute_buffer_bytes(shape, quick_lane_tokens, QUICK_LANE_SEQUENCES, quick_lane_tokens)
+    )
+
+
+def held_after_bytes(
+    shape: ModelShape, n_batch: int, largest_decode_tokens: int, n_ubatch: int = 0, quick_lane_tokens: int = 0
+) -> int:
     """What a runner holds once its largest decode had `largest_decode_tokens` tokens (0: none yet):
     the interpreter, the mapped weights, the vocabulary, a causal model's KV cache, the output
     buffer, and the compute buffer as far as that decode touched it. llama.cpp touches its buffers
     lazily and gives nothing back until the runner exits.
 
     `n_ubatch` (0: the decode is one ubatch) bounds the compute buffer of a decode that llama.cpp
-    splits into ubatches. The context holds n_batch tokens (n_ctx = n_batch: see llama_params)."""
+    splits into ubatches. The context holds n_batch tokens (n_ctx = n_batch: see llama_params).
+    `quick_lane_tokens` counts the quick lane's context as used (quick_lane_bytes): a few MiB it
+    touches at its first decode, counted from the start."""
     n_seq_max = min(n_batch, MAX_SEQUENCES_PER_DECODE)
     rows = max(n_seq_max, largest_decode_tokens)
     ubatch_tokens = min(largest_decode_tokens, n_ubatch) if n_ubatch else largest_decode_tokens
@@ -264,6 +281,7 @@ def held_after_bytes(shape: ModelShape, n_batch: int, largest_decode_tokens: int
         + kv_cache_bytes(shape, n_batch)
         + output_buffer_bytes(shape, rows)
         + compute_buffer_bytes(shape, ubatch_tokens, n_seq_max, n_kv)
+        + quick_lane_bytes(shape, quick_lane_tokens)
     )
 
 

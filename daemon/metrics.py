@@ -113,6 +113,12 @@ class Metrics:
             buckets=_COUNT_BUCKETS,
             registry=registry,
         )
+        self._quick_lane_decodes = Counter(
+            "emberd_quick_lane_decodes",
+            "Decodes of short inputs on a runner's quick lane, beside a long decode",
+            ["model"],
+            registry=registry,
+        )
         self._truncated = Counter(
             "emberd_truncated_inputs", "Inputs cut to the context length", ["model"], registry=registry
         )
@@ -169,11 +175,16 @@ class Metrics:
         if truncated:
             self._truncated.labels(model).inc(truncated)
 
-    def decoded(self, model: str, decodes: Sequence[tuple[int, int]]) -> None:
-        """(tokens, sequences) of each llama.cpp decode a runner reported."""
-        for tokens, sequences in decodes:
+    def decoded(
+        self, model: str, decodes: Sequence[tuple[int, int]], quick_decodes: Sequence[tuple[int, int]] = ()
+    ) -> None:
+        """(tokens, sequences) of each llama.cpp decode a runner reported, on its main context and on
+        its quick lane's."""
+        for tokens, sequences in [*decodes, *quick_decodes]:
             self._decode_tokens.labels(model).observe(tokens)
             self._decode_sequences.labels(model).observe(sequences)
+        if quick_decodes:
+            self._quick_lane_decodes.labels(model).inc(len(quick_decodes))
 
     def model_loaded(self, model: str, seconds: float) -> None:
         self._loads.labels(model).inc()

@@ -38,6 +38,12 @@ _IGNORED_OPTIONS = {
 # A runner's n_seq_max is min(n_batch, this): llama.cpp's output buffer starts at n_seq_max rows of
 # n_vocab floats, all touched at once (30 MiB for all-MiniLM at 256 rows, 7.5 MiB at 64).
 MAX_SEQUENCES_PER_DECODE = 64
+# The quick lane: a second llama.cpp context of this many tokens (and at most this many sequences),
+# on one thread, that decodes short inputs while the main context runs a long decode, so a search
+# box's query does not wait for a 400-token document (see batching.lane_plan). Its buffers cost
+# about 9 MiB for all-MiniLM.
+QUICK_LANE_TOKENS = 64
+QUICK_LANE_SEQUENCES = 16
 
 _OPTION_MAXIMUMS = {"num_batch": 16384, "num_thread": 512}
 
@@ -53,6 +59,7 @@ class LoadOptions:
     num_gpu: int  # layers to offload; -1 = all
     main_gpu: int
     use_mmap: bool
+    quick_lane: bool = True  # a second context for short inputs while a long decode runs
 
 
 def available_cpu_count() -> int:
@@ -108,6 +115,7 @@ def resolve_load_options(settings: Settings, options: Mapping[str, Any]) -> Load
         num_gpu=options.get("num_gpu", settings.num_gpu),
         main_gpu=options.get("main_gpu", settings.main_gpu),
         use_mmap=options.get("use_mmap", settings.use_mmap),
+        quick_lane=settings.quick_lane,
     )
 
 
@@ -142,6 +150,7 @@ class LlamaParams:
     n_threads_batch: int
     limit_tokens: int  # longest single input, special tokens included
     batch_tokens: int  # token budget of one decode
+    quick_lane_tokens: int = 0  # the quick lane's context (see QUICK_LANE_TOKENS); 0: no quick lane
     vocab_only: bool = False  # the tokenizer alone: no weights, no context (tokenize/detokenize)
 
 
@@ -202,6 +211,7 @@ def llama_params(
         n_threads_batch=load.num_thread or available_cpu_count(),
         limit_tokens=limit,
         batch_tokens=min(load.batch_tokens, capacity),
+        quick_lane_tokens=QUICK_LANE_TOKENS if load.quick_lane else 0,
     )
 
 

@@ -341,7 +341,7 @@ class Scheduler:
         # 32k-context model serving short queries must not reserve its worst case up front.
         longest = min(longest_input_tokens, params.limit_tokens)
         allowance = decode_tokens_needed(params.batch_tokens, longest, params.n_batch)
-        estimated = held_after_bytes(shape, params.n_batch, allowance, params.n_ubatch)
+        estimated = held_after_bytes(shape, params.n_batch, allowance, params.n_ubatch, params.quick_lane_tokens)
         await self._make_room(model.name, estimated)
         log.info(
             "loading %s (%s, ctx %d, %d threads)", model.name, model.facts.file_type, params.n_ctx, params.n_threads
@@ -361,7 +361,7 @@ class Scheduler:
             keep_alive_s=self._settings.keep_alive_s if keep_alive_s is None else keep_alive_s,
             shape=shape,
             allowance_tokens=allowance,
-            measured_bytes=held_after_bytes(shape, params.n_batch, 0),  # until measured
+            measured_bytes=held_after_bytes(shape, params.n_batch, 0, 0, params.quick_lane_tokens),  # until measured
             last_used_s=self._clock(),
             threads=params.n_threads,
         )

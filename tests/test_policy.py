@@ -47,6 +47,7 @@ from daemon.runner.batching import (
     OVERDUE_AFTER_DECODES,
     QueuedRequest,
     fit_tokens,
+    lane_plan,
     same_bucket,
     special_token_split,
     split_windows,
@@ -159,6 +160,25 @@ def test_same_bucket(first: int, length: int, expected: bool) -> None:
 
 
 # -- options ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("threads", "shortest", "since_short_s", "quick_lane", "expected"),
+    [
+        (2, 12, 0.0, True, (2, False)),  # short sequences: every thread, the quick lane closed
+        (2, 32, 0.0, True, (2, False)),
+        (2, 33, 0.0, True, (1, True)),  # a long decode while queries arrive: a core for the quick lane
+        (8, 400, 0.5, True, (7, True)),
+        (2, 400, 1.0, True, (1, True)),
+        (2, 400, 1.5, True, (2, True)),  # no recent queries: every thread; a rare one shares the cores
+        (1, 400, 0.0, True, (1, False)),  # one thread: nothing to share
+        (2, 400, 0.0, False, (2, False)),  # no quick lane
+    ],
+)
+def test_lane_plan(
+    threads: int, shortest: int, since_short_s: float, quick_lane: bool, expected: tuple[int, bool]
+) -> None:
+    assert lane_plan(threads, shortest, since_short_s, quick_lane) == expected
 
 
 @pytest.mark.parametrize(

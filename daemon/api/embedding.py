@@ -102,7 +102,7 @@ async def embed_inputs(
     stats.tokens, stats.queue_ms, stats.inference_ms = result.token_count, queue_s * 1e3, result.inference_s * 1e3
     metrics = app[METRICS]
     metrics.embedded(stats.model, len(inputs), result.token_count, result.truncated_count, queue_s, result.inference_s)
-    metrics.decoded(stats.model, result.decodes)
+    metrics.decoded(stats.model, result.decodes, result.quick_decodes)
     return Embedded(
         result.vectors, result.token_count, result.truncated_count, lease.load_duration_ns, provenance, result.windows
     )

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class EmbedResult:
     inference_s: float  # from the request's first decode to its answer, measured in the runner
     decodes: list[tuple[int, int]]  # (tokens, sequences) of the decodes run since the last result
     windows: list[int]  # per input: 1, or the windows a long input was split into
+    quick_decodes: list[tuple[int, int]] = field(default_factory=list)  # the same, on the quick lane
 
 
 def _describe_exit(returncode: int | None) -> str:
@@ -274,6 +275,7 @@ class RunnerProcess:
                     header["inference_s"],
                     decodes,
                     header["windows"],
+                    [(tokens, sequences) for tokens, sequences in header["quick_decodes"]],
                 )
             )
         elif header.get("kind") == "context_exceeded":

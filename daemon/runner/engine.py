@@ -15,7 +15,7 @@ import numpy as np
 from llama_cpp import _internals as internals
 
 from daemon.errors import InvalidInput
-from daemon.options import MAX_SEQUENCES_PER_DECODE, LlamaParams
+from daemon.options import MAX_SEQUENCES_PER_DECODE, QUICK_LANE_SEQUENCES, LlamaParams
 from daemon.runner.batching import fit_tokens, special_token_split, split_windows, wrap_token_ids
 from daemon.runner.protocol import RunnerFacts, parse_llama_buffer_log
 
@@ -121,8 +121,62 @@ def load_vocabulary(model_path: str, params: LlamaParams) -> tuple[Vocabulary, R
     return Vocabulary(model), facts, model
 
 
+class _Lane:
+    """A llama.cpp context and its batch, used from one thread at a time: the main context, or the
+    quick lane's (see batching.lane_plan)."""
+
+    def __init__(self, model: internals.LlamaModel, params: llama_cpp.llama_context_params) -> None:
+        self._model = model
+        self._params = params
+        self.n_embd = 0  # set once the pooling type is known (see EmbeddingEngine)
+        self.threads = params.n_threads
+        self.context = internals.LlamaContext(model=model, params=params, verbose=False)
+        self._batch = internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False)
+
+    def use_threads(self, threads: int) -> None:
+        if threads != self.threads:
+            llama_cpp.llama_set_n_threads(self.context.ctx, threads, threads)
+            self._params.n_threads = self._params.n_threads_batch = self.threads = threads
+
+    def embed(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        batch = self._batch
+        batch.reset()
+        for seq_id, tokens in enumerate(sequences):
+            batch.add_sequence(tokens, seq_id, True)
+        self.context.kv_cache_clear()
+        self.context.decode(batch)
+        output = np.empty((len(sequences), self.n_embd), dtype=np.float32)
+        for seq_id in range(len(sequences)):
+            pointer = llama_cpp.llama_get_embeddings_seq(self.context.ctx, seq_id)
+            if not pointer:
+                raise RuntimeError(f"llama.cpp returned no embedding for sequence {seq_id}")
+            output[seq_id] = np.ctypeslib.as_array(pointer, shape=(self.n_embd,))
+        return output
+
+    def renew(self) -> None:
+        self.context.close()
+        _release_freed_memory()
+        self.context = internals.LlamaContext(model=self._model, params=self._params, verbose=False)
+
+    def close(self) -> None:
+        self._batch.close()
+        self.context.close()
+
+
+def _context_params(n_tokens: int, n_ubatch: int, threads: int, max_sequences: int) -> llama_cpp.llama_context_params:
+    params: llama_cpp.llama_context_params = llama_cpp.llama_context_default_params()
+    params.n_ctx = params.n_batch = n_tokens
+    params.n_ubatch = n_ubatch
+    params.n_threads = params.n_threads_batch = threads
+    params.embeddings = True
+    params.kv_unified = True
+    params.n_seq_max = max_sequences
+    return params
+
+
 class EmbeddingEngine:
-    """One model and one context, used from a single thread."""
+    """One model, its main context, and the quick lane's context when it has one. The main context
+    and the quick lane's may decode at the same time, each from its own thread."""
 
     def __init__(self, model_path: str, params: LlamaParams) -> None:
         llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
@@ -134,25 +188,27 @@ class EmbeddingEngine:
         self._model = internals.LlamaModel(path_model=model_path, params=model_params, verbose=False)
         self.vocabulary = Vocabulary(self._model)
 
-        context_params = llama_cpp.llama_context_default_params()
-        context_params.n_ctx = params.n_ctx
-        context_params.n_batch = params.n_batch
-        context_params.n_ubatch = params.n_ubatch
-        context_params.n_threads = params.n_threads
-        context_params.n_threads_batch = params.n_threads_batch
-        context_params.embeddings = True
-        context_params.kv_unified = True
         max_sequences = min(params.n_batch, MAX_SEQUENCES_PER_DECODE, llama_cpp.llama_max_parallel_sequences())
-        context_params.n_seq_max = max_sequences
-        self._context_params = context_params
-        self._context = internals.LlamaContext(model=self._model, params=context_params, verbose=False)
-        self._batch = internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False)
-
-        pooling_type = llama_cpp.llama_pooling_type(self._context.ctx)
+        main_params = _context_params(params.n_batch, params.n_ubatch, params.n_threads, max_sequences)
+        self._main = _Lane(self._model, main_params)
+        self._threads = params.n_threads
+        pooling_type = llama_cpp.llama_pooling_type(self._main.context.ctx)
         ranks = pooling_type == llama_cpp.LLAMA_POOLING_TYPE_RANK
+        # A reranker's "vector" is its classifier's scores (one for a relevance score).
+        n_embd = llama_cpp.llama_model_n_cls_out(self._model.model) if ranks else self._model.n_embd()
+        self._main.n_embd = n_embd
+        main_buffers = parse_llama_buffer_log(_BUFFER_LOG)
+        _BUFFER_LOG.clear()
+        # On a GPU a second context would take its memory for little: a GPU decode is quick anyway.
+        on_gpu = bool(llama_cpp.llama_supports_gpu_offload()) and params.n_gpu_layers != 0
+        quick_tokens = 0 if on_gpu else min(params.quick_lane_tokens, params.n_batch)
+        self._quick: _Lane | None = None
+        if quick_tokens:
+            self._quick = _Lane(self._model, _context_params(quick_tokens, quick_tokens, 1, QUICK_LANE_SEQUENCES))
+            self._quick.n_embd = n_embd
+        quick_buffers = parse_llama_buffer_log(_BUFFER_LOG)
         self.facts = RunnerFacts(
-            # A reranker's "vector" is its classifier's scores (one for a relevance score).
-            n_embd=llama_cpp.llama_model_n_cls_out(self._model.model) if ranks else self._model.n_embd(),
+            n_embd=n_embd,
             trained_context=self._model.n_ctx_train(),
             limit_tokens=params.limit_tokens,
             batch_tokens=params.batch_tokens,
@@ -163,7 +219,8 @@ class EmbeddingEngine:
             pooling_type=pooling_type,
             gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
             pid=os.getpid(),
-            llama_buffer_bytes=parse_llama_buffer_log(_BUFFER_LOG),
+            llama_buffer_bytes=main_buffers | {f"quick_{kind}": size for kind, size in quick_buffers.items()},
+            quick_lane_tokens=quick_tokens,
             llama_version=llama_version(),
         )
         probe_with_specials = self.vocabulary.tokenize(_PROBE_TEXT, add_special=True)
@@ -220,37 +277,33 @@ class EmbeddingEngine:
         fitted, truncated = fit_tokens(tokens, 0, len(end), limit, truncate)
         return TokenizedInput([fitted], truncated)
 
+    @property
+    def threads(self) -> int:
+        """The main context's threads when it has every core (see batching.lane_plan)."""
+        return self._threads
+
     def set_threads(self, threads: int) -> None:
-        self._context_params.n_threads = threads
-        self._context_params.n_threads_batch = threads
-        llama_cpp.llama_set_n_threads(self._context.ctx, threads, threads)
+        self._threads = threads
 
     def renew_context(self) -> None:
-        """A fresh context in place of one that grew: llama.cpp touches its compute and output
+        """A fresh main context in place of one that grew: llama.cpp touches its compute and output
         buffers as far as the largest decode went and keeps them; a new context starts small again.
-        The weights stay mapped."""
-        self._context.close()
-        _release_freed_memory()
-        self._context = internals.LlamaContext(model=self._model, params=self._context_params, verbose=False)
+        The weights stay mapped. (The quick lane's context is small and never grows.)"""
+        self._main.renew()
 
-    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        """Pooled embeddings (not normalised) of sequences that fit one decode together."""
-        batch = self._batch
-        batch.reset()
-        for seq_id, tokens in enumerate(sequences):
-            batch.add_sequence(tokens, seq_id, True)
-        self._context.kv_cache_clear()
-        self._context.decode(batch)
-        n_embd = self.facts.n_embd
-        output = np.empty((len(sequences), n_embd), dtype=np.float32)
-        for seq_id in range(len(sequences)):
-            pointer = llama_cpp.llama_get_embeddings_seq(self._context.ctx, seq_id)
-            if not pointer:
-                raise RuntimeError(f"llama.cpp returned no embedding for sequence {seq_id}")
-            output[seq_id] = np.ctypeslib.as_array(pointer, shape=(n_embd,))
-        return output
+    def embed_batch(self, sequences: Sequence[Sequence[int]], threads: int = 0) -> np.ndarray:
+        """Pooled embeddings (not normalised) of sequences that fit one decode together, on the main
+        context with `threads` threads (0: all of them)."""
+        self._main.use_threads(threads or self._threads)
+        return self._main.embed(sequences)
+
+    def embed_quick(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """embed_batch on the quick lane's context: short sequences, on one thread."""
+        assert self._quick is not None, "this engine has no quick lane"
+        return self._quick.embed(sequences)
 
     def close(self) -> None:
-        self._batch.close()
-        self._context.close()
+        if self._quick is not None:
+            self._quick.close()
+        self._main.close()
         self._model.close()

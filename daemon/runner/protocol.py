@@ -8,9 +8,10 @@ Child -> parent headers:
     {"type": "ready", "facts": {...}}                 once, after the model loaded
     {"type": "load_failed", "message": "..."}         instead of ready, then the child exits
     {"type": "result", "id": N, "rows": R, "dims": D, "token_count": T, "truncated": K,
-     "inference_s": S, "decodes": [[tokens, sequences], ...], "windows": [W, ...]}
+     "inference_s": S, "decodes": [[tokens, sequences], ...], "quick_decodes": [...], "windows": [W, ...]}
                                                       S: first decode to answer; decodes: those run
-                                                      since the previous result; W: windows per input
+                                                      since the previous result (quick_decodes: on the
+                                                      quick lane's context); W: windows per input
     {"type": "error", "id": N, "kind": "context_exceeded" | "invalid_input" | "failed", "message": "..."}
     {"type": "renewed", "id": N}                      the context of renew N is a fresh one
     {"type": "tokens", "id": N, "tokens": [...]}      the answer to tokenize N
@@ -59,9 +60,11 @@ class RunnerFacts:
     pooling_type: int
     gpu_offload: bool  # this llama.cpp build can offload layers (CUDA, Metal, ...)
     pid: int
-    # What llama.cpp says it allocated at load, bytes by kind: model, output, compute, kv.
+    # What llama.cpp says it allocated at load, bytes by kind: model, output, compute, kv (the quick
+    # lane's context: quick_output, quick_compute, quick_kv).
     llama_buffer_bytes: dict[str, int] = field(default_factory=dict)
     llama_version: str = ""  # "llama-cpp-python 0.3.36, ggml 0.25.3 (0c1e570)"
+    quick_lane_tokens: int = 0  # the quick lane's context; 0: none (see batching.lane_plan)
 
 
 MAX_HEADER_BYTES = 256 * 1024 * 1024

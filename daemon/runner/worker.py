@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 import os
-import queue
 import signal
 import sys
 import threading
@@ -27,11 +27,10 @@ import numpy as np
 import orjson
 
 from daemon.errors import ContextExceeded, InvalidInput
-from daemon.options import LlamaParams
-from daemon.runner.batching import OVERDUE_AFTER_DECODES, QueuedRequest, take_batch
+from daemon.options import QUICK_LANE_SEQUENCES, LlamaParams
+from daemon.runner.batching import OVERDUE_AFTER_DECODES, QueuedRequest, is_short, lane_plan, take_batch
 from daemon.runner.protocol import GROUP_SIGNALS, encode_frame, read_frame_blocking
 
-_END = None
 VOCABULARY_MESSAGES = ("tokenize", "detokenize")
 _PR_SET_PDEATHSIG = 1
 
@@ -101,20 +100,17 @@ class _Request:
 
 
 class _Writer:
+    """Frames to the daemon, from any thread: the reader's answers, and both lanes' results."""
+
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
+        self._lock = threading.Lock()
 
     def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
-        self._stream.write(encode_frame(header, payload))
-        self._stream.flush()
-
-
-def _read_requests(stream: BinaryIO, inbox: queue.Queue[dict[str, Any] | None]) -> None:
-    try:
-        while (frame := read_frame_blocking(stream)) is not None:
-            inbox.put(frame[0])
-    finally:
-        inbox.put(_END)
+        frame = encode_frame(header, payload)
+        with self._lock:
+            self._stream.write(frame)
+            self._stream.flush()
 
 
 def answer_vocabulary(vocabulary: Any, message: dict[str, Any], writer: _Writer) -> None:
@@ -130,25 +126,71 @@ def answer_vocabulary(vocabulary: Any, message: dict[str, Any], writer: _Writer)
         writer.send({"type": "error", "id": request_id, "kind": "invalid_input", "message": error.message})
 
 
-def serve_vocabulary(vocabulary: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Writer) -> None:
-    """A vocabulary-only runner: tokenize and detokenize until the end marker."""
-    while (message := inbox.get()) is not _END:
-        if message["type"] in VOCABULARY_MESSAGES:
-            answer_vocabulary(vocabulary, message, writer)
+def serve_vocabulary(vocabulary: Any, stream: BinaryIO, writer: _Writer) -> None:
+    """A vocabulary-only runner: tokenize and detokenize until stdin ends."""
+    while (frame := read_frame_blocking(stream)) is not None:
+        if frame[0]["type"] in VOCABULARY_MESSAGES:
+            answer_vocabulary(vocabulary, frame[0], writer)
 
 
-def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Writer) -> None:
-    """Answer every request in `inbox` until its end marker, batching across requests."""
-    requests: dict[int, _Request] = {}  # in arrival order; answered (or cancelled) ones leave
-    ended = False
-    facts = engine.facts
-    decodes: list[tuple[int, int]] = []  # (tokens, sequences) per decode, sent with the next result
-    budget_tokens = facts.batch_tokens  # a request's num_batch changes it (set_batch_tokens)
-    served_overdue = False  # the last decode served an overdue request: the next one goes by length
+Batch = list[tuple[_Request, _Sequence]]
 
-    def accept(message: dict[str, Any]) -> None:
+
+class _Work:
+    """The requests a runner holds, shared by the thread that reads them off stdin and the two lanes
+    that decode them: the main context (the main thread) and the quick lane (its own thread, see
+    batching.lane_plan). Everything here is guarded by `lock`; `changed` wakes the lanes."""
+
+    def __init__(self, engine: Any, writer: _Writer) -> None:
+        self.engine = engine
+        self.writer = writer
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.requests: dict[int, _Request] = {}  # in arrival order; answered (or cancelled) ones leave
+        self.renewals: list[int] = []  # renew messages, for the main lane between its decodes
+        self.ended = False  # stdin ended: finish what is held, then exit
+        self.closing = False  # the main lane is done: the quick lane exits
+        self.budget_tokens = engine.facts.batch_tokens  # a request's num_batch changes it
+        self.decodes: list[tuple[int, int]] = []  # (tokens, sequences) per decode, sent with the next result
+        self.quick_decodes: list[tuple[int, int]] = []  # the same, of the quick lane
+        self.served_overdue = False  # the last decode served an overdue request: the next goes by length
+        self.quick_lane_open = False  # the main context runs a long decode: the quick lane may decode
+        self.last_short_s = -math.inf  # when a request with a short input last arrived (monotonic)
+
+    # -- the reader thread ------------------------------------------------------------------------
+
+    def read(self, stream: BinaryIO) -> None:
+        """Take messages off stdin until it ends. Requests are tokenized here, while the lanes decode."""
+        try:
+            while (frame := read_frame_blocking(stream)) is not None:
+                self.handle(frame[0])
+        finally:
+            with self.changed:
+                self.ended = True
+                self.changed.notify_all()
+
+    def handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "embed":
+            self.accept(message)
+        elif kind in VOCABULARY_MESSAGES:
+            answer_vocabulary(self.engine.vocabulary, message, self.writer)
+        elif kind == "set_threads":
+            self.engine.set_threads(message["threads"])  # takes effect from the next decode
+        else:
+            with self.changed:
+                if kind == "cancel":  # the client left: its sequences not decoded yet leave, unanswered
+                    self.requests.pop(message["id"], None)
+                elif kind == "set_batch_tokens":
+                    self.budget_tokens = max(1, min(message["tokens"], self.engine.facts.capacity_tokens))
+                elif kind == "renew":
+                    self.renewals.append(message["id"])
+                    self.changed.notify_all()
+
+    def accept(self, message: dict[str, Any]) -> None:
         request_id = message["id"]
         texts: list[str | list[int] | dict[str, str]] = message["texts"]
+        engine = self.engine
         try:
             limit, split = message.get("limit_tokens"), message.get("split", False)
             tokenized = [
@@ -157,14 +199,12 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
                 else engine.tokenize(item, message["truncate"], limit, split)
                 for item in texts
             ]
-        except ContextExceeded as error:
-            writer.send({"type": "error", "id": request_id, "kind": "context_exceeded", "message": error.message})
-            return
-        except InvalidInput as error:
-            writer.send({"type": "error", "id": request_id, "kind": "invalid_input", "message": error.message})
+        except (ContextExceeded, InvalidInput) as error:
+            kind = "context_exceeded" if isinstance(error, ContextExceeded) else "invalid_input"
+            self.writer.send({"type": "error", "id": request_id, "kind": kind, "message": error.message})
             return
         windows = [len(item.windows) for item in tokenized]
-        request = _Request(request_id, np.zeros((len(texts), facts.n_embd), dtype=np.float32), sum(windows))
+        request = _Request(request_id, np.zeros((len(texts), engine.facts.n_embd), dtype=np.float32), sum(windows))
         request.windows = windows
         if max(windows, default=1) > 1:
             request.weights = np.zeros(len(texts), dtype=np.float32)
@@ -174,19 +214,71 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
                 request.token_count += len(window)
                 request.pending.append(_Sequence(row, window))
         request.pending.sort(key=lambda sequence: len(sequence.tokens))
-        requests[request_id] = request
         if not texts:
-            finish(request)
+            self.writer.send(*self._result(request))
+            return
+        with self.changed:
+            self.requests[request_id] = request
+            if is_short(len(request.pending[0].tokens)):
+                self.last_short_s = time.monotonic()
+            self.changed.notify_all()
 
-    def cancel(request_id: int) -> None:
-        """The client left: its sequences not decoded yet leave the queue, and no answer is sent."""
-        requests.pop(request_id, None)
+    # -- the lanes (called with `lock` held) ------------------------------------------------------
 
-    def waiting() -> bool:
-        return any(request.next_pending < len(request.pending) for request in requests.values())
+    def queued(self, short_only: bool = False) -> list[_Request]:
+        return [
+            request
+            for request in self.requests.values()
+            if request.next_pending < len(request.pending)
+            and (not short_only or is_short(len(request.pending[request.next_pending].tokens)))
+        ]
 
-    def finish(request: _Request) -> None:
-        requests.pop(request.request_id, None)
+    def take(self, quick: bool) -> Batch:
+        """The next decode's sequences (see take_batch); for the quick lane, short ones only."""
+        queued = self.queued(short_only=quick)
+        if not queued:
+            return []
+        views = [request.queued() for request in queued]
+        facts = self.engine.facts
+        if quick:
+            counts = take_batch(views, facts.quick_lane_tokens, QUICK_LANE_SEQUENCES, overdue_first=False)
+        else:
+            counts = take_batch(views, self.budget_tokens, facts.max_sequences, overdue_first=not self.served_overdue)
+            self.served_overdue = any(
+                count and view.passed_over >= OVERDUE_AFTER_DECODES for view, count in zip(views, counts, strict=True)
+            )
+        batch: Batch = []
+        started_s = time.perf_counter()
+        for request, count in zip(queued, counts, strict=True):
+            if not quick or count:
+                request.passed_over = 0 if count else request.passed_over + 1
+            for sequence in request.take(count):
+                batch.append((request, sequence))
+            if count and request.first_decode_s is None:
+                request.first_decode_s = started_s
+        decodes = self.quick_decodes if quick else self.decodes
+        decodes.append((sum(len(sequence.tokens) for _request, sequence in batch), len(batch)))
+        return batch
+
+    def deliver(self, batch: Batch, vectors: np.ndarray) -> list[tuple[dict[str, Any], bytes]]:
+        """The vectors into their requests; the frames of the requests now complete."""
+        frames = []
+        for (request, sequence), vector in zip(batch, vectors, strict=True):
+            request.add(sequence, vector)
+            request.remaining -= 1
+            if request.remaining == 0 and self.requests.pop(request.request_id, None) is not None:
+                frames.append(self._result(request))
+        return frames
+
+    def fail(self, batch: Batch, error: Exception) -> list[tuple[dict[str, Any], bytes]]:
+        """A llama.cpp failure fails the requests it touched, not the runner."""
+        failed = {request.request_id for request, _sequence in batch}
+        for request_id in failed:
+            self.requests.pop(request_id, None)
+        header = {"type": "error", "kind": "failed", "message": str(error)}
+        return [({**header, "id": request_id}, b"") for request_id in failed]
+
+    def _result(self, request: _Request) -> tuple[dict[str, Any], bytes]:
         request.finish_rows()
         started_s = request.first_decode_s
         header = {
@@ -197,68 +289,77 @@ def serve(engine: Any, inbox: queue.Queue[dict[str, Any] | None], writer: _Write
             "token_count": request.token_count,
             "truncated": request.truncated,
             "inference_s": 0.0 if started_s is None else time.perf_counter() - started_s,
-            "decodes": decodes.copy(),
+            "decodes": self.decodes.copy(),
+            "quick_decodes": self.quick_decodes.copy(),
             "windows": request.windows,
         }
-        decodes.clear()
-        writer.send(header, request.output.tobytes())
+        self.decodes.clear()
+        self.quick_decodes.clear()
+        return header, request.output.tobytes()
 
-    while not (ended and not waiting()):
-        # Block only when idle; otherwise pick up whatever arrived while the last decode ran.
-        try:
-            while True:
-                message = inbox.get(block=not ended and not waiting())
-                if message is _END:
-                    ended = True
-                    break
-                if message["type"] == "set_threads":
-                    engine.set_threads(message["threads"])  # takes effect from the next decode
-                    continue
-                if message["type"] == "cancel":
-                    cancel(message["id"])
-                    continue
-                if message["type"] in VOCABULARY_MESSAGES:
-                    answer_vocabulary(engine.vocabulary, message, writer)
-                    continue
-                if message["type"] == "renew":
-                    engine.renew_context()
-                    writer.send({"type": "renewed", "id": message["id"]})
-                    continue
-                if message["type"] == "set_batch_tokens":
-                    budget_tokens = max(1, min(message["tokens"], facts.capacity_tokens))
-                    continue
-                accept(message)
-        except queue.Empty:
-            pass
-        queued = [request for request in requests.values() if request.next_pending < len(request.pending)]
-        if not queued:
-            continue
-        views = [request.queued() for request in queued]
-        counts = take_batch(views, budget_tokens, facts.max_sequences, overdue_first=not served_overdue)
-        served_overdue = any(
-            count and view.passed_over >= OVERDUE_AFTER_DECODES for view, count in zip(views, counts, strict=True)
-        )
-        batch: list[tuple[_Request, _Sequence]] = []
-        for request, count in zip(queued, counts, strict=True):
-            request.passed_over = 0 if count else request.passed_over + 1
-            batch += [(request, sequence) for sequence in request.take(count)]
-        started_s = time.perf_counter()
-        for request, _sequence in batch:
-            if request.first_decode_s is None:
-                request.first_decode_s = started_s
-        decodes.append((sum(len(sequence.tokens) for _request, sequence in batch), len(batch)))
-        try:
-            vectors = engine.embed_batch([sequence.tokens for _request, sequence in batch])
-        except Exception as error:  # a llama.cpp failure fails the requests it touched, not the runner
-            for request in {request.request_id: request for request, _sequence in batch}.values():
-                requests.pop(request.request_id, None)
-                writer.send({"type": "error", "id": request.request_id, "kind": "failed", "message": str(error)})
-            continue
-        for (request, sequence), vector in zip(batch, vectors, strict=True):
-            request.add(sequence, vector)
-            request.remaining -= 1
-            if request.remaining == 0 and request.request_id in requests:
-                finish(request)
+
+def _decode(work: _Work, batch: Batch, threads: int = 0) -> None:
+    """One decode of `batch` (with no lock held): on the main context with `threads`, or on the
+    quick lane's (threads 0); its answers sent."""
+    sequences = [sequence.tokens for _request, sequence in batch]
+    try:
+        vectors = work.engine.embed_batch(sequences, threads) if threads else work.engine.embed_quick(sequences)
+    except Exception as error:  # a llama.cpp failure fails the requests it touched, not the runner
+        with work.lock:
+            frames = work.fail(batch, error)
+    else:
+        with work.lock:
+            frames = work.deliver(batch, vectors)
+    for header, payload in frames:
+        work.writer.send(header, payload)
+
+
+def _quick_lane(work: _Work) -> None:
+    """Short inputs on the quick lane's context while the main context runs a long decode."""
+    while True:
+        with work.changed:
+            work.changed.wait_for(lambda: work.closing or (work.quick_lane_open and bool(work.queued(short_only=True))))
+            if work.closing:
+                return
+            batch = work.take(quick=True)
+        _decode(work, batch)
+
+
+def serve(engine: Any, stream: BinaryIO, writer: _Writer) -> None:
+    """Answer every request read from `stream` until it ends, batching across requests."""
+    work = _Work(engine, writer)
+    threading.Thread(target=work.read, args=(stream,), daemon=True).start()
+    quick_lane = threading.Thread(target=_quick_lane, args=(work,), daemon=True)
+    if engine.facts.quick_lane_tokens:
+        quick_lane.start()
+    try:
+        while True:
+            with work.changed:
+                work.changed.wait_for(lambda: work.renewals or work.ended or bool(work.queued()))
+                renewals, work.renewals = work.renewals, []
+                batch = [] if renewals else work.take(quick=False)
+                if not renewals and not batch:
+                    return  # stdin ended and nothing is left
+                if batch:
+                    shortest = min(len(sequence.tokens) for _request, sequence in batch)
+                    since_short_s = time.monotonic() - work.last_short_s
+                    threads, work.quick_lane_open = lane_plan(
+                        engine.threads, shortest, since_short_s, quick_lane=bool(engine.facts.quick_lane_tokens)
+                    )
+                    work.changed.notify_all()
+            for renewal in renewals:
+                engine.renew_context()
+                writer.send({"type": "renewed", "id": renewal})
+            if batch:
+                _decode(work, batch, threads)
+                with work.lock:
+                    work.quick_lane_open = False
+    finally:
+        with work.changed:
+            work.closing = True
+            work.changed.notify_all()
+        if quick_lane.is_alive():
+            quick_lane.join()
 
 
 def _leave_stopping_to_the_daemon(parent_pid: int) -> None:
@@ -298,12 +399,10 @@ def main() -> int:
         writer.send({"type": "load_failed", "message": f"{type(error).__name__}: {error}"})
         return 1
     writer.send({"type": "ready", "facts": dataclasses.asdict(facts)})
-    inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
-    threading.Thread(target=_read_requests, args=(sys.stdin.buffer, inbox), daemon=True).start()
     if params.vocab_only:
-        serve_vocabulary(vocabulary, inbox, writer)
+        serve_vocabulary(vocabulary, sys.stdin.buffer, writer)
         return 0
-    serve(engine, inbox, writer)
+    serve(engine, sys.stdin.buffer, writer)
     engine.close()
     return 0
 
