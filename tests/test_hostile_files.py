@@ -5,6 +5,7 @@ the other models serve on."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -149,6 +150,26 @@ async def test_the_daemon_answers_400_for_each_and_keeps_serving(
         assert message in body["error"], label
     assert [m["name"] for m in (await (await client.get("/api/tags")).json())["models"]] == ["tiny:latest"]
     assert (await client.post("/api/embed", json={"model": "tiny", "input": "hello"})).status == 200
+
+
+async def test_text_a_vocabulary_without_an_unknown_token_cannot_hold_is_a_400_for_its_request_only(
+    make_client: MakeClient, tmp_path: Path, tiny_gguf: Path
+) -> None:
+    # A WordPiece vocabulary with no [UNK] gives characters it lacks the token id -1; llama.cpp then
+    # fails the whole decode, with every other request packed into it.
+    no_unknown = copy_gguf(tiny_gguf, tmp_path / "no-unknown.gguf", {"tokenizer.ggml.unknown_token_id": 1000})
+    client = await make_client({"no-unknown": no_unknown})
+    await client.post("/api/embed", json={"model": "no-unknown", "input": "hello"})
+    answers = await asyncio.gather(
+        *(
+            client.post("/api/embed", json={"model": "no-unknown", "input": text})
+            for text in ["hello 漢字", "hello world", "why is the sky blue?"] * 4
+        )
+    )
+    statuses = [answer.status for answer in answers]
+    assert statuses == [400, 200, 200] * 4
+    error = (await answers[0].json())["error"]
+    assert "no token for" in error and "[UNK]" in error
 
 
 def test_special_tokens_llama_cpp_finds_an_id_for_are_accepted(tmp_path: Path) -> None:

@@ -73,7 +73,15 @@ class Vocabulary:
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         # special=False: text that spells "[SEP]" is text, not a control token.
-        return list(self._model.tokenize(text.encode("utf-8"), add_special, False))
+        tokens = list(self._model.tokenize(text.encode("utf-8"), add_special, False))
+        if tokens and min(tokens) < 0:
+            # A vocabulary without an unknown token gives what it cannot spell the id -1, which
+            # fails llama.cpp's whole decode (other requests' inputs with it): refuse this one alone.
+            raise InvalidInput(
+                "the input has characters this model's vocabulary has no token for, and the model has no"
+                " unknown token ([UNK]) to stand in for them"
+            )
+        return tokens
 
     def check_ids(self, tokens: Sequence[int]) -> None:
         for token in tokens:

@@ -300,11 +300,19 @@ class _Work:
 
 def _decode(work: _Work, batch: Batch, threads: int = 0) -> None:
     """One decode of `batch` (with no lock held): on the main context with `threads`, or on the
-    quick lane's (threads 0); its answers sent."""
+    quick lane's (threads 0); its answers sent. If llama.cpp fails a decode that packed several
+    requests, each is decoded again on its own, so only a request that fails alone is failed."""
     sequences = [sequence.tokens for _request, sequence in batch]
     try:
         vectors = work.engine.embed_batch(sequences, threads) if threads else work.engine.embed_quick(sequences)
     except Exception as error:  # a llama.cpp failure fails the requests it touched, not the runner
+        by_request: dict[int, Batch] = {}
+        for request, sequence in batch:
+            by_request.setdefault(request.request_id, []).append((request, sequence))
+        if len(by_request) > 1:
+            for alone in by_request.values():
+                _decode(work, alone, threads)
+            return
         with work.lock:
             frames = work.fail(batch, error)
     else:
