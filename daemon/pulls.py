@@ -35,6 +35,16 @@ def disk_free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def _staged_bytes(directory: Path) -> int:
+    """What an earlier attempt, or the download under way, left in a staging folder: a partial
+    file, or a complete one not yet verified. It is not fetched again."""
+    staged = 0
+    for path in directory.glob("*"):
+        with contextlib.suppress(FileNotFoundError):  # verified and moved into the store meanwhile
+            staged += path.stat().st_size if path.is_file() else 0
+    return staged
+
+
 def bytes_needed(total_bytes: int, already_bytes: int) -> int:
     return max(0, total_bytes - already_bytes) + DISK_MARGIN_BYTES
 
@@ -106,6 +116,9 @@ class PullManager:
         # Downloads by blob sha256, with the jobs waiting on each: two names for one file (an alias
         # and its hf.co name) share one download and one staging folder.
         self._downloads: dict[str, tuple[asyncio.Task[None], list[PullJob]]] = {}
+        # Downloads under way, by sha256: (size, staging folder). What they still lack is promised,
+        # so two pulls that each fit alone do not both start on a disk that holds one.
+        self._under_way: dict[str, tuple[int, Path]] = {}
 
     @property
     def in_flight(self) -> int:
@@ -198,18 +211,24 @@ class PullManager:
 
     async def _download(self, hub_file: HubFile, jobs: list[PullJob]) -> None:
         directory = self._store.download_dir(hub_file.sha256)
-        # What an earlier attempt left (a partial file, or a complete one not yet verified) is not
-        # fetched again: only the rest needs room. A refusal creates nothing.
-        already = sum(p.stat().st_size for p in directory.glob("*") if p.is_file())
-        needed, free = bytes_needed(hub_file.size_bytes, already), self._free_bytes(self._store.downloads_dir)
-        if free < needed:
+        # Only what is not staged yet needs room, beside what downloads under way still lack. A
+        # refusal creates nothing.
+        needed = bytes_needed(hub_file.size_bytes, _staged_bytes(directory))
+        free = self._free_bytes(self._store.downloads_dir)
+        promised = sum(max(0, size - _staged_bytes(staging)) for size, staging in self._under_way.values())
+        if free - promised < needed:
+            others = f", {promised / 2**20:.0f} MiB of them to downloads under way" if promised else ""
             raise InsufficientDisk(
                 f"not enough disk space for {hub_file.filename}: it needs {needed / 2**20:.0f} MiB, "
-                f"{free / 2**20:.0f} MiB are free"
+                f"{free / 2**20:.0f} MiB are free{others}"
             )
         directory.mkdir(parents=True, exist_ok=True)
-        with self._removed_if_the_disk_fills(hub_file, directory):
-            await self._fetch_verify_adopt(hub_file, directory, jobs)
+        self._under_way[hub_file.sha256] = (hub_file.size_bytes, directory)
+        try:
+            with self._removed_if_the_disk_fills(hub_file, directory):
+                await self._fetch_verify_adopt(hub_file, directory, jobs)
+        finally:
+            del self._under_way[hub_file.sha256]
 
     @contextlib.contextmanager
     def _removed_if_the_disk_fills(self, hub_file: HubFile, directory: Path) -> Iterator[None]:

@@ -215,6 +215,26 @@ async def test_a_resumed_download_needs_room_only_for_the_bytes_it_lacks(
     assert fake_hub.range_starts[sha_of(data)] == [half]
 
 
+async def test_a_download_under_way_keeps_the_room_it_still_needs(
+    make_hub_client: Any, fake_hub: FakeHub, quant_files: dict[str, bytes]
+) -> None:
+    q8, f16 = quant_files["tiny-embed-Q8_0.gguf"], quant_files["tiny-embed-F16.gguf"]
+    # Room for either download alone, not for both.
+    client = await make_hub_client(disk_free_bytes=lambda _path: DISK_MARGIN_BYTES + len(q8) + len(f16) - 1)
+    release = threading.Event()
+    fake_hub.hold[sha_of(q8)] = release
+    first = asyncio.create_task(pull_lines(client, f"hf.co/{REPO}:Q8_0"))
+    await wait_until(lambda: fake_hub.transfers_started[sha_of(q8)] == 1)
+    _, lines = await pull_lines(client, f"hf.co/{REPO}:F16")
+    assert "not enough disk space for tiny-embed-F16.gguf" in lines[-1]["error"]
+    assert "to downloads under way" in lines[-1]["error"]
+    assert fake_hub.transfers_started[sha_of(f16)] == 0
+    release.set()
+    assert (await first)[1][-1] == {"status": "success"}
+    _, lines = await pull_lines(client, f"hf.co/{REPO}:F16")  # the first one done: room again
+    assert lines[-1] == {"status": "success"}
+
+
 def fill_the_disk_midway(url: str, partial: Path, size_bytes: int, *_args: Any) -> None:
     """hub_http.transfer on a disk another writer fills: half the bytes land, then ENOSPC."""
     partial.write_bytes(b"\0" * (size_bytes // 2))
