@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +85,12 @@ def minilm_q8_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def v1_cgroup() -> Iterator[Path]:
-    """A child memory cgroup of this machine's cgroup v1 hierarchy (tests run as root)."""
+@contextmanager
+def child_memory_cgroup(prefix: str) -> Iterator[Path]:
+    """A child memory cgroup of this machine's cgroup v1 hierarchy (tests run as root); what is left
+    in it is killed and reaped, then it is removed."""
     assert V1_MEMORY.is_dir() and os.geteuid() == 0, "these tests need cgroup v1 and root, as CI has"
-    directory = V1_MEMORY / f"emberd-test-{uuid.uuid4().hex[:8]}"
+    directory = V1_MEMORY / f"{prefix}{uuid.uuid4().hex[:8]}"
     directory.mkdir()
     try:
         yield directory
@@ -97,6 +99,12 @@ def v1_cgroup() -> Iterator[Path]:
             os.kill(int(pid), 9)
         wait_for(lambda: not (directory / "cgroup.procs").read_text().split())  # reaped
         os.rmdir(directory)
+
+
+@pytest.fixture
+def v1_cgroup() -> Iterator[Path]:
+    with child_memory_cgroup("emberd-test-") as directory:
+        yield directory
 
 
 def in_cgroup(directory: Path) -> list[str]:

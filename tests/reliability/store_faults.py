@@ -38,7 +38,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,7 +55,14 @@ from daemon.pulls import DISK_MARGIN_BYTES
 from daemon.store import ModelStore
 from tests.hub_server import FakeHub
 from tests.live import Daemon, read_metrics, running_daemon, wait_for
-from tests.test_memory import V1_MEMORY, cgroup_working_set, drop_from_page_cache, in_cgroup, oom_kills
+from tests.test_memory import (
+    V1_MEMORY,
+    cgroup_working_set,
+    child_memory_cgroup,
+    drop_from_page_cache,
+    in_cgroup,
+    oom_kills,
+)
 from tests.tiny_models import make_tiny_bert_dir
 
 MIB = 1 << 20
@@ -341,19 +347,6 @@ def tmpfs(directory: Path, size_mib: int) -> Iterator[Path]:
             subprocess.run(["umount", "--lazy", str(directory)], check=True)  # detached once nothing uses it
 
 
-@contextmanager
-def v1_cgroup() -> Iterator[Path]:
-    directory = V1_MEMORY / f"emberd-store-faults-{uuid.uuid4().hex[:8]}"
-    directory.mkdir()
-    try:
-        yield directory
-    finally:
-        for pid in (directory / "cgroup.procs").read_text().split():
-            os.kill(int(pid), 9)
-        wait_for(lambda: not (directory / "cgroup.procs").read_text().split())  # reaped
-        os.rmdir(directory)
-
-
 def fill_disk(path: Path) -> int:
     """Another writer takes every free byte of the filesystem: bytes written until ENOSPC."""
     written = 0
@@ -539,7 +532,10 @@ def memory_pressure(workdir: Path, clients: int) -> FaultReport:
         return ("tiny", "tiny2")[turn % 2] if alternate.is_set() else "tiny"
 
     environ = {"EMBERD_LOAD_TIMEOUT": "20s"}
-    with v1_cgroup() as cgroup, running_daemon(home, {}, environ, prefix=in_cgroup(cgroup)) as daemon:
+    with (
+        child_memory_cgroup("emberd-store-faults-") as cgroup,
+        running_daemon(home, {}, environ, prefix=in_cgroup(cgroup)) as daemon,
+    ):
         url = daemon.url
         assert embeds(url, "tiny")
         report.before = usage(daemon.process.pid)
