@@ -34,11 +34,13 @@ test: lint
 
 # Faults and hostile input against a live daemon, with a report; not part of `make test`'s budget.
 # 10,000 generated requests over every route, then faults under load: the runner killed, clients
-# leaving, a Hub transfer cut, the disk filling, memory pressure (tests/reliability/).
+# leaving, a Hub transfer cut, the disk filling, memory pressure; then a 10-minute soak that checks
+# memory, open files and threads stay flat (tests/reliability/).
 reliability: $(STAMP)
 	$(BIN)/python -m tests.reliability.fuzz_routes --requests 10000
 	$(BIN)/python -m tests.reliability.faults --clients 32 --seconds 6
 	$(BIN)/python -m tests.reliability.store_faults --clients 32
+	$(BIN)/python -m tests.reliability.soak --clients 32 --seconds 600
 
 # Three daemons behind HAProxy (configs/haproxy.cfg as shipped), restarted one at a time under load.
 test-fleet: $(STAMP)

@@ -211,7 +211,10 @@ def llama_params(
         n_threads_batch=load.num_thread or available_cpu_count(),
         limit_tokens=limit,
         batch_tokens=min(load.batch_tokens, capacity),
-        quick_lane_tokens=QUICK_LANE_TOKENS if load.quick_lane else 0,
+        # Only beside a context that holds a whole lane: llama.cpp aborts building a lane smaller than
+        # QUICK_LANE_TOKENS, or not a multiple of its sequences (num_ctx 40, num_batch 32), and a
+        # context that small decodes quickly anyway.
+        quick_lane_tokens=QUICK_LANE_TOKENS if load.quick_lane and capacity >= QUICK_LANE_TOKENS else 0,
     )
 
 

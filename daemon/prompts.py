@@ -49,8 +49,8 @@ def check_prompts(prompts: Any, default_name: Any, where: str) -> ModelPrompts:
         for name, text in prompts.items()
     ):
         raise InvalidInput(f"{where}: prompts must map names to texts of at most {MAX_PROMPT_CHARS} characters")
-    if default_name is not None and default_name not in prompts:
-        raise InvalidInput(f"{where}: default_prompt_name {default_name!r} is not one of its prompts")
+    if default_name is not None and (not isinstance(default_name, str) or default_name not in prompts):
+        raise InvalidInput(f"{where}: default_prompt_name {default_name!r:.80} is not one of its prompts")
     return ModelPrompts(dict(prompts), default_name)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -9,12 +10,18 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from daemon.config import unknown_environment_settings
-from daemon.options import LoadOptions, llama_params
+from daemon.api.app import default_runner_factory
+from daemon.api.common import STORE
+from daemon.config import Settings, unknown_environment_settings
+from daemon.errors import ModelLoadFailed, UnknownModel
+from daemon.options import QUICK_LANE_TOKENS, LoadOptions, llama_params, resolve_load_options
 from daemon.runner.client import RunnerProcess
+from daemon.store import ModelStore
+from tests.conftest import MakeClient
 from tests.live import Daemon, free_port, running_daemon
 
 IGNORED = "is not an emberd setting and is ignored"
@@ -109,3 +116,133 @@ def test_a_clients_malformed_http_is_one_log_line_without_a_traceback() -> None:
     assert (record.levelname, record.exc_info) == ("INFO", None)
     assert record.getMessage() == "Error handling request from 127.0.0.1: Bad HTTP method in status line 'FOO' (400)"
     assert logging.Formatter().format(record).count("\n") == 0
+
+
+async def test_a_model_deleted_while_it_loads_is_not_found_not_a_failed_load(
+    make_client: MakeClient, tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the fuzzer: a tokenize (or embed) that read the manifest, then a delete, then the
+    runner opening the file was a 500 "failed to load ... Model path does not exist"."""
+    settings = Settings(home=tmp_path / "home")
+    store = ModelStore(settings.home)
+    store.open()
+    store.create("tiny", tiny_gguf)
+    store.create("other", tiny_gguf)
+    model = store.get("tiny")
+    store.delete("tiny")
+    store.delete("other")  # the last name of the file: the blob goes
+    params = llama_params(resolve_load_options(settings, {}), model.facts.context_length, model.facts.block_count)
+    with pytest.raises(UnknownModel, match="deleted while it loaded"):
+        await default_runner_factory(settings)(model, params)
+    # Deleted and created again while the runner loaded: another file under the same name.
+    store.create("tiny", tiny_gguf)
+    model = store.get("tiny")
+
+    async def start_while_recreated(*_args: Any, **_kwargs: Any) -> RunnerProcess:
+        store.delete("tiny")
+        store.create("tiny", tiny_gguf)
+        raise ModelLoadFailed("failed to load tiny:latest: ValueError: Model path does not exist")
+
+    monkeypatch.setattr(RunnerProcess, "start", start_while_recreated)
+    with pytest.raises(UnknownModel, match="deleted while it loaded"):
+        await default_runner_factory(settings)(model, params)
+    monkeypatch.undo()
+    # Through the routes: the manifest is read, the file is gone.
+    client = await make_client({"tiny": tiny_gguf})
+    client.server.app[STORE].get("tiny").blob_path.unlink()
+    for path, body in (("/api/tokenize", {"content": "hi"}), ("/api/embed", {"input": "hi"})):
+        response = await client.post(path, json={"model": "tiny", **body})
+        assert response.status == 404, await response.text()
+
+
+async def test_deletes_of_one_model_at_once_are_one_200_and_404s(
+    make_client: MakeClient, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the fuzzer: deletes that had all found the model raced to read and remove its
+    manifest, and the losers' FileNotFoundError was a 500 with a traceback."""
+    client = await make_client({})
+    store = client.server.app[STORE]
+    for _round in range(20):
+        await asyncio.to_thread(store.create, "doomed", tiny_gguf)
+        responses = await asyncio.gather(*(client.delete("/api/delete", json={"model": "doomed"}) for _ in range(8)))
+        assert sorted(response.status for response in responses) == [200] + [404] * 7
+    # The losing side, every time: the manifest goes between the store's check and its read.
+    await asyncio.to_thread(store.create, "doomed", tiny_gguf)
+    read_manifest = store._read_manifest
+
+    def vanishing(path: Path) -> Any:
+        path.unlink()
+        return read_manifest(path)
+
+    monkeypatch.setattr(store, "_read_manifest", vanishing)
+    response = await client.delete("/api/delete", json={"model": "doomed"})
+    assert (response.status, await response.json()) == (404, {"error": 'model "doomed" not found'})
+
+
+async def test_a_listing_during_deletes_answers_200(
+    make_client: MakeClient, tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the fuzzer: /api/tags walking the manifests while a delete removed a model's
+    directory (hf.co/owner/...) was a 500, FileNotFoundError from the walk."""
+    client = await make_client({"tiny": tiny_gguf})
+    store = client.server.app[STORE]
+    names = [f"hf.co/owner{index}/repo" for index in range(6)]
+
+    async def churn() -> None:
+        for _round in range(15):
+            for name in names:
+                await asyncio.to_thread(store.create, name, tiny_gguf)
+            await asyncio.gather(*(client.delete("/api/delete", json={"model": name}) for name in names))
+
+    async def listing() -> list[int]:
+        statuses = []
+        for _index in range(60):
+            for path in ("/api/tags", "/v1/models"):
+                statuses.append((await client.get(path)).status)
+        return statuses
+
+    _, statuses = await asyncio.gather(churn(), listing())
+    assert set(statuses) == {200}
+    # The walk that meets a vanished directory, every time: the listing is taken again.
+    list_models = store.list
+    failures = iter([FileNotFoundError("gone"), FileNotFoundError("gone")])
+
+    def vanishing() -> Any:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return list_models()
+
+    monkeypatch.setattr(store, "list", vanishing)
+    response = await client.get("/api/tags")
+    assert response.status == 200
+    assert [model["name"] for model in (await response.json())["models"]] == ["tiny:latest"]
+
+
+@pytest.mark.parametrize(("num_ctx", "num_batch"), [(8, 1), (17, 16), (40, 32), (63, 1), (64, 1)])
+async def test_a_small_context_with_a_small_budget_loads(
+    make_client: MakeClient, tiny_gguf: Path, num_ctx: int, num_batch: int
+) -> None:
+    """Found by the fuzzer: options {num_ctx: 40, num_batch: 32} gave a context under 64 tokens, and
+    the quick lane beside it (its tokens cut to the context, 16 sequences) made llama.cpp abort as
+    the runner loaded: a 500. A context under a whole lane now has none."""
+    params = llama_params(resolve_load_options(Settings(), {"num_ctx": num_ctx, "num_batch": num_batch}), 64, 2)
+    assert params.quick_lane_tokens == (QUICK_LANE_TOKENS if params.n_ctx >= QUICK_LANE_TOKENS else 0)
+    client = await make_client({"tiny": tiny_gguf})
+    options = {"num_ctx": num_ctx, "num_batch": num_batch}
+    response = await client.post(
+        "/api/embed", json={"model": "tiny", "input": ["why is the sky blue?"] * 20, "options": options}
+    )
+    assert response.status == 200, await response.text()
+
+
+@pytest.mark.parametrize("default_prompt_name", [[], {}, ["query"], 5])
+async def test_create_with_a_default_prompt_name_of_another_type_is_a_400(
+    make_client: MakeClient, tiny_gguf: Path, default_prompt_name: Any
+) -> None:
+    """Found by the fuzzer: a list or an object there raised TypeError (unhashable), a 500."""
+    client = await make_client({})
+    body = {"model": "made", "from": str(tiny_gguf), "prompts": {"query": "q: "}}
+    response = await client.post("/api/create", json={**body, "default_prompt_name": default_prompt_name})
+    assert response.status == 400, await response.text()
+    assert "default_prompt_name" in (await response.json())["error"]

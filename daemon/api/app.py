@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from daemon import __version__
-from daemon.api import ollama, openai, ops, rerank, tokens
+from daemon.api import ollama, openai, openapi, ops, rerank, tokens
 from daemon.api.access import (
     API_KEYS,
     ApiKeys,
@@ -182,7 +182,25 @@ async def add_server_header(_request: web.Request, response: web.StreamResponse)
 
 def default_runner_factory(settings: Settings) -> RunnerFactory:
     async def start(model: StoredModel, params: LlamaParams) -> RunnerProcess:
-        return await RunnerProcess.start(model.blob_path, params, model.name, settings.load_timeout_s)
+        gone = UnknownModel(f'model "{model.name}" not found: its file is gone (deleted while it loaded)')
+        try:
+            before = model.blob_path.stat()
+        except FileNotFoundError:
+            raise gone from None
+        try:
+            return await RunnerProcess.start(model.blob_path, params, model.name, settings.load_timeout_s)
+        except ModelLoadFailed:
+            # Deleted (emberd rm) after its manifest was read and before the runner opened the file,
+            # perhaps created again since (another file): the model this request found is gone, as
+            # for a request that came a moment later. Not a failed load.
+            try:
+                after = model.blob_path.stat()
+            except FileNotFoundError:
+                raise gone from None
+            # The inode number of a deleted file may be reused at once: its change time tells them apart.
+            if (after.st_dev, after.st_ino, after.st_ctime_ns) != (before.st_dev, before.st_ino, before.st_ctime_ns):
+                raise gone from None
+            raise
 
     return start
 
@@ -260,6 +278,7 @@ def build_app(
     tokens.add_routes(app)
     rerank.add_routes(app)
     ops.add_routes(app)
+    openapi.add_routes(app, ERROR_STATUS)
     return app
 
 

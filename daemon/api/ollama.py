@@ -24,6 +24,7 @@ from daemon.api.common import (
     TRUNCATED_HEADER,
     check_input_count,
     json_response,
+    list_stored_models,
     model_name,
     parse_keep_alive_s,
     read_json_object,
@@ -208,7 +209,7 @@ def _ps_entry(loaded: LoadedModel) -> dict[str, Any]:
 
 
 async def tags(request: web.Request) -> web.Response:
-    models = await asyncio.to_thread(request.app[STORE].list)
+    models = await list_stored_models(request.app)
     return json_response({"models": [_tag_entry(model) for model in models]})
 
 
@@ -329,10 +330,16 @@ async def show(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     document = await read_json_object(request)
+    name = model_name(document)
     store = request.app[STORE]
-    model = await asyncio.to_thread(store.get, model_name(document))
-    await request.app[SCHEDULER].unload_canonical(model.name, "deleted")  # a loaded model is unloaded first
-    await asyncio.to_thread(store.delete, model.name)
+    try:
+        model = await asyncio.to_thread(store.get, name)
+        await request.app[SCHEDULER].unload_canonical(model.name, "deleted")  # a loaded model is unloaded first
+        await asyncio.to_thread(store.delete, model.name)
+    except FileNotFoundError:
+        # Another delete of this name removed its manifest between this one's check and its read or
+        # unlink (the store checks, then reads): the model is gone, as for a delete a moment later.
+        raise UnknownModel(f'model "{name}" not found') from None
     return web.Response(status=200)
 
 

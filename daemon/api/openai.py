@@ -16,6 +16,7 @@ from daemon.api.common import (
     STORE,
     check_input_count,
     json_response,
+    list_stored_models,
     model_name,
     read_json_object,
     require_type,
@@ -130,7 +131,7 @@ def _model_object(model: StoredModel) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    models = await asyncio.to_thread(request.app[STORE].list)
+    models = await list_stored_models(request.app)
     return json_response({"object": "list", "data": [_model_object(model) for model in models]})
 
 
