@@ -55,6 +55,7 @@ from daemon.runner.batching import (
     window_overlap_tokens,
     wrap_token_ids,
 )
+from daemon.runner.client import runner_environment
 from daemon.runner.protocol import parse_llama_buffer_log
 from daemon.vectors import finish_embeddings, normalize_rows
 
@@ -160,6 +161,21 @@ def test_same_bucket(first: int, length: int, expected: bool) -> None:
 
 
 # -- options ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("daemon_environment", "expected_openmp"),
+    [
+        ({}, {"GOMP_SPINCOUNT": "10000"}),  # spin briefly at llama.cpp's barriers, then sleep
+        ({"GOMP_SPINCOUNT": "300000"}, {"GOMP_SPINCOUNT": "300000"}),  # the user's own wins
+        ({"OMP_WAIT_POLICY": "active"}, {"OMP_WAIT_POLICY": "active"}),
+    ],
+)
+def test_runner_environment(daemon_environment: dict[str, str], expected_openmp: dict[str, str]) -> None:
+    environment = runner_environment({"PATH": "/bin", **daemon_environment})
+    openmp = {name: value for name, value in environment.items() if "OMP" in name}
+    assert openmp == expected_openmp
+    assert environment["PATH"] == "/bin" and environment["GGML_NO_BACKTRACE"] == "1"
 
 
 @pytest.mark.parametrize(

@@ -209,7 +209,7 @@ class EmbeddingEngine:
         _BUFFER_LOG.clear()
         # On a GPU a second context would take its memory for little: a GPU decode is quick anyway.
         on_gpu = bool(llama_cpp.llama_supports_gpu_offload()) and params.n_gpu_layers != 0
-        quick_tokens = 0 if on_gpu else min(params.quick_lane_tokens, params.n_batch)
+        quick_tokens = 0 if on_gpu else params.quick_lane_tokens  # llama_params: only beside a context that holds it
         self._quick: _Lane | None = None
         if quick_tokens:
             self._quick = _Lane(self._model, _context_params(quick_tokens, quick_tokens, 1, QUICK_LANE_SEQUENCES))
