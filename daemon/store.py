@@ -136,18 +136,23 @@ class ModelStore:
         """The stored model for a name; UnknownModel if there is none."""
         canonical = canonical_name(name)
         path = self._manifest_path(canonical)
-        if not path.is_file():
-            raise UnknownModel(f'model "{name}" not found, try pulling it first')
-        return self._read_manifest(path)
+        try:
+            return self._read_manifest(path)
+        except FileNotFoundError:  # none, or a delete removed it (reads take no lock)
+            raise UnknownModel(f'model "{name}" not found, try pulling it first') from None
 
     def list(self) -> list[StoredModel]:
-        """Every model whose manifest this version can read; others are logged and skipped."""
+        """Every model whose manifest this version can read; others are logged and skipped. Reads
+        take no lock: a manifest or folder a delete removes during the walk is simply not listed."""
         models = []
-        for path in self.manifests_dir.rglob("*.json"):
-            try:
-                models.append(self._read_manifest(path))
-            except (UnreadableManifest, ValueError, KeyError, TypeError) as error:
-                log.warning("skipping the manifest %s: %s", path, error)
+        for folder, _subfolders, files in os.walk(self.manifests_dir):  # skips folders that vanish
+            for path in (Path(folder) / file for file in files if file.endswith(".json")):
+                try:
+                    models.append(self._read_manifest(path))
+                except FileNotFoundError:
+                    continue
+                except (UnreadableManifest, ValueError, KeyError, TypeError) as error:
+                    log.warning("skipping the manifest %s: %s", path, error)
         return sorted(models, key=lambda model: model.modified_at, reverse=True)
 
     # -- writing ---------------------------------------------------------------------------------
@@ -311,7 +316,10 @@ class ModelStore:
         model = self.get(name)
         with self._lock:
             path = self._manifest_path(model.name)
-            path.unlink()
+            try:
+                path.unlink()
+            except FileNotFoundError:  # another delete of this name came first
+                raise UnknownModel(f'model "{name}" not found') from None
             for parent in path.parents:
                 if parent == self.manifests_dir or any(parent.iterdir()):
                     break

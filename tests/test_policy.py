@@ -47,7 +47,7 @@ from daemon.runner.batching import (
     OVERDUE_AFTER_DECODES,
     QueuedRequest,
     fit_tokens,
-    lane_plan,
+    quick_lane_opens,
     same_bucket,
     special_token_split,
     split_windows,
@@ -179,22 +179,18 @@ def test_runner_environment(daemon_environment: dict[str, str], expected_openmp:
 
 
 @pytest.mark.parametrize(
-    ("threads", "shortest", "since_short_s", "quick_lane", "expected"),
+    ("threads", "shortest", "quick_lane", "expected"),
     [
-        (2, 12, 0.0, True, (2, False)),  # short sequences: every thread, the quick lane closed
-        (2, 32, 0.0, True, (2, False)),
-        (2, 33, 0.0, True, (1, True)),  # a long decode while queries arrive: a core for the quick lane
-        (8, 400, 0.5, True, (7, True)),
-        (2, 400, 1.0, True, (1, True)),
-        (2, 400, 1.5, True, (2, True)),  # no recent queries: every thread; a rare one shares the cores
-        (1, 400, 0.0, True, (1, False)),  # one thread: nothing to share
-        (2, 400, 0.0, False, (2, False)),  # no quick lane
+        (2, 12, True, False),  # a decode of short sequences: over soon, the quick lane stays closed
+        (2, 32, True, False),
+        (2, 33, True, True),  # a long decode: queries go to the quick lane meanwhile
+        (8, 400, True, True),
+        (1, 400, True, False),  # one thread: nothing to share
+        (2, 400, False, False),  # no quick lane
     ],
 )
-def test_lane_plan(
-    threads: int, shortest: int, since_short_s: float, quick_lane: bool, expected: tuple[int, bool]
-) -> None:
-    assert lane_plan(threads, shortest, since_short_s, quick_lane) == expected
+def test_quick_lane_opens(threads: int, shortest: int, quick_lane: bool, expected: bool) -> None:
+    assert quick_lane_opens(threads, shortest, quick_lane) is expected
 
 
 @pytest.mark.parametrize(

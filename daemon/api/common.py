@@ -163,22 +163,9 @@ def parse_keep_alive_s(raw: Any) -> float | None:
     return -1.0 if seconds < 0 or seconds > MAX_KEEP_ALIVE_S else seconds
 
 
-# A listing that meets a concurrent delete is taken again, this many times at most.
-LIST_ATTEMPTS = 5
-
-
 async def list_stored_models(app: web.Application) -> list[StoredModel]:
-    """The store's models, for /api/tags and /v1/models. The store walks its manifests without its
-    lock, and a delete removes a model's manifest, then its directory if empty: a walk that meets
-    either as it goes gets FileNotFoundError. The listing is then taken again, as it would be a
-    moment later."""
-    store = app[STORE]
-    for _attempt in range(LIST_ATTEMPTS - 1):
-        try:
-            return await asyncio.to_thread(store.list)
-        except FileNotFoundError:
-            continue
-    return await asyncio.to_thread(store.list)
+    """The store's models, for /api/tags and /v1/models."""
+    return await asyncio.to_thread(app[STORE].list)
 
 
 def model_name(document: dict[str, Any]) -> str:

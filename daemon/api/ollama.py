@@ -330,16 +330,10 @@ async def show(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     document = await read_json_object(request)
-    name = model_name(document)
     store = request.app[STORE]
-    try:
-        model = await asyncio.to_thread(store.get, name)
-        await request.app[SCHEDULER].unload_canonical(model.name, "deleted")  # a loaded model is unloaded first
-        await asyncio.to_thread(store.delete, model.name)
-    except FileNotFoundError:
-        # Another delete of this name removed its manifest between this one's check and its read or
-        # unlink (the store checks, then reads): the model is gone, as for a delete a moment later.
-        raise UnknownModel(f'model "{name}" not found') from None
+    model = await asyncio.to_thread(store.get, model_name(document))
+    await request.app[SCHEDULER].unload_canonical(model.name, "deleted")  # a loaded model is unloaded first
+    await asyncio.to_thread(store.delete, model.name)  # UnknownModel if another delete came first
     return web.Response(status=200)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -28,7 +27,7 @@ import orjson
 
 from daemon.errors import ContextExceeded, InvalidInput
 from daemon.options import QUICK_LANE_SEQUENCES, LlamaParams
-from daemon.runner.batching import OVERDUE_AFTER_DECODES, QueuedRequest, is_short, lane_plan, take_batch
+from daemon.runner.batching import OVERDUE_AFTER_DECODES, QueuedRequest, is_short, quick_lane_opens, take_batch
 from daemon.runner.protocol import GROUP_SIGNALS, encode_frame, read_frame_blocking
 
 VOCABULARY_MESSAGES = ("tokenize", "detokenize")
@@ -139,7 +138,7 @@ Batch = list[tuple[_Request, _Sequence]]
 class _Work:
     """The requests a runner holds, shared by the thread that reads them off stdin and the two lanes
     that decode them: the main context (the main thread) and the quick lane (its own thread, see
-    batching.lane_plan). Everything here is guarded by `lock`; `changed` wakes the lanes."""
+    batching.quick_lane_opens). Everything here is guarded by `lock`; `changed` wakes the lanes."""
 
     def __init__(self, engine: Any, writer: _Writer) -> None:
         self.engine = engine
@@ -155,7 +154,6 @@ class _Work:
         self.quick_decodes: list[tuple[int, int]] = []  # the same, of the quick lane
         self.served_overdue = False  # the last decode served an overdue request: the next goes by length
         self.quick_lane_open = False  # the main context runs a long decode: the quick lane may decode
-        self.last_short_s = -math.inf  # when a request with a short input last arrived (monotonic)
 
     # -- the reader thread ------------------------------------------------------------------------
 
@@ -219,8 +217,6 @@ class _Work:
             return
         with self.changed:
             self.requests[request_id] = request
-            if is_short(len(request.pending[0].tokens)):
-                self.last_short_s = time.monotonic()
             self.changed.notify_all()
 
     # -- the lanes (called with `lock` held) ------------------------------------------------------
@@ -350,16 +346,15 @@ def serve(engine: Any, stream: BinaryIO, writer: _Writer) -> None:
                     return  # stdin ended and nothing is left
                 if batch:
                     shortest = min(len(sequence.tokens) for _request, sequence in batch)
-                    since_short_s = time.monotonic() - work.last_short_s
-                    threads, work.quick_lane_open = lane_plan(
-                        engine.threads, shortest, since_short_s, quick_lane=bool(engine.facts.quick_lane_tokens)
+                    work.quick_lane_open = quick_lane_opens(
+                        engine.threads, shortest, quick_lane=bool(engine.facts.quick_lane_tokens)
                     )
                     work.changed.notify_all()
             for renewal in renewals:
                 engine.renew_context()
                 writer.send({"type": "renewed", "id": renewal})
             if batch:
-                _decode(work, batch, threads)
+                _decode(work, batch, engine.threads)
                 with work.lock:
                     work.quick_lane_open = False
     finally:
