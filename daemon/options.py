@@ -40,7 +40,7 @@ _IGNORED_OPTIONS = {
 MAX_SEQUENCES_PER_DECODE = 64
 # The quick lane: a second llama.cpp context of this many tokens (and at most this many sequences),
 # on one thread, that decodes short inputs while the main context runs a long decode, so a search
-# box's query does not wait for a 400-token document (see batching.lane_plan). Its buffers cost
+# box's query does not wait for a 400-token document (see batching.quick_lane_opens). Its buffers cost
 # about 9 MiB for all-MiniLM.
 QUICK_LANE_TOKENS = 64
 QUICK_LANE_SEQUENCES = 16

@@ -41,7 +41,7 @@ class FakeEngine:
             self._all_accepted.set()
         return TokenizedInput([[ord(character) for character in item]], False)
 
-    def embed_batch(self, sequences: Sequence[Sequence[int]], threads: int) -> np.ndarray:
+    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         if not self.decodes:
             assert self._all_accepted.wait(10), "the requests were not all read"
         self.decodes.append([list(tokens) for tokens in sequences])
@@ -88,14 +88,12 @@ class QuickLaneEngine(FakeEngine):
         self.facts = dataclasses.replace(self.facts, quick_lane_tokens=64)
         self.long_decode_started = threading.Event()
         self.quick_decoded = threading.Event()
-        self.main_threads: list[int] = []
         self.quick: list[list[list[int]]] = []
 
-    def embed_batch(self, sequences: Sequence[Sequence[int]], threads: int) -> np.ndarray:
-        self.main_threads.append(threads)
+    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         self.long_decode_started.set()
         assert self.quick_decoded.wait(10), "the quick lane did not answer while the long decode ran"
-        return super().embed_batch(sequences, threads)
+        return super().embed_batch(sequences)
 
     def embed_quick(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         self.quick.append([list(tokens) for tokens in sequences])
@@ -118,13 +116,12 @@ def test_a_short_input_is_answered_on_the_quick_lane_while_a_long_decode_runs() 
         to_runner.write(encode_frame({"type": "embed", "id": 2, "texts": [query], "truncate": True}))
         to_runner.flush()
         assert engine.quick_decoded.wait(10)
-        # A second document: every thread again.
+        # A second document, after the query: the main context again.
         to_runner.write(encode_frame({"type": "embed", "id": 3, "texts": [document], "truncate": True}))
         to_runner.close()
         serving.join(10)
     assert not serving.is_alive()
     assert engine.quick == [[[ord(character) for character in query]]]
-    assert engine.main_threads == [2, 2]
     output.seek(0)
     answers = []
     while (frame := read_frame_blocking(output)) is not None:

@@ -131,7 +131,7 @@ def load_vocabulary(model_path: str, params: LlamaParams) -> tuple[Vocabulary, R
 
 class _Lane:
     """A llama.cpp context and its batch, used from one thread at a time: the main context, or the
-    quick lane's (see batching.lane_plan)."""
+    quick lane's (see batching.quick_lane_opens)."""
 
     def __init__(self, model: internals.LlamaModel, params: llama_cpp.llama_context_params) -> None:
         self._model = model
@@ -287,7 +287,7 @@ class EmbeddingEngine:
 
     @property
     def threads(self) -> int:
-        """The main context's threads when it has every core (see batching.lane_plan)."""
+        """The main context's threads (the quick lane has one)."""
         return self._threads
 
     def set_threads(self, threads: int) -> None:
@@ -299,10 +299,10 @@ class EmbeddingEngine:
         The weights stay mapped. (The quick lane's context is small and never grows.)"""
         self._main.renew()
 
-    def embed_batch(self, sequences: Sequence[Sequence[int]], threads: int = 0) -> np.ndarray:
+    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Pooled embeddings (not normalised) of sequences that fit one decode together, on the main
-        context with `threads` threads (0: all of them)."""
-        self._main.use_threads(threads or self._threads)
+        context (its threads as set_threads last said)."""
+        self._main.use_threads(self._threads)
         return self._main.embed(sequences)
 
     def embed_quick(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:

@@ -64,7 +64,7 @@ class RunnerFacts:
     # lane's context: quick_output, quick_compute, quick_kv).
     llama_buffer_bytes: dict[str, int] = field(default_factory=dict)
     llama_version: str = ""  # "llama-cpp-python 0.3.36, ggml 0.25.3 (0c1e570)"
-    quick_lane_tokens: int = 0  # the quick lane's context; 0: none (see batching.lane_plan)
+    quick_lane_tokens: int = 0  # the quick lane's context; 0: none (see batching.quick_lane_opens)
 
 
 MAX_HEADER_BYTES = 256 * 1024 * 1024

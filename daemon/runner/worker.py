@@ -294,20 +294,20 @@ class _Work:
         return header, request.output.tobytes()
 
 
-def _decode(work: _Work, batch: Batch, threads: int = 0) -> None:
-    """One decode of `batch` (with no lock held): on the main context with `threads`, or on the
-    quick lane's (threads 0); its answers sent. If llama.cpp fails a decode that packed several
-    requests, each is decoded again on its own, so only a request that fails alone is failed."""
+def _decode(work: _Work, batch: Batch, quick: bool = False) -> None:
+    """One decode of `batch` (with no lock held), on the main context or the quick lane's; its
+    answers sent. If llama.cpp fails a decode that packed several requests, each is decoded again
+    on its own, so only a request that fails alone is failed."""
     sequences = [sequence.tokens for _request, sequence in batch]
     try:
-        vectors = work.engine.embed_batch(sequences, threads) if threads else work.engine.embed_quick(sequences)
+        vectors = work.engine.embed_quick(sequences) if quick else work.engine.embed_batch(sequences)
     except Exception as error:  # a llama.cpp failure fails the requests it touched, not the runner
         by_request: dict[int, Batch] = {}
         for request, sequence in batch:
             by_request.setdefault(request.request_id, []).append((request, sequence))
         if len(by_request) > 1:
             for alone in by_request.values():
-                _decode(work, alone, threads)
+                _decode(work, alone, quick)
             return
         with work.lock:
             frames = work.fail(batch, error)
@@ -326,7 +326,7 @@ def _quick_lane(work: _Work) -> None:
             if work.closing:
                 return
             batch = work.take(quick=True)
-        _decode(work, batch)
+        _decode(work, batch, quick=True)
 
 
 def serve(engine: Any, stream: BinaryIO, writer: _Writer) -> None:
@@ -354,7 +354,7 @@ def serve(engine: Any, stream: BinaryIO, writer: _Writer) -> None:
                 engine.renew_context()
                 writer.send({"type": "renewed", "id": renewal})
             if batch:
-                _decode(work, batch, engine.threads)
+                _decode(work, batch)
                 with work.lock:
                     work.quick_lane_open = False
     finally:
