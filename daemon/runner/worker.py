@@ -213,7 +213,9 @@ class _Work:
                 request.pending.append(_Sequence(row, window))
         request.pending.sort(key=lambda sequence: len(sequence.tokens))
         if not texts:
-            self.writer.send(*self._result(request))
+            with self.lock:  # _result takes the decode records the lanes add to
+                header, payload = self._result(request)
+            self.writer.send(header, payload)
             return
         with self.changed:
             self.requests[request_id] = request
