@@ -36,6 +36,11 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+async def test_answers_name_emberd_as_the_server(tiny_client: Client) -> None:
+    for response in (await tiny_client.get("/api/version"), await tiny_client.post("/api/embed", json={})):
+        assert response.headers["Server"].startswith("emberd/"), response.headers["Server"]
+
+
 async def test_healthz_answers_without_touching_the_store(tiny_client: Client) -> None:
     shutil.rmtree(tiny_client.server.app[STORE].models_dir)  # a store gone bad is not a dead process
     response = await tiny_client.get("/healthz")

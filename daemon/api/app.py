@@ -177,7 +177,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 async def add_server_header(_request: web.Request, response: web.StreamResponse) -> None:
-    response.headers.setdefault("Server", f"emberd/{__version__}")
+    # aiohttp has put its own ("Python/3.11 aiohttp/...") in before this hook runs.
+    response.headers["Server"] = f"emberd/{__version__}"
 
 
 def default_runner_factory(settings: Settings) -> RunnerFactory:
