@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Error: --ensure-model expects NAME=PATH, got {item!r}", file=sys.stderr)
                 return 2
             wanted.append((name, Path(path)))
-        from daemon.service import SystemdLink, serve  # the server's imports, for `serve` alone
+        from daemon.service import SystemdLink, return_large_blocks_when_freed, serve  # for `serve` alone
+
+        return_large_blocks_when_freed(os.environ)
 
         try:
             return asyncio.run(serve(settings, wanted, SystemdLink.from_environment(os.environ)))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import functools
 import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +76,26 @@ def ensure_models(store: ModelStore, wanted: Sequence[tuple[str, Path]], token: 
         except UnknownModel:
             log.info("creating %s from %s", name, source)
             store.create(name, source, progress=functools.partial(log.info, "%s: %s", name), token=token)
+
+
+# glibc raises its mmap threshold each time a large block is freed, and from then on keeps freed
+# request bodies and answers in its heaps, where fragmentation holds them: the daemon's RSS crept
+# from 105 to 109 MiB over a 10-minute soak, and peaked at 89 MiB after the side-by-side workloads.
+# A fixed threshold gives large blocks their own mappings, returned when freed: 76 MiB in the soak,
+# a peak of 63 MiB after the workloads (the same speed, within the noise of one run).
+DAEMON_MMAP_THRESHOLD_BYTES = 128 * 1024
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_large_blocks_when_freed(environ: Mapping[str, str]) -> bool:
+    """Fix glibc's mmap threshold for the daemon (not the runners: llama.cpp sizes its own buffers),
+    unless the user set MALLOC_MMAP_THRESHOLD_ themselves. Whether it was set."""
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in environ:
+        return False
+    try:
+        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, DAEMON_MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def address_in_use_message(host: str, port: int) -> str:

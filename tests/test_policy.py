@@ -176,6 +176,9 @@ def test_runner_environment(daemon_environment: dict[str, str], expected_openmp:
     openmp = {name: value for name, value in environment.items() if "OMP" in name}
     assert openmp == expected_openmp
     assert environment["PATH"] == "/bin" and environment["GGML_NO_BACKTRACE"] == "1"
+    assert environment["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    mine = runner_environment({"MALLOC_MMAP_THRESHOLD_": "65536", **daemon_environment})
+    assert mine["MALLOC_MMAP_THRESHOLD_"] == "65536"  # the user's own wins
 
 
 @pytest.mark.parametrize(
