@@ -1,5 +1,5 @@
 """The quick lane: a runner's second llama.cpp context answers short inputs while its main context
-decodes long ones (see batching.lane_plan), with the vectors the main context gives."""
+decodes long ones (see batching.quick_lane_opens), with the vectors the main context gives."""
 
 from __future__ import annotations
 
