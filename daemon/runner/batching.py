@@ -65,11 +65,9 @@ def quick_lane_opens(threads: int, shortest_tokens: int, quick_lane: bool) -> bo
 
     A decode of short sequences is over soon: short inputs that arrive meanwhile wait for it, and
     share the next one. A long decode (a 400-token document: about 100 ms on two cores) lets the
-    quick lane answer them while it runs. The long decode keeps every thread: with llama.cpp's
-    OpenMP threads spinning only briefly at barriers (see runner.client.RUNNER_OPENMP_DEFAULTS), a
-    third thread on two cores costs it less than giving one up (measured with 16 clients, 10% of
-    them sending documents: queries' p99 111 ms with every thread, 149 ms with one fewer; 275 ms
-    with no quick lane). One thread leaves nothing to share: no quick lane.
+    quick lane answer them while it runs. The long decode keeps every thread (measured with 16
+    clients, 10% of them sending documents: queries' p99 111 to 181 ms with every thread, 149 ms
+    with one fewer; 275 to 299 ms with no quick lane). One thread leaves nothing to share.
     """
     return quick_lane and threads >= 2 and not is_short(shortest_tokens)
 

@@ -27,13 +27,6 @@ _STDERR_TAIL_LINES = 20
 # GGML_NO_BACKTRACE: on an abort, ggml would attach gdb to print a backtrace first (seconds before
 # the daemon learns of the death, and the last stderr line, which says why, would be gdb's).
 RUNNER_ENVIRONMENT: dict[str, str] = {"GGML_NO_BACKTRACE": "1"}
-# llama.cpp's threads meet at an OpenMP barrier after every operation of a decode, and libgomp spins
-# there 300,000 times by default before it sleeps. When anything else wants the cores (the daemon
-# answering HTTP, clients on the same box, another runner) the spinning thread keeps the one it
-# waits for off its core: measured on 2 cores beside another busy emberd, a short query took 226 ms
-# at the median and 32 clients got 20 answers/s; with 10,000 spins 5.7 ms and 248/s. On an idle
-# machine both are the same. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
-RUNNER_OPENMP_DEFAULTS: dict[str, str] = {"GOMP_SPINCOUNT": "10000"}
 # Large blocks in their own mappings, returned when freed (see service.return_large_blocks_when_freed):
 # the daemon and one all-MiniLM runner peaked at 227 MiB after the side-by-side workloads with the
 # daemon's threshold fixed, 216 MiB with the runner's too (248 with neither).
@@ -41,15 +34,12 @@ RUNNER_MALLOC_DEFAULTS: dict[str, str] = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def runner_environment(environment: Mapping[str, str]) -> dict[str, str]:
-    """A runner's environment: the daemon's, our OpenMP and malloc defaults where it sets none of
-    its own, and ours."""
-    openmp_tuned = any(name in environment for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
-    return {
-        **({} if openmp_tuned else RUNNER_OPENMP_DEFAULTS),
-        **RUNNER_MALLOC_DEFAULTS,
-        **environment,
-        **RUNNER_ENVIRONMENT,
-    }
+    """A runner's environment: the malloc default where the daemon's sets none, the daemon's, ours.
+
+    libgomp's spin count was tried too: 10,000 spins at llama.cpp's barriers (against 300,000)
+    kept a runner beside another busy runner fast, but made short requests 3x to 6x slower beside
+    the daemon converting a model, so the default stays."""
+    return {**RUNNER_MALLOC_DEFAULTS, **environment, **RUNNER_ENVIRONMENT}
 
 
 # What a runner embeds: a text, token ids of its vocabulary, or (a reranker) a query/document pair.
