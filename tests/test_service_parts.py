@@ -16,7 +16,7 @@ import pytest
 from daemon.config import load_settings
 from daemon.errors import InvalidConfig
 from daemon.jobs import Cancelled, CancelToken, JobExecutor
-from daemon.service import SystemdLink, return_large_blocks_when_freed
+from daemon.service import SystemdLink
 from tests.live import running_daemon
 
 
@@ -182,5 +182,10 @@ def test_a_model_that_cannot_be_ensured_stops_serve_with_status_1(tmp_path: Path
 
 
 def test_the_daemon_fixes_glibcs_mmap_threshold_unless_the_user_did() -> None:
-    assert return_large_blocks_when_freed({}) is True  # Linux and glibc, as here and in CI
-    assert return_large_blocks_when_freed({"MALLOC_MMAP_THRESHOLD_": "65536"}) is False
+    # In a child: the threshold would otherwise stay set for the rest of this test process.
+    code = (
+        "from daemon.service import return_large_blocks_when_freed as f;"
+        "print(f({}), f({'MALLOC_MMAP_THRESHOLD_': '65536'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["True", "False"]  # Linux and glibc, as here and in CI
