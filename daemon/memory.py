@@ -167,6 +167,9 @@ class ModelShape:
     q_width: int = 0  # query width of a layer: heads x key length
     kv_width: int = 0  # key + value width of a layer, for each cached token
     mean_pooling: bool = False  # pooled through an n_tokens x n_seq_max matrix (a causal model's)
+    # The runner hands the logits part of llama.cpp's output buffer back after each decode that grew
+    # it (an encoder on a CPU, see runner.engine.writes_no_logits): known from its ready frame.
+    gives_back_logits: bool = False
 
     @classmethod
     def of(cls, facts: GGUFFacts, file_bytes: int) -> ModelShape:
@@ -257,13 +260,32 @@ def quick_lane_bytes(shape: ModelShape, quick_lane_tokens: int) -> int:
     )
 
 
+def given_back_bytes(shape: ModelShape, n_batch: int, largest_decode_tokens: int, quick_lane_tokens: int = 0) -> int:
+    """The logits of the output buffers (main context and quick lane) that a runner which gives
+    them back (ModelShape.gives_back_logits) no longer holds after its largest decode."""
+    if not shape.gives_back_logits:
+        return 0
+    rows = max(min(n_batch, MAX_SEQUENCES_PER_DECODE), largest_decode_tokens)
+    return 4 * shape.n_vocab * (rows + quick_lane_tokens)
+
+
 def held_after_bytes(
     shape: ModelShape, n_batch: int, largest_decode_tokens: int, n_ubatch: int = 0, quick_lane_tokens: int = 0
 ) -> int:
     """What a runner holds once its largest decode had `largest_decode_tokens` tokens (0: none yet):
-    the interpreter, the mapped weights, the vocabulary, a causal model's KV cache, the output
-    buffer, and the compute buffer as far as that decode touched it. llama.cpp touches its buffers
-    lazily and gives nothing back until the runner exits.
+    peak_bytes, less the logits a runner that gives them back handed back after that decode."""
+    peak = peak_bytes(shape, n_batch, largest_decode_tokens, n_ubatch, quick_lane_tokens)
+    return peak - given_back_bytes(shape, n_batch, largest_decode_tokens, quick_lane_tokens)
+
+
+def peak_bytes(
+    shape: ModelShape, n_batch: int, largest_decode_tokens: int, n_ubatch: int = 0, quick_lane_tokens: int = 0
+) -> int:
+    """The most a runner holds as its largest decode, of `largest_decode_tokens` tokens (0: none
+    yet), runs: the interpreter, the mapped weights, the vocabulary, a causal model's KV cache, the
+    output buffer, and the compute buffer as far as that decode touched it. llama.cpp touches its
+    buffers lazily and keeps them until the context is renewed or the runner exits; it zeroes the
+    whole output buffer each time it grows (see held_after_bytes for what an encoder gives back).
 
     `n_ubatch` (0: the decode is one ubatch) bounds the compute buffer of a decode that llama.cpp
     splits into ubatches. The context holds n_batch tokens (n_ctx = n_batch: see llama_params).
@@ -288,9 +310,10 @@ def held_after_bytes(
 def estimate_runner(shape: ModelShape, n_batch: int, n_ubatch: int) -> RunnerEstimate:
     """Measured against the cgroup charge with benchmarks/bench_memory.py: 0 to +17% for the tiny
     model, all-MiniLM f16 and q8_0, and generated BERTs of 8k and 32k context. An encoder's largest
-    decode is one ubatch; a causal model's is a whole batch, split into ubatches."""
+    decode is one ubatch; a causal model's is a whole batch, split into ubatches. Both are peaks
+    (peak_bytes): what the runner holds as its decodes run."""
     largest = n_batch if shape.kv_width else n_ubatch
-    return RunnerEstimate(held_after_bytes(shape, n_batch, 0), held_after_bytes(shape, n_batch, largest, n_ubatch))
+    return RunnerEstimate(peak_bytes(shape, n_batch, 0), peak_bytes(shape, n_batch, largest, n_ubatch))
 
 
 def budget_bytes(
@@ -352,8 +375,11 @@ def counted_bytes(
 ) -> int:
     """What the scheduler counts for a loaded runner: what it holds now (`measured_bytes`, when its
     largest decode so far had `measured_at_tokens` tokens), plus what it may still grow to within
-    its allowance, the largest decode memory was set aside for."""
-    grown = held_after_bytes(shape, n_batch, allowance_tokens, n_ubatch)
+    its allowance, the largest decode memory was set aside for: that decode's peak, since the output
+    buffer it grows is zeroed whole before a runner gives its logits back."""
+    if allowance_tokens <= measured_at_tokens:
+        return measured_bytes
+    grown = peak_bytes(shape, n_batch, allowance_tokens, n_ubatch)
     return measured_bytes + max(0, grown - held_after_bytes(shape, n_batch, measured_at_tokens, n_ubatch))
 
 

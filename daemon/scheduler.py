@@ -30,8 +30,8 @@ from daemon.memory import (
     counted_bytes,
     decode_tokens_needed,
     fits,
-    held_after_bytes,
     measure_process,
+    peak_bytes,
     pick_victim,
     runner_footprint_bytes,
 )
@@ -95,14 +95,13 @@ class LoadedModel:
     def counted_bytes(self) -> int:
         """What the scheduler counts for this runner: what it holds, and what it may still grow to
         within its allowance. /api/ps shows it as the model's size."""
+        return self.counted_bytes_for(self.allowance_tokens)
+
+    def counted_bytes_for(self, allowance_tokens: int) -> int:
+        """What it would count with memory set aside for a decode of `allowance_tokens`."""
         params = self.params
         return counted_bytes(
-            self.shape,
-            params.n_batch,
-            self.measured_bytes,
-            self.measured_at_tokens,
-            self.allowance_tokens,
-            params.n_ubatch,
+            self.shape, params.n_batch, self.measured_bytes, self.measured_at_tokens, allowance_tokens, params.n_ubatch
         )
 
     @property
@@ -341,7 +340,7 @@ class Scheduler:
         # 32k-context model serving short queries must not reserve its worst case up front.
         longest = min(longest_input_tokens, params.limit_tokens)
         allowance = decode_tokens_needed(params.batch_tokens, longest, params.n_batch)
-        estimated = held_after_bytes(shape, params.n_batch, allowance, params.n_ubatch, params.quick_lane_tokens)
+        estimated = peak_bytes(shape, params.n_batch, allowance, params.n_ubatch, params.quick_lane_tokens)
         await self._make_room(model.name, estimated)
         log.info(
             "loading %s (%s, ctx %d, %d threads)", model.name, model.facts.file_type, params.n_ctx, params.n_threads
@@ -359,9 +358,9 @@ class Scheduler:
             params=params,
             runner=runner,
             keep_alive_s=self._settings.keep_alive_s if keep_alive_s is None else keep_alive_s,
-            shape=shape,
+            shape=replace(shape, gives_back_logits=runner.facts is not None and runner.facts.logits_given_back),
             allowance_tokens=allowance,
-            measured_bytes=held_after_bytes(shape, params.n_batch, 0, 0, params.quick_lane_tokens),  # until measured
+            measured_bytes=peak_bytes(shape, params.n_batch, 0, 0, params.quick_lane_tokens),  # until measured
             last_used_s=self._clock(),
             threads=params.n_threads,
         )
@@ -454,9 +453,8 @@ class Scheduler:
 
     @staticmethod
     def _growth_bytes(entry: LoadedModel, decode_tokens: int) -> int:
-        n_batch, n_ubatch = entry.params.n_batch, entry.params.n_ubatch
-        grown = held_after_bytes(entry.shape, n_batch, decode_tokens, n_ubatch)
-        return max(0, grown - held_after_bytes(entry.shape, n_batch, entry.allowance_tokens, n_ubatch))
+        """What counting the runner for a decode of `decode_tokens` adds to what it counts now."""
+        return entry.counted_bytes_for(decode_tokens) - entry.counted_bytes
 
     async def _renew(self, entry: LoadedModel) -> None:
         """An idle runner that grew for a long input gives that memory back: a fresh context."""

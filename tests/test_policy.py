@@ -26,9 +26,11 @@ from daemon.memory import (
     estimate_runner,
     find_own_cgroup,
     fits,
+    given_back_bytes,
     held_after_bytes,
     input_tokens_bound,
     parse_smaps_rollup,
+    peak_bytes,
     pick_victim,
     runner_footprint_bytes,
 )
@@ -396,6 +398,52 @@ def test_counted_bytes_is_what_a_runner_holds_plus_its_growth_within_the_allowan
     measured: int, measured_at: int, allowance: int, expected_growth: int
 ) -> None:
     assert counted_bytes(MINILM_SHAPE, 512, measured, measured_at, allowance) == measured + expected_growth
+
+
+MINILM_GIVING_BACK = dataclasses.replace(MINILM_SHAPE, gives_back_logits=True)
+LOGITS_ROW = 4 * 30522  # the logits of one output of all-MiniLM
+
+
+@pytest.mark.parametrize(
+    ("measured", "measured_at", "allowance", "expected_growth"),
+    [
+        (100, 512, 512, 0),  # what it holds after its decode: the logits were given back
+        (100, 0, 0, 0),
+        # Growing from 8 tokens to 512: the new buffer's logits are zeroed whole before they go back.
+        (
+            100,
+            8,
+            512,
+            held_after_bytes(MINILM_GIVING_BACK, 512, 512)
+            - held_after_bytes(MINILM_GIVING_BACK, 512, 8)
+            + 512 * LOGITS_ROW,
+        ),
+        (100, 512, 128, 0),
+    ],
+)
+def test_a_runner_that_gives_back_its_logits_counts_them_only_for_its_growth(
+    measured: int, measured_at: int, allowance: int, expected_growth: int
+) -> None:
+    assert counted_bytes(MINILM_GIVING_BACK, 512, measured, measured_at, allowance) == measured + expected_growth
+
+
+@pytest.mark.parametrize(
+    ("gives_back", "largest", "quick_lane", "expected_rows"),
+    [
+        (False, 470, 64, 0),
+        (True, 0, 0, 64),  # before any decode: the n_seq_max rows the context was made with
+        (True, 470, 0, 470),
+        (True, 470, 64, 534),  # and the quick lane's
+    ],
+)
+def test_given_back_bytes_are_the_logits_of_the_largest_decode(
+    gives_back: bool, largest: int, quick_lane: int, expected_rows: int
+) -> None:
+    shape = dataclasses.replace(MINILM_SHAPE, gives_back_logits=gives_back)
+    assert given_back_bytes(shape, 512, largest, quick_lane) == expected_rows * LOGITS_ROW
+    peak = peak_bytes(shape, 512, largest, 0, quick_lane)
+    assert peak == peak_bytes(MINILM_SHAPE, 512, largest, 0, quick_lane)  # a peak is a peak either way
+    assert held_after_bytes(shape, 512, largest, 0, quick_lane) == peak - expected_rows * LOGITS_ROW
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import sys
 from collections.abc import Sequence
@@ -129,17 +130,64 @@ def load_vocabulary(model_path: str, params: LlamaParams) -> tuple[Vocabulary, R
     return Vocabulary(model), facts, model
 
 
+_MADV_DONTNEED = 4  # Linux: the pages go back to the kernel and read as zeros if touched again
+
+
+def _give_back_pages(address: int, length: int) -> None:
+    """Return the whole pages inside [address, address + length) to the kernel."""
+    start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (address + length) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def writes_no_logits(model: internals.LlamaModel, on_gpu: bool) -> bool:
+    """Whether llama.cpp never writes the logits part of this model's output buffer: an encoder
+    (non-causal attention: BERT and its kin) has no output projection, so only the zeroing at the
+    buffer's allocation touches it. On a GPU the buffer may be pinned host memory: left alone."""
+    if on_gpu:
+        return False
+    buffer = ctypes.create_string_buffer(64)
+
+    def meta(key: str) -> str:
+        written = llama_cpp.llama_model_meta_val_str(model.model, key.encode(), buffer, len(buffer))
+        return buffer.value.decode() if written >= 0 else ""
+
+    architecture = meta("general.architecture")
+    return bool(architecture) and architecture != "t5" and meta(f"{architecture}.attention.causal") == "false"
+
+
 class _Lane:
     """A llama.cpp context and its batch, used from one thread at a time: the main context, or the
     quick lane's (see batching.quick_lane_opens)."""
 
-    def __init__(self, model: internals.LlamaModel, params: llama_cpp.llama_context_params) -> None:
+    def __init__(
+        self, model: internals.LlamaModel, params: llama_cpp.llama_context_params, logits_unused: bool
+    ) -> None:
         self._model = model
         self._params = params
         self.n_embd = 0  # set once the pooling type is known (see EmbeddingEngine)
         self.threads = params.n_threads
+        self._logits_unused = logits_unused
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(model.vocab)
         self.context = internals.LlamaContext(model=model, params=params, verbose=False)
+        self._logits_rows_given_back = 0
+        self._give_back_logits(0)
         self._batch = internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False)
+
+    def _give_back_logits(self, outputs: int) -> None:
+        """llama.cpp's output buffer keeps n_vocab logits for every output of the largest decode so
+        far (every token of an embedding decode), and zeroes all of it each time it grows: 55 MiB
+        for one 450-token document with all-MiniLM's 30,522 tokens. An encoder never writes them
+        (see writes_no_logits), so after a decode that grew the buffer, those pages go back."""
+        rows = max(outputs, self._params.n_seq_max)
+        if not self._logits_unused or rows <= self._logits_rows_given_back:
+            return
+        logits = llama_cpp.llama_get_logits(self.context.ctx)  # the buffer's start
+        if logits:
+            _give_back_pages(ctypes.addressof(logits.contents), 4 * self._n_vocab * rows)
+        self._logits_rows_given_back = rows
 
     def use_threads(self, threads: int) -> None:
         if threads != self.threads:
@@ -153,6 +201,7 @@ class _Lane:
             batch.add_sequence(tokens, seq_id, True)
         self.context.kv_cache_clear()
         self.context.decode(batch)
+        self._give_back_logits(batch.n_tokens())
         output = np.empty((len(sequences), self.n_embd), dtype=np.float32)
         for seq_id in range(len(sequences)):
             pointer = llama_cpp.llama_get_embeddings_seq(self.context.ctx, seq_id)
@@ -165,6 +214,8 @@ class _Lane:
         self.context.close()
         _release_freed_memory()
         self.context = internals.LlamaContext(model=self._model, params=self._params, verbose=False)
+        self._logits_rows_given_back = 0
+        self._give_back_logits(0)
 
     def close(self) -> None:
         self._batch.close()
@@ -197,8 +248,11 @@ class EmbeddingEngine:
         self.vocabulary = Vocabulary(self._model)
 
         max_sequences = min(params.n_batch, MAX_SEQUENCES_PER_DECODE, llama_cpp.llama_max_parallel_sequences())
+        # On a GPU a second context would take its memory for little: a GPU decode is quick anyway.
+        on_gpu = bool(llama_cpp.llama_supports_gpu_offload()) and params.n_gpu_layers != 0
+        logits_unused = writes_no_logits(self._model, on_gpu)
         main_params = _context_params(params.n_batch, params.n_ubatch, params.n_threads, max_sequences)
-        self._main = _Lane(self._model, main_params)
+        self._main = _Lane(self._model, main_params, logits_unused)
         self._threads = params.n_threads
         pooling_type = llama_cpp.llama_pooling_type(self._main.context.ctx)
         ranks = pooling_type == llama_cpp.LLAMA_POOLING_TYPE_RANK
@@ -207,12 +261,12 @@ class EmbeddingEngine:
         self._main.n_embd = n_embd
         main_buffers = parse_llama_buffer_log(_BUFFER_LOG)
         _BUFFER_LOG.clear()
-        # On a GPU a second context would take its memory for little: a GPU decode is quick anyway.
-        on_gpu = bool(llama_cpp.llama_supports_gpu_offload()) and params.n_gpu_layers != 0
         quick_tokens = 0 if on_gpu else params.quick_lane_tokens  # llama_params: only beside a context that holds it
         self._quick: _Lane | None = None
         if quick_tokens:
-            self._quick = _Lane(self._model, _context_params(quick_tokens, quick_tokens, 1, QUICK_LANE_SEQUENCES))
+            self._quick = _Lane(
+                self._model, _context_params(quick_tokens, quick_tokens, 1, QUICK_LANE_SEQUENCES), logits_unused
+            )
             self._quick.n_embd = n_embd
         quick_buffers = parse_llama_buffer_log(_BUFFER_LOG)
         self.facts = RunnerFacts(
@@ -229,6 +283,7 @@ class EmbeddingEngine:
             pid=os.getpid(),
             llama_buffer_bytes=main_buffers | {f"quick_{kind}": size for kind, size in quick_buffers.items()},
             quick_lane_tokens=quick_tokens,
+            logits_given_back=logits_unused,
             llama_version=llama_version(),
         )
         probe_with_specials = self.vocabulary.tokenize(_PROBE_TEXT, add_special=True)

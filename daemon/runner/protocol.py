@@ -65,6 +65,7 @@ class RunnerFacts:
     llama_buffer_bytes: dict[str, int] = field(default_factory=dict)
     llama_version: str = ""  # "llama-cpp-python 0.3.36, ggml 0.25.3 (0c1e570)"
     quick_lane_tokens: int = 0  # the quick lane's context; 0: none (see batching.quick_lane_opens)
+    logits_given_back: bool = False  # see engine.writes_no_logits
 
 
 MAX_HEADER_BYTES = 256 * 1024 * 1024
