@@ -389,7 +389,7 @@ def print_tables(results: list[Result]) -> None:
     print("\nWhat a runner adds to its cgroup, MB (1e6 bytes): held = rss + mapped_file; (peak) = max usage.\n")
     print(
         "| model | file MB | n_ctx / n_ubatch | at load | after 20 tokens | after longest (peak) "
-        "| current estimate | proposed load / peak | proposed / measured, 20 tokens / longest |"
+        "| current estimate | proposed load / peak | proposed / measured: load / 20 tokens, peak / peak |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -401,7 +401,8 @@ def print_tables(results: list[Result]) -> None:
             longest = "crashed" if r.longest_error.startswith("crashed") else "failed"
         elif r.longest is not None:
             longest = f"{mb(r.longest.held)} ({mb(r.longest.peak)})"
-            peak_ratio = f"{peak / r.longest.held:.2f}"
+            # The estimate is of the peak: an encoder's runner gives back its logits after the decode.
+            peak_ratio = f"{peak / r.longest.peak:.2f}"
         print(
             f"| {r.spec.name} | {mb(r.shape.file_bytes)} | {r.params.n_ctx} / {r.params.n_ubatch} "
             f"| {mb(r.load.held)} | {mb(r.short.held)} | {longest} | {mb(current)} | {mb(resident)} / {mb(peak)} "
