@@ -260,13 +260,17 @@ def quick_lane_bytes(shape: ModelShape, quick_lane_tokens: int) -> int:
     )
 
 
+def _output_rows(n_batch: int, largest_decode_tokens: int) -> int:
+    """The main context's output buffer rows: its n_seq_max at first, then the largest decode."""
+    return max(min(n_batch, MAX_SEQUENCES_PER_DECODE), largest_decode_tokens)
+
+
 def given_back_bytes(shape: ModelShape, n_batch: int, largest_decode_tokens: int, quick_lane_tokens: int = 0) -> int:
     """The logits of the output buffers (main context and quick lane) that a runner which gives
     them back (ModelShape.gives_back_logits) no longer holds after its largest decode."""
     if not shape.gives_back_logits:
         return 0
-    rows = max(min(n_batch, MAX_SEQUENCES_PER_DECODE), largest_decode_tokens)
-    return 4 * shape.n_vocab * (rows + quick_lane_tokens)
+    return 4 * shape.n_vocab * (_output_rows(n_batch, largest_decode_tokens) + quick_lane_tokens)
 
 
 def held_after_bytes(
@@ -292,7 +296,6 @@ def peak_bytes(
     `quick_lane_tokens` counts the quick lane's context as used (quick_lane_bytes): a few MiB it
     touches at its first decode, counted from the start."""
     n_seq_max = min(n_batch, MAX_SEQUENCES_PER_DECODE)
-    rows = max(n_seq_max, largest_decode_tokens)
     ubatch_tokens = min(largest_decode_tokens, n_ubatch) if n_ubatch else largest_decode_tokens
     # The last ubatch of a decode attends to every token cached before it.
     n_kv = min(_pad(largest_decode_tokens, KV_CELL_PAD), _pad(n_batch, KV_CELL_PAD))
@@ -301,7 +304,7 @@ def peak_bytes(
         + shape.file_bytes
         + VOCAB_BYTES_PER_TOKEN * shape.n_vocab
         + kv_cache_bytes(shape, n_batch)
-        + output_buffer_bytes(shape, rows)
+        + output_buffer_bytes(shape, _output_rows(n_batch, largest_decode_tokens))
         + compute_buffer_bytes(shape, ubatch_tokens, n_seq_max, n_kv)
         + quick_lane_bytes(shape, quick_lane_tokens)
     )

@@ -81,8 +81,9 @@ def ensure_models(store: ModelStore, wanted: Sequence[tuple[str, Path]], token: 
 # glibc raises its mmap threshold each time a large block is freed, and from then on keeps freed
 # request bodies and answers in its heaps, where fragmentation holds them: the daemon's RSS crept
 # from 105 to 109 MiB over a 10-minute soak, and peaked at 89 MiB after the side-by-side workloads.
-# A fixed threshold gives large blocks their own mappings, returned when freed: 76 MiB in the soak,
-# a peak of 63 MiB after the workloads (the same speed, within the noise of one run).
+# A fixed threshold gives large blocks their own mappings, returned when freed: flat in the soak
+# (99.9 to 100.1 MiB in CI), a peak of 63 MiB after the workloads (the same speed, within the noise
+# of one run).
 DAEMON_MMAP_THRESHOLD_BYTES = 128 * 1024
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 

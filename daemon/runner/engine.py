@@ -54,11 +54,14 @@ def llama_version() -> str:
     return described
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)  # the C library the process has loaded
+
+
 def _release_freed_memory() -> None:
     """Hand memory glibc keeps after free() back to the system (a freed context's buffers)."""
     if sys.platform == "linux":
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None).malloc_trim(0)
+        with contextlib.suppress(AttributeError):  # not glibc
+            _LIBC.malloc_trim(0)
 
 
 _LOG_CALLBACK = llama_cpp.llama_log_callback(_log_errors_only)
@@ -138,8 +141,7 @@ def _give_back_pages(address: int, length: int) -> None:
     start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
     end = (address + length) // mmap.PAGESIZE * mmap.PAGESIZE
     if end > start:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
 def writes_no_logits(model: internals.LlamaModel, on_gpu: bool) -> bool:
@@ -171,10 +173,13 @@ class _Lane:
         self.threads = params.n_threads
         self._logits_unused = logits_unused
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(model.vocab)
-        self.context = internals.LlamaContext(model=model, params=params, verbose=False)
-        self._logits_rows_given_back = 0
-        self._give_back_logits(0)
+        self._open_context()
         self._batch = internals.LlamaBatch(n_tokens=params.n_batch, embd=0, n_seq_max=1, verbose=False)
+
+    def _open_context(self) -> None:
+        self.context = internals.LlamaContext(model=self._model, params=self._params, verbose=False)
+        self._logits_rows_given_back = 0
+        self._give_back_logits(0)  # the rows llama.cpp zeroed as it made the context
 
     def _give_back_logits(self, outputs: int) -> None:
         """llama.cpp's output buffer keeps n_vocab logits for every output of the largest decode so
@@ -213,9 +218,7 @@ class _Lane:
     def renew(self) -> None:
         self.context.close()
         _release_freed_memory()
-        self.context = internals.LlamaContext(model=self._model, params=self._params, verbose=False)
-        self._logits_rows_given_back = 0
-        self._give_back_logits(0)
+        self._open_context()
 
     def close(self) -> None:
         self._batch.close()
