@@ -7,6 +7,8 @@ the key/value section and skips what it does not need.
 
 from __future__ import annotations
 
+import functools
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,10 @@ GGUF_MAGIC = b"GGUF"
 _MAX_KV_COUNT = 1 << 16
 _MAX_TENSOR_COUNT = 1 << 20
 _MAX_STRING_BYTES = 1 << 20
+# The whole header (key/values and tensor infos), which bounds what a read holds and how long it
+# takes: each item's bound alone would let 65,536 keys of 1 MiB each through. The largest real
+# headers (a 262k-token vocabulary with its merges and scores) are a few tens of MiB.
+MAX_HEADER_BYTES = 64 << 20
 _MAX_DIMS = 8
 # The longest array a real model has is its merges or vocabulary (a few hundred thousand items).
 _MAX_ARRAY_LENGTH = 1 << 24
@@ -128,7 +134,12 @@ class _Cursor:
         self.handle = handle
         self.path = path
 
+    def _within_header(self, size: int) -> None:
+        if self.handle.tell() + size > MAX_HEADER_BYTES:
+            raise InvalidModelFile(f"{self.path.name}: GGUF header of more than {MAX_HEADER_BYTES >> 20} MiB")
+
     def take(self, size: int) -> bytes:
+        self._within_header(size)
         data = self.handle.read(size)
         if len(data) != size:
             raise InvalidModelFile(f"{self.path.name}: truncated GGUF header")
@@ -144,6 +155,7 @@ class _Cursor:
         return self.take(length).decode("utf-8", errors="replace")
 
     def skip(self, size: int) -> None:
+        self._within_header(size)
         self.handle.seek(size, 1)
 
 
@@ -317,6 +329,27 @@ def _check_what_llama_cpp_asserts(
                 f"{path.name}: its {tokenizer} tokenizer adds a {token.label} token to every text, but "
                 f"has no id for it inside its vocabulary of {vocab_size} tokens ({found})"
             )
+
+
+# Headers read for /api/show, by the file's identity: a blob is never rewritten in place, and one
+# that is replaced (or a registered file edited) has another inode or mtime. A few models' facts.
+_CACHED_FILES = 16
+
+
+@functools.lru_cache(maxsize=_CACHED_FILES)
+def _cached_facts(path: Path, _identity: tuple[int, int, int, int]) -> GGUFFacts:
+    return read_gguf_facts(path)
+
+
+def cached_gguf_facts(path: Path) -> GGUFFacts:
+    """read_gguf_facts, reading the header again only when the file at `path` is another file or
+    has changed (its device, inode, size or modification time). Callers must not mutate the facts'
+    metadata: it is shared."""
+    try:
+        stat = os.stat(path)
+    except OSError as error:
+        raise InvalidModelFile(f"cannot read {path}: {error.strerror}") from None
+    return _cached_facts(path, (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns))
 
 
 def format_parameter_size(count: int) -> str:

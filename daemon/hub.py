@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import tomllib
 from collections.abc import Callable, Sequence
@@ -33,6 +34,10 @@ DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 READ_TIMEOUT_S = 10.0
 # Attempts per download: a cut connection resumes from the bytes already on disk.
 TRANSFER_ATTEMPTS = 4
+# The wait before attempt n + 1 is drawn between 0 and min(cap, first x 2^(n - 1)) ("full jitter"): a
+# Hub or CDN that is struggling is not asked again at once, nor by every daemon at the same moment.
+RETRY_FIRST_DELAY_S = 1.0
+RETRY_MAX_DELAY_S = 30.0
 OFFLINE_MESSAGE = (
     f"the Hugging Face Hub is not reachable in offline mode (HF_HUB_OFFLINE / hub_offline); {OFFLINE_HINT}"
 )
@@ -82,6 +87,13 @@ def load_aliases(path: Path) -> dict[str, AliasEntry]:
         except InvalidInput as error:
             raise InvalidConfig(f"{path}: {error.message}") from None
     return aliases
+
+
+def retry_delay_s(failed_attempts: int, draw: float) -> float:
+    """The wait before the next attempt after `failed_attempts` (1 or more) failed in a row, for a
+    `draw` in [0, 1): exponential backoff with full jitter, capped at RETRY_MAX_DELAY_S."""
+    ceiling_s = min(RETRY_MAX_DELAY_S, RETRY_FIRST_DELAY_S * 2.0 ** min(failed_attempts - 1, 32))
+    return draw * ceiling_s
 
 
 def quant_of(filename: str) -> str:
@@ -191,7 +203,9 @@ class HubClient:
                 except hub_http.TransportError as error:
                     if attempt == TRANSFER_ATTEMPTS:
                         raise
-                    log.warning("download of %s broke off (%s); resuming", hub_file.filename, error)
+                    delay_s = retry_delay_s(attempt, random.random())
+                    log.warning("download of %s broke off (%s); resuming in %.1fs", hub_file.filename, error, delay_s)
+                    token.wait(delay_s)  # a shutdown ends the wait at once
         have = partial.stat().st_size
         if have != hub_file.size_bytes:
             raise DownloadFailed(f"{hub_file.filename}: the Hub sent {have} bytes, {hub_file.size_bytes} expected")

@@ -55,6 +55,11 @@ def transfer(url: str, partial: Path, size_bytes: int, report: Callable[[int, in
             done = start
             report(done, size_bytes)
             for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
+                if done + len(chunk) > size_bytes:
+                    # Never more than the Hub said the file holds: a server that keeps sending
+                    # would fill the disk. What fits is kept; the sha256 check judges it.
+                    file.write(chunk[: size_bytes - done])
+                    raise DownloadFailed(f"{partial.name}: the Hub sent more than the {size_bytes} bytes expected")
                 file.write(chunk)
                 done += len(chunk)
                 report(done, size_bytes)

@@ -42,6 +42,11 @@ class CancelToken:
         if self._event.is_set():
             raise Cancelled("emberd is shutting down; the job stopped and resumes when it is asked again")
 
+    def wait(self, timeout_s: float) -> None:
+        """Wait `timeout_s` (a retry's backoff), or until cancelled: then raise Cancelled at once."""
+        self._event.wait(timeout_s)
+        self.check()
+
 
 NEVER_CANCELLED = CancelToken()
 

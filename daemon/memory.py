@@ -375,15 +375,22 @@ def counted_bytes(
     measured_at_tokens: int,
     allowance_tokens: int,
     n_ubatch: int = 0,
+    unused_quick_lane_tokens: int = 0,
 ) -> int:
     """What the scheduler counts for a loaded runner: what it holds now (`measured_bytes`, when its
     largest decode so far had `measured_at_tokens` tokens), plus what it may still grow to within
     its allowance, the largest decode memory was set aside for: that decode's peak, since the output
-    buffer it grows is zeroed whole before a runner gives its logits back."""
+    buffer it grows is zeroed whole before a runner gives its logits back.
+
+    `unused_quick_lane_tokens` is the quick lane of a runner whose quick lane has not decoded yet
+    (0: it has, or there is none): llama.cpp touches its buffers at its first decode, so the
+    measurement leaves them out, and they are counted here at their peak (quick_lane_bytes) from the
+    start, as the load's estimate counted them."""
+    quick_lane = quick_lane_bytes(shape, unused_quick_lane_tokens)
     if allowance_tokens <= measured_at_tokens:
-        return measured_bytes
+        return measured_bytes + quick_lane
     grown = peak_bytes(shape, n_batch, allowance_tokens, n_ubatch)
-    return measured_bytes + max(0, grown - held_after_bytes(shape, n_batch, measured_at_tokens, n_ubatch))
+    return measured_bytes + quick_lane + max(0, grown - held_after_bytes(shape, n_batch, measured_at_tokens, n_ubatch))
 
 
 def _utf8_length(text: str) -> int:

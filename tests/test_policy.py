@@ -383,6 +383,13 @@ def test_budget_bytes_leaves_out_promised_growth_and_cached_weights(
 
 
 MINILM_SHAPE = ModelShape(file_bytes=45 << 20, n_embd=384, n_ff=1536, n_vocab=30522)
+# Figures of MINILM_SHAPE worked out by hand from llama.cpp's buffers (n_batch 512, 64 sequences):
+# the output buffer holds 4 x (30,522 + 384) = 123,624 bytes a row; the compute buffer of a ubatch of
+# n tokens (padded to p) is 2pn + 4 x 64n + 4 x 2,688n (feed-forward 1,536 + 3 x 384 is its widest).
+OUTPUT_ROW = 123_624
+# A decode of 512 tokens: 512 rows (63,295,488) and a compute buffer of 6,160,384; one of 8 tokens:
+# the context's 64 rows (7,911,936) and 89,088. The growth from the one to the other:
+GROWTH_8_TO_512 = 61_454_848
 
 
 @pytest.mark.parametrize(
@@ -390,7 +397,7 @@ MINILM_SHAPE = ModelShape(file_bytes=45 << 20, n_embd=384, n_ff=1536, n_vocab=30
     [
         (100, 512, 512, 0),  # grown to its allowance: what it holds is all it counts
         (100, 0, 0, 0),
-        (100, 8, 512, held_after_bytes(MINILM_SHAPE, 512, 512) - held_after_bytes(MINILM_SHAPE, 512, 8)),
+        (100, 8, 512, GROWTH_8_TO_512),
         (100, 512, 128, 0),  # renewed to a smaller allowance, measured before: never below what it holds
     ],
 )
@@ -410,14 +417,8 @@ LOGITS_ROW = 4 * 30522  # the logits of one output of all-MiniLM
         (100, 512, 512, 0),  # what it holds after its decode: the logits were given back
         (100, 0, 0, 0),
         # Growing from 8 tokens to 512: the new buffer's logits are zeroed whole before they go back.
-        (
-            100,
-            8,
-            512,
-            held_after_bytes(MINILM_GIVING_BACK, 512, 512)
-            - held_after_bytes(MINILM_GIVING_BACK, 512, 8)
-            + 512 * LOGITS_ROW,
-        ),
+        # Held after 8 tokens: 89,088 of compute and the 64 rows' embeddings (64 x 4 x 384), 187,392.
+        (100, 8, 512, 63_295_488 + 6_160_384 - 187_392),
         (100, 512, 128, 0),
     ],
 )
@@ -427,23 +428,49 @@ def test_a_runner_that_gives_back_its_logits_counts_them_only_for_its_growth(
     assert counted_bytes(MINILM_GIVING_BACK, 512, measured, measured_at, allowance) == measured + expected_growth
 
 
+# The quick lane of 64 tokens: 64 rows (7,911,936) and a compute buffer of 2 x 64 x 64 + 4 x 64 x 16
+# (its 16 sequences) + 4 x 64 x 2,688 (700,416).
+QUICK_LANE_64 = 8_612_352
+
+
 @pytest.mark.parametrize(
-    ("gives_back", "largest", "quick_lane", "expected_rows"),
+    ("measured_at", "allowance", "unused_quick_lane", "expected_bytes"),
     [
-        (False, 470, 64, 0),
-        (True, 0, 0, 64),  # before any decode: the n_seq_max rows the context was made with
-        (True, 470, 0, 470),
-        (True, 470, 64, 534),  # and the quick lane's
+        (8, 8, 64, 100 + QUICK_LANE_64),  # loaded, its quick lane not used yet: counted from the start
+        (8, 512, 64, 100 + QUICK_LANE_64 + GROWTH_8_TO_512),
+        (8, 8, 0, 100),  # the quick lane has decoded: its buffers are in what was measured
+        (8, 512, 0, 100 + GROWTH_8_TO_512),
+    ],
+)
+def test_a_quick_lane_that_has_not_decoded_yet_is_counted_at_its_peak(
+    measured_at: int, allowance: int, unused_quick_lane: int, expected_bytes: int
+) -> None:
+    assert counted_bytes(MINILM_SHAPE, 512, 100, measured_at, allowance, 0, unused_quick_lane) == expected_bytes
+
+
+# What a MINILM_SHAPE runner holds before its buffers: 28 MiB of interpreter, 45 MiB of weights and
+# 160 bytes for each of 30,522 tokens.
+MINILM_BASE = 29_360_128 + 47_185_920 + 4_883_520
+# A decode of 470 tokens: 470 rows, and a compute buffer of 2 x 512 x 470 + 4 x 470 x 64 + 4 x 470 x 2,688.
+DECODE_470 = 470 * OUTPUT_ROW + 5_655_040
+
+
+@pytest.mark.parametrize(
+    ("gives_back", "largest", "quick_lane", "expected_rows", "expected_peak"),
+    [
+        (False, 470, 64, 0, MINILM_BASE + DECODE_470 + QUICK_LANE_64),
+        (True, 0, 0, 64, MINILM_BASE + 64 * OUTPUT_ROW),  # before any decode: the context's n_seq_max rows
+        (True, 470, 0, 470, MINILM_BASE + DECODE_470),
+        (True, 470, 64, 534, MINILM_BASE + DECODE_470 + QUICK_LANE_64),  # and the quick lane's rows
     ],
 )
 def test_given_back_bytes_are_the_logits_of_the_largest_decode(
-    gives_back: bool, largest: int, quick_lane: int, expected_rows: int
+    gives_back: bool, largest: int, quick_lane: int, expected_rows: int, expected_peak: int
 ) -> None:
     shape = dataclasses.replace(MINILM_SHAPE, gives_back_logits=gives_back)
     assert given_back_bytes(shape, 512, largest, quick_lane) == expected_rows * LOGITS_ROW
-    peak = peak_bytes(shape, 512, largest, 0, quick_lane)
-    assert peak == peak_bytes(MINILM_SHAPE, 512, largest, 0, quick_lane)  # a peak is a peak either way
-    assert held_after_bytes(shape, 512, largest, 0, quick_lane) == peak - expected_rows * LOGITS_ROW
+    assert peak_bytes(shape, 512, largest, 0, quick_lane) == expected_peak  # a peak is a peak either way
+    assert held_after_bytes(shape, 512, largest, 0, quick_lane) == expected_peak - expected_rows * LOGITS_ROW
 
 
 @pytest.mark.parametrize(
@@ -522,11 +549,16 @@ def test_could_ever_fit(required: int, budget: int, sizes: list[int], max_memory
 
 def test_the_estimate_grows_with_the_file_the_vocabulary_and_the_decode() -> None:
     shape = ModelShape(file_bytes=50 << 20, n_embd=384, n_ff=1536, n_vocab=30522)
-    base = held_after_bytes(shape, 512, 0)
-    assert held_after_bytes(dataclasses.replace(shape, file_bytes=100 << 20), 512, 0) - base == 50 << 20
-    assert held_after_bytes(shape, 512, 512) > held_after_bytes(shape, 512, 128) > base
+    # MINILM_BASE with 5 MiB more weights, and the context's 64 output rows.
+    at_load = 94_584_384
+    assert held_after_bytes(shape, 512, 0) == at_load
+    assert held_after_bytes(dataclasses.replace(shape, file_bytes=100 << 20), 512, 0) == at_load + (50 << 20)
+    # 128 rows and a compute buffer of 2 x 128 x 128 + 4 x 128 x 64 + 4 x 128 x 2,688; then 512 tokens'.
+    assert held_after_bytes(shape, 512, 128) == at_load - 64 * OUTPUT_ROW + 128 * OUTPUT_ROW + 1_441_792
+    worst = at_load - 64 * OUTPUT_ROW + 63_295_488 + 6_160_384
+    assert held_after_bytes(shape, 512, 512) == worst
     estimate = estimate_runner(shape, 512, 512)
-    assert (estimate.at_load_bytes, estimate.worst_bytes) == (base, held_after_bytes(shape, 512, 512))
+    assert (estimate.at_load_bytes, estimate.worst_bytes) == (at_load, worst)
     # Attention's mask grows with the square of the decode: a 32k context is no 32x an 8k one, but
     # far from the 17 GB a per-token-squared f32 estimate once gave (it measured 3.06 GB).
     long = ModelShape(file_bytes=158 << 20, n_embd=768, n_ff=3072, n_vocab=98)
@@ -736,23 +768,25 @@ def test_a_causal_models_kv_cache_and_compute_buffer_match_what_llama_cpp_alloca
 
 
 def test_a_split_decode_grows_the_output_buffer_but_not_the_ubatch() -> None:
-    from daemon.memory import kv_cache_bytes, output_buffer_bytes
+    from daemon.memory import kv_cache_bytes
 
     shape = _qwen3_shape(1024, 28, 2048, 2048, n_vocab=151669, file_bytes=600 << 20)
     encoder = dataclasses.replace(shape, n_layer=0, q_width=0, kv_width=0)
     # The KV cache is held from load on (llama.cpp zeroes it when it makes the context).
-    assert held_after_bytes(shape, 8192, 0) - held_after_bytes(encoder, 8192, 0) == kv_cache_bytes(shape, 8192)
     assert kv_cache_bytes(shape, 8192) == 2 * 28 * 2048 * 8192
+    assert held_after_bytes(shape, 8192, 0) - held_after_bytes(encoder, 8192, 0) == 939_524_096
     # A decode of 8,192 tokens in ubatches of 512: every token is an output row, but the compute
     # buffer is one ubatch's, its mask over the 8,192 cached tokens.
     split = held_after_bytes(shape, 8192, 8192, n_ubatch=512)
     one_ubatch = held_after_bytes(shape, 8192, 512, n_ubatch=512)
-    mask_growth = 2 * (8192 - 512) * 512
-    assert split - one_ubatch == output_buffer_bytes(shape, 8192) - output_buffer_bytes(shape, 512) + mask_growth
+    # 7,680 more output rows of 4 x (151,669 + 1,024) bytes, and the mask's 2 x 7,680 x 512.
+    assert split - one_ubatch == 4_690_728_960 + 7_864_320
     assert held_after_bytes(shape, 8192, 8192) - split > 4e9  # what a single 8,192-token ubatch would take
-    # A causal model's worst case is a whole batch; an encoder's is one ubatch.
-    assert estimate_runner(shape, 8192, 512).worst_bytes == split
-    assert estimate_runner(encoder, 8192, 512).worst_bytes == held_after_bytes(encoder, 8192, 512)
+    # A causal model's worst case is a whole batch: 28 MiB, 600 MiB of weights, 160 x 151,669 of vocabulary,
+    # the KV cache, 8,192 output rows, a compute buffer of 2 x 8,192 x 512 + 4 x 512 x (151,669 + 1,024).
+    assert estimate_runner(shape, 8192, 512).worst_bytes == split == 6_946_844_960
+    # An encoder's is one ubatch: 512 rows, 2 x 512 x 512 + 4 x 512 x 64 + 4 x 512 x 6 x 1,024.
+    assert estimate_runner(encoder, 8192, 512).worst_bytes == 1_008_726_304
 
 
 def test_the_shape_of_a_causal_model_has_its_kv_cache_and_an_encoders_has_none(tmp_path: Path) -> None:

@@ -24,6 +24,10 @@ from daemon.runner.protocol import FRAME_PREFIX, GROUP_SIGNALS, RunnerFacts, enc
 
 log = logging.getLogger(__name__)
 _STDERR_TAIL_LINES = 20
+# A runner's stderr line is kept up to this long (llama.cpp's messages are short; a longer line is
+# someone's dump), and read this much at a time.
+_STDERR_LINE_MAX_BYTES = 4096
+_STDERR_CHUNK_BYTES = 64 * 1024
 # GGML_NO_BACKTRACE: on an abort, ggml would attach gdb to print a backtrace first (seconds before
 # the daemon learns of the death, and the last stderr line, which says why, would be gdb's).
 RUNNER_ENVIRONMENT: dict[str, str] = {"GGML_NO_BACKTRACE": "1"}
@@ -68,6 +72,44 @@ def _describe_exit(returncode: int | None) -> str:
     return f"exited with status {returncode}"
 
 
+class StderrLines:
+    """Splits a byte stream into lines, each cut at `max_bytes`: it holds at most that much of a
+    line, however long the line is."""
+
+    def __init__(self, max_bytes: int = _STDERR_LINE_MAX_BYTES) -> None:
+        self._max_bytes = max_bytes
+        self._line = bytearray()
+        self._cut = False  # the line under way is past max_bytes: the rest of it is dropped
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """The lines `chunk` ends, without their line ends."""
+        *ended, rest = chunk.split(b"\n")
+        finished = []
+        for piece in ended:
+            self._take(piece)
+            finished.append(self._flush())
+        self._take(rest)
+        return finished
+
+    def finish(self) -> list[str]:
+        """The last line, if the stream ended without a line end."""
+        return [self._flush()] if self._line else []
+
+    def _take(self, piece: bytes) -> None:
+        room = self._max_bytes - len(self._line)
+        if len(piece) > room:
+            self._cut = True
+        self._line += piece[: max(0, room)]
+
+    def _flush(self) -> str:
+        text = self._line.decode("utf-8", errors="replace").rstrip()
+        if self._cut:
+            text += " [cut]"
+        self._line.clear()
+        self._cut = False
+        return text
+
+
 class RunnerProcess:
     """A live child process serving one model."""
 
@@ -77,6 +119,7 @@ class RunnerProcess:
         self.facts: RunnerFacts | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self.largest_decode_tokens = 0  # since the context was last renewed
+        self.quick_lane_decoded = False  # its buffers touched (the quick lane's context is never renewed)
         self._ids = itertools.count(1)
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         self._ready: asyncio.Future[RunnerFacts] = asyncio.get_running_loop().create_future()
@@ -142,6 +185,13 @@ class RunnerProcess:
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+    @property
+    def unused_quick_lane_tokens(self) -> int:
+        """The quick lane's tokens until its first decode (what a measurement does not hold yet), then 0."""
+        if self.facts is None or self.quick_lane_decoded:
+            return 0
+        return self.facts.quick_lane_tokens
 
     @property
     def stopping(self) -> bool:
@@ -279,6 +329,7 @@ class RunnerProcess:
             vectors = np.frombuffer(payload, dtype="<f4").reshape(header["rows"], header["dims"])
             decodes = [(tokens, sequences) for tokens, sequences in header["decodes"]]
             self.largest_decode_tokens = max([self.largest_decode_tokens, *(tokens for tokens, _ in decodes)])
+            self.quick_lane_decoded = self.quick_lane_decoded or bool(header["quick_decodes"])
             future.set_result(
                 EmbedResult(
                     vectors,
@@ -320,12 +371,21 @@ class RunnerProcess:
             callback(self)
 
     async def _read_stderr(self) -> None:
+        """Keep the last lines the runner writes, each cut at _STDERR_LINE_MAX_BYTES. Read in chunks,
+        not lines: a line longer than the stream's limit would end readline() with an error, and a
+        runner whose stderr nobody reads blocks once the pipe fills."""
         stderr = self._process.stderr
         assert stderr is not None
-        while line := await stderr.readline():
-            text = line.decode("utf-8", errors="replace").rstrip()
-            self._stderr_tail.append(text)
-            log.debug("runner %s: %s", self.label, text)
+        lines = StderrLines()
+        while chunk := await stderr.read(_STDERR_CHUNK_BYTES):
+            for text in lines.feed(chunk):
+                self._keep_stderr_line(text)
+        for text in lines.finish():
+            self._keep_stderr_line(text)
+
+    def _keep_stderr_line(self, text: str) -> None:
+        self._stderr_tail.append(text)
+        log.debug("runner %s: %s", self.label, text)
 
     async def stop(self, timeout_s: float) -> None:
         """Finish what the runner holds, then let it exit; kill it if it takes too long."""
