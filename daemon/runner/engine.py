@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import mmap
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from daemon.runner.batching import fit_tokens, special_token_split, split_window
 from daemon.runner.protocol import RunnerFacts, parse_llama_buffer_log
 
 _PROBE_TEXT = "probe"
+# The placeholders of a GGUF's rerank template, as llama.cpp's server fills them in.
+_PLACEHOLDER = re.compile(r"\{query\}|\{document\}")
 
 
 @dataclass
@@ -74,6 +77,21 @@ class Vocabulary:
         self._model = model
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(model.vocab)
         self._word_piece = llama_cpp.llama_vocab_type(model.vocab) == llama_cpp.LLAMA_VOCAB_TYPE_WPM
+        template = llama_cpp.llama_model_chat_template(model.model, b"rerank")
+        # A reranker whose GGUF says how to lay out a pair (Qwen3-Reranker's instruction prompt), in
+        # parts: runs of text (with the {query} and {document} placeholders) and special-token ids.
+        self._pair_template = self._template_parts(template.decode("utf-8")) if template else None
+        vocab = model.vocab
+        # Otherwise llama.cpp's server layout (see pair_tokens): the special tokens before, between
+        # and after the texts.
+        eos = llama_cpp.llama_vocab_eos(vocab) if llama_cpp.llama_vocab_get_add_eos(vocab) else -1
+        sep = llama_cpp.llama_vocab_sep(vocab) if llama_cpp.llama_vocab_get_add_sep(vocab) else -1
+        bos = llama_cpp.llama_vocab_bos(vocab) if llama_cpp.llama_vocab_get_add_bos(vocab) else -1
+        self._pair_specials = (
+            [bos] if bos >= 0 else [],
+            [token for token in (eos, sep) if token >= 0],
+            [eos] if eos >= 0 else [sep] if sep >= 0 else [],
+        )
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         # special=False: text that spells "[SEP]" is text, not a control token.
@@ -86,6 +104,57 @@ class Vocabulary:
                 " unknown token ([UNK]) to stand in for them"
             )
         return tokens
+
+    def _template_parts(self, template: str) -> list[str | int]:
+        """The rerank template split at the control tokens it spells ("<|im_start|>"): the text runs
+        between them are tokenized as plain text once the query and document are in, as llama.cpp
+        and Hugging Face tokenize the text between special tokens. Only the template's own
+        spellings become special tokens, never the query's or the document's."""
+        literal = _PLACEHOLDER.sub("", template)
+        specials = {
+            self._piece(token): token
+            for token in self._model.tokenize(literal.encode("utf-8"), False, True)
+            if llama_cpp.llama_vocab_is_control(self._model.vocab, token)
+        }
+        if not specials:
+            return [template]
+        pattern = re.compile("|".join(re.escape(text) for text in sorted(specials, key=len, reverse=True)))
+        parts: list[str | int] = []
+        position = 0
+        for match in pattern.finditer(template):
+            parts += [template[position : match.start()], specials[match.group()]]
+            position = match.end()
+        parts.append(template[position:])
+        return [part for part in parts if part != ""]
+
+    def _piece(self, token: int) -> str:
+        buffer = ctypes.create_string_buffer(256)
+        written = llama_cpp.llama_token_to_piece(self._model.vocab, token, buffer, len(buffer), 0, True)
+        return buffer.raw[: max(written, 0)].decode("utf-8", errors="replace")
+
+    def pair_tokens(self, query: str, document: str) -> tuple[list[int], int]:
+        """A reranker's query/document pair as tokens, and how many tokens follow the document (kept
+        when the pair is cut). With the GGUF's rerank template (tokenizer.chat_template.rerank), the
+        template with the texts in place, as llama.cpp's server renders it. Otherwise llama.cpp's
+        server layout: [BOS] query [EOS] [SEP] document [EOS], each special token where the
+        vocabulary adds it: a BERT vocabulary (no EOS) gives [CLS] q [SEP] d [SEP], an XLM-RoBERTa
+        one <s> q </s></s> d </s>, as their Hugging Face tokenizers encode a pair."""
+        if self._pair_template is None:
+            start, middle, end = self._pair_specials
+            query_tokens = self.tokenize(query, add_special=False)
+            document_tokens = self.tokenize(document, add_special=False)
+            return [*start, *query_tokens, *middle, *document_tokens, *end], len(end)
+        texts = {"{query}": query, "{document}": document}
+        tokens: list[int] = []
+        after_document = 0
+        for part in self._pair_template:
+            if isinstance(part, int):
+                part_tokens = [part]
+            else:
+                part_tokens = self.tokenize(_PLACEHOLDER.sub(lambda match: texts[match.group()], part), False)
+            tokens += part_tokens
+            after_document = 0 if isinstance(part, str) and "{document}" in part else after_document + len(part_tokens)
+        return tokens, after_document
 
     def check_ids(self, tokens: Sequence[int]) -> None:
         for token in tokens:
@@ -136,12 +205,42 @@ def load_vocabulary(model_path: str, params: LlamaParams) -> tuple[Vocabulary, R
 _MADV_DONTNEED = 4  # Linux: the pages go back to the kernel and read as zeros if touched again
 
 
-def _give_back_pages(address: int, length: int) -> None:
-    """Return the whole pages inside [address, address + length) to the kernel."""
+def _whole_pages(address: int, length: int) -> tuple[int, int]:
+    """The whole pages inside [address, address + length): their start, and their length (0: none)."""
     start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
     end = (address + length) // mmap.PAGESIZE * mmap.PAGESIZE
-    if end > start:
-        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+    return start, max(end - start, 0)
+
+
+def resident_pages(start: int, length: int) -> int:
+    """How many of the pages [start, start + length) (page-aligned) are in memory (mincore)."""
+    pages = length // mmap.PAGESIZE
+    if pages == 0:
+        return 0
+    vector = (ctypes.c_ubyte * pages)()
+    if _LIBC.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vector) != 0:
+        return pages  # cannot tell: take them as in memory (giving back pages not in memory is harmless)
+    return sum(byte & 1 for byte in vector)
+
+
+def _give_back_pages(start: int, length: int) -> None:
+    """Return the pages [start, start + length) (page-aligned) to the kernel."""
+    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED)
+
+
+def logits_pages(context: llama_cpp.llama_context_p, n_vocab: int, outputs: int) -> tuple[int, int]:
+    """The whole pages of the logits rows of llama.cpp's output buffer for a decode of `outputs`
+    outputs: the buffer's first n_vocab floats per output, and never past the embeddings, which
+    llama.cpp places right after this decode's logits (llama_context::output_reserve)."""
+    logits = llama_cpp.llama_get_logits(context)
+    if not logits:
+        return 0, 0
+    start = ctypes.addressof(logits.contents)
+    end = start + 4 * n_vocab * outputs
+    embeddings = llama_cpp.llama_get_embeddings(context)
+    if embeddings:
+        end = min(end, ctypes.addressof(embeddings.contents))
+    return _whole_pages(start, end - start)
 
 
 def writes_no_logits(model: internals.LlamaModel, on_gpu: bool) -> bool:
@@ -178,21 +277,25 @@ class _Lane:
 
     def _open_context(self) -> None:
         self.context = internals.LlamaContext(model=self._model, params=self._params, verbose=False)
-        self._logits_rows_given_back = 0
+        self.logits_pages_given_back = 0  # this context's, over all its decodes
         self._give_back_logits(0)  # the rows llama.cpp zeroed as it made the context
 
     def _give_back_logits(self, outputs: int) -> None:
         """llama.cpp's output buffer keeps n_vocab logits for every output of the largest decode so
         far (every token of an embedding decode), and zeroes all of it each time it grows: 55 MiB
         for one 450-token document with all-MiniLM's 30,522 tokens. An encoder never writes them
-        (see writes_no_logits), so after a decode that grew the buffer, those pages go back."""
-        rows = max(outputs, self._params.n_seq_max)
-        if not self._logits_unused or rows <= self._logits_rows_given_back:
+        (see writes_no_logits), so after each decode the pages of them that are in memory go back:
+        asked of the kernel (mincore), not counted here, so a llama.cpp that zeroes the buffer at
+        other times too (every decode) still has them given back. Called after the decode's
+        outputs were read: it synchronises with the decode, and nothing read is in the range."""
+        if not self._logits_unused:
             return
-        logits = llama_cpp.llama_get_logits(self.context.ctx)  # the buffer's start
-        if logits:
-            _give_back_pages(ctypes.addressof(logits.contents), 4 * self._n_vocab * rows)
-        self._logits_rows_given_back = rows
+        rows = max(outputs, self._params.n_seq_max)  # as llama.cpp sizes the buffer
+        start, length = logits_pages(self.context.ctx, self._n_vocab, rows)
+        resident = resident_pages(start, length)
+        if resident:
+            _give_back_pages(start, length)
+            self.logits_pages_given_back += resident
 
     def use_threads(self, threads: int) -> None:
         if threads != self.threads:
@@ -206,13 +309,13 @@ class _Lane:
             batch.add_sequence(tokens, seq_id, True)
         self.context.kv_cache_clear()
         self.context.decode(batch)
-        self._give_back_logits(batch.n_tokens())
         output = np.empty((len(sequences), self.n_embd), dtype=np.float32)
         for seq_id in range(len(sequences)):
             pointer = llama_cpp.llama_get_embeddings_seq(self.context.ctx, seq_id)
             if not pointer:
                 raise RuntimeError(f"llama.cpp returned no embedding for sequence {seq_id}")
             output[seq_id] = np.ctypeslib.as_array(pointer, shape=(self.n_embd,))
+        self._give_back_logits(batch.n_tokens())  # after the outputs are copied out
         return output
 
     def renew(self) -> None:
@@ -293,16 +396,6 @@ class EmbeddingEngine:
         self._head_specials, self._tail_specials = special_token_split(
             probe_with_specials, self.vocabulary.tokenize(_PROBE_TEXT, add_special=False)
         )
-        # A reranker pair's special tokens (see tokenize_pair): before, between and after.
-        vocab = self._model.vocab
-        eos = llama_cpp.llama_vocab_eos(vocab) if llama_cpp.llama_vocab_get_add_eos(vocab) else -1
-        sep = llama_cpp.llama_vocab_sep(vocab) if llama_cpp.llama_vocab_get_add_sep(vocab) else -1
-        bos = llama_cpp.llama_vocab_bos(vocab) if llama_cpp.llama_vocab_get_add_bos(vocab) else -1
-        self._pair_specials = (
-            [bos] if bos >= 0 else [],
-            [token for token in (eos, sep) if token >= 0],
-            [eos] if eos >= 0 else [sep] if sep >= 0 else [],
-        )
         # The special tokens themselves, to wrap inputs that arrive as token ids.
         self._head_tokens = probe_with_specials[: self._head_specials]
         self._tail_tokens = probe_with_specials[len(probe_with_specials) - self._tail_specials :]
@@ -327,20 +420,11 @@ class EmbeddingEngine:
     def tokenize_pair(
         self, query: str, document: str, truncate: bool, limit_tokens: int | None = None
     ) -> TokenizedInput:
-        """A query/document pair for a reranker, as llama.cpp's server lays it out: [BOS] query
-        [EOS] [SEP] document [EOS], each special token where the vocabulary adds it (a BERT
-        vocabulary, which has no EOS, ends with its separator: [CLS] q [SEP] d [SEP]). A pair over
-        the context is cut at the document's end."""
-        start, middle, end = self._pair_specials
-        tokens = [
-            *start,
-            *self.vocabulary.tokenize(query, add_special=False),
-            *middle,
-            *self.vocabulary.tokenize(document, add_special=False),
-            *end,
-        ]
+        """A query/document pair for a reranker, laid out as llama.cpp's server does (see
+        Vocabulary.pair_tokens). A pair over the context is cut at the document's end."""
+        tokens, after_document = self.vocabulary.pair_tokens(query, document)
         limit = min(limit_tokens or self.facts.limit_tokens, self.facts.limit_tokens)
-        fitted, truncated = fit_tokens(tokens, 0, len(end), limit, truncate)
+        fitted, truncated = fit_tokens(tokens, 0, after_document, limit, truncate)
         return TokenizedInput([fitted], truncated)
 
     @property
