@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,16 +129,22 @@ def make_tiny_causal_gguf(
     pooling: PoolingType = PoolingType.LAST,
     filler_tokens: int = 0,
     seed: int = 0,
+    added_tokens: Sequence[tuple[str, TokenType]] = (),
+    rerank_template: str | None = None,
 ) -> Path:
     """A qwen3 embedder (causal attention, last-token pooling by default) with random weights and a
     byte-level BPE vocabulary, written directly as GGUF. The tokenizer adds a BOS and an EOS, so a
     text of n words "word" is n + 2 tokens, as for the tiny BERT. `filler_tokens` widens the
-    vocabulary with tokens no text produces (a real embedder's vocabulary is 150k tokens wide)."""
+    vocabulary with tokens no text produces (a real embedder's vocabulary is 150k tokens wide).
+    `added_tokens` come last (a Hugging Face tokenizer's added tokens: control or user-defined);
+    `rerank_template` is written as tokenizer.chat_template.rerank (a Qwen3-Reranker's GGUF)."""
     head_dim = head_dim or hidden // heads
     intermediate = hidden * 2
     filler = [f"<filler{index}>" for index in range(filler_tokens)]
     tokens = _byte_symbols() + [merge.replace(" ", "") for merge in _CAUSAL_MERGES] + filler + _CAUSAL_SPECIALS
     token_types = [TokenType.NORMAL] * (len(tokens) - len(_CAUSAL_SPECIALS)) + [TokenType.CONTROL] * 2
+    tokens += [text for text, _ in added_tokens]
+    token_types += [kind for _, kind in added_tokens]
     rng = np.random.default_rng(seed)
 
     def weight(*shape: int) -> np.ndarray:
@@ -166,6 +173,8 @@ def make_tiny_causal_gguf(
     writer.add_eos_token_id(tokens.index("<|endoftext|>"))
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(True)
+    if rerank_template is not None:
+        writer.add_chat_template([{"name": "rerank", "template": rerank_template}])
     # numpy shapes are GGUF's dimensions reversed: (rows = outputs, columns = inputs).
     writer.add_tensor("token_embd.weight", weight(len(tokens), hidden))
     writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
@@ -190,8 +199,8 @@ def make_tiny_causal_gguf(
 
 
 def copy_gguf(source: Path, path: Path, changes: dict[str, Any]) -> Path:
-    """A copy of a GGUF with some keys set (a key it has keeps its type). Tensors are copied as
-    they are."""
+    """A copy of a GGUF with some keys set (a key it has keeps its type; a new one takes its value's,
+    or the type given with it as (value, GGUFValueType)). Tensors are copied as they are."""
     reader = GGUFReader(source)
     writer = GGUFWriter(path, str(reader.fields["general.architecture"].contents()))
     for key, field in reader.fields.items():
@@ -204,6 +213,8 @@ def copy_gguf(source: Path, path: Path, changes: dict[str, Any]) -> Path:
     for key, value in changes.items():
         if isinstance(value, list):
             writer.add_array(key, value)
+        elif isinstance(value, tuple):  # (value, its GGUFValueType)
+            writer.add_key_value(key, *value)
         else:
             existing = reader.fields.get(key)
             writer.add_key_value(key, value, existing.types[0] if existing else GGUFValueType.get_type(value))
@@ -222,3 +233,82 @@ def make_byteless_sentencepiece_gguf(bert_gguf: Path, path: Path) -> Path:
     but whose tokenizer throws std::out_of_range, uncaught (the process aborts), on a character
     outside the vocabulary ("é")."""
     return copy_gguf(bert_gguf, path, {"tokenizer.ggml.model": "llama"})
+
+
+# An XLM-RoBERTa vocabulary (SentencePiece unigram, as bge-reranker-v2-m3's): its four special
+# pieces first, as XLMRobertaTokenizer numbers them, then pieces with their log probabilities.
+XLM_ROBERTA_PIECES: list[tuple[str, float]] = [
+    ("<s>", 0.0),
+    ("<pad>", 0.0),
+    ("</s>", 0.0),
+    ("<unk>", 0.0),
+    *((f"\u2581{word}", -2.0 - index / 10) for index, word in enumerate(WORDS)),
+    ("\u2581", -3.0),
+    ("?", -3.5),
+    *((letter, -4.0 - index / 100) for index, letter in enumerate(string.ascii_lowercase)),
+    ("<mask>", 0.0),
+]
+
+
+def make_xlm_roberta_vocab_gguf(bert_gguf: Path, path: Path) -> Path:
+    """The tiny BERT's GGUF with the vocabulary llama.cpp's converter writes for an XLM-RoBERTa
+    reranker (bge-reranker-v2-m3): a "t5" (unigram) tokenizer over XLM_ROBERTA_PIECES, <s> as BOS,
+    </s> as EOS and separator, each added. For vocabulary-only loads: the weights do not fit it."""
+    pieces = [piece for piece, _ in XLM_ROBERTA_PIECES]
+    control = {"<s>", "<pad>", "</s>", "<mask>"}
+    types = [
+        TokenType.CONTROL if piece in control else TokenType.UNKNOWN if piece == "<unk>" else TokenType.NORMAL
+        for piece in pieces
+    ]
+    return copy_gguf(
+        bert_gguf,
+        path,
+        {
+            "tokenizer.ggml.model": "t5",
+            "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.tokens": pieces,
+            "tokenizer.ggml.scores": [score for _, score in XLM_ROBERTA_PIECES],
+            "tokenizer.ggml.token_type": [int(kind) for kind in types],
+            "tokenizer.ggml.bos_token_id": (pieces.index("<s>"), GGUFValueType.UINT32),
+            "tokenizer.ggml.eos_token_id": (pieces.index("</s>"), GGUFValueType.UINT32),
+            "tokenizer.ggml.seperator_token_id": (pieces.index("</s>"), GGUFValueType.UINT32),
+            "tokenizer.ggml.padding_token_id": (pieces.index("<pad>"), GGUFValueType.UINT32),
+            "tokenizer.ggml.unknown_token_id": (pieces.index("<unk>"), GGUFValueType.UINT32),
+            "tokenizer.ggml.mask_token_id": (pieces.index("<mask>"), GGUFValueType.UINT32),
+            "tokenizer.ggml.add_bos_token": True,
+            "tokenizer.ggml.add_eos_token": True,
+            "tokenizer.ggml.add_sep_token": True,
+            "tokenizer.ggml.add_space_prefix": True,
+            "tokenizer.ggml.remove_extra_whitespaces": True,
+        },
+    )
+
+
+def make_transformers_cross_encoder_dir(directory: Path, seed: int = 0) -> Path:
+    """A random BertForSequenceClassification (one relevance score) and its BertTokenizer over the
+    tiny vocabulary, saved by transformers as a user's cross-encoder folder is. Its two token-type
+    rows are the same: llama.cpp's BERT graph adds the first row to every token, where Hugging Face
+    gives a pair's second text the second row."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    torch.manual_seed(seed)
+    vocab = tiny_vocab()
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        num_labels=1,
+        initializer_range=0.2,  # wide enough that the documents' scores are far apart
+    )
+    model = BertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        token_types = model.bert.embeddings.token_type_embeddings.weight
+        token_types[1] = token_types[0]
+    model.save_pretrained(directory)
+    BertTokenizer(vocab={token: index for index, token in enumerate(vocab)}).save_pretrained(directory)
+    return directory
