@@ -145,9 +145,18 @@ class Settings:
     # Long jobs (downloads, hashing, conversions) running at once; more wait their turn. They have
     # their own threads, so they never hold up short requests.
     max_jobs: int = 2
+    # Largest request body (aiohttp's client_max_size); more gets 413.
     max_body_bytes: int = 32 * 1024 * 1024
+    # The request bodies held at once, declared (Content-Length) or read so far (chunked): a request
+    # whose body would pass it gets 503 with Retry-After before its body is read. At least
+    # max_body_bytes; 0 means no budget.
+    bodies_in_flight_bytes: int = 128 * 1024 * 1024
     # The most inputs one request may carry (OpenAI's own limit; LangChain sends at most 1000).
     max_inputs: int = 2048
+    # The most tokens one request may hold, bounded before anything is tokenized (an input's UTF-8
+    # bytes and special tokens, at most its context unless split_long_inputs): more gets 413. The
+    # default admits max_inputs inputs of 8,192 tokens, the longest context of the models aliased.
+    max_request_tokens: int = 2048 * 8192
     log_level: str = "info"
     # "text" or "json" (one object a line, for journald and Loki).
     log_format: str = "text"
@@ -172,7 +181,7 @@ class Settings:
 
 
 _DURATION_SETTINGS = {"keep_alive_s", "load_timeout_s", "shutdown_timeout_s", "drain_delay_s"}
-_SIZE_SETTINGS = {"max_memory_bytes"}
+_SIZE_SETTINGS = {"max_memory_bytes", "bodies_in_flight_bytes"}
 _FILE_KEYS = {
     # The file and the environment use the names people type: durations drop the "_s", sizes
     # (which take units) the "_bytes".
@@ -251,6 +260,7 @@ def _validate(settings: Settings) -> Settings:
         "max_queue": settings.max_queue,
         "max_jobs": settings.max_jobs,
         "max_inputs": settings.max_inputs,
+        "max_request_tokens": settings.max_request_tokens,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -263,10 +273,17 @@ def _validate(settings: Settings) -> Settings:
         "memory_reserve_mib": settings.memory_reserve_mib,
         "max_memory": settings.max_memory_bytes,
         "max_body_bytes": settings.max_body_bytes,
+        "bodies_in_flight": settings.bodies_in_flight_bytes,
     }
     for name, value in non_negative.items():
         if value < 0:
             raise InvalidConfig(f"{name}: must not be negative, got {value}")
+    # A budget smaller than the largest body would refuse that body forever, however idle emberd is.
+    if settings.bodies_in_flight_bytes and not 0 < settings.max_body_bytes <= settings.bodies_in_flight_bytes:
+        raise InvalidConfig(
+            f"bodies_in_flight ({settings.bodies_in_flight_bytes} bytes) must be at least max_body_bytes "
+            f"({settings.max_body_bytes}, and not 0: no limit), or 0 for no budget"
+        )
     if settings.load_timeout_s <= 0 or settings.shutdown_timeout_s < 0:
         raise InvalidConfig("load_timeout must be positive and shutdown_timeout not negative")
     if not 0 <= settings.drain_delay_s < max(settings.shutdown_timeout_s, 1e-9):

@@ -87,6 +87,10 @@ class TooManyInputs(InvalidInput):
     """A request carries more inputs than max_inputs allows."""
 
 
+class TooManyTokens(TooManyInputs):
+    """A request's inputs may hold more tokens than max_request_tokens allows (a 413 too)."""
+
+
 class UnreadableManifest(EmberdError):
     """A manifest this version cannot read (written by a newer emberd)."""
 

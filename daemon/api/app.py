@@ -30,6 +30,7 @@ from daemon.api.common import (
     METRICS,
     PULLS,
     REQUEST_STATS,
+    RETRY_AFTER_S,
     SCHEDULER,
     SETTINGS,
     STORE,
@@ -161,7 +162,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         status = status_for(error)
         if status >= 500:
             log.warning("%s %s -> %d: %s", request.method, request.path, status, error.message)
-        return error_response(request, status, error.message)
+        # Back-pressure says when to come back (a queue slot, or room for a body, frees up soon).
+        retry = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(error, Overloaded) else None
+        return error_response(request, status, error.message, retry)
     except web.HTTPException as error:
         if error.status < 400:
             raise

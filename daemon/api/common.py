@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 
 from daemon.config import Settings, parse_go_duration_s
-from daemon.errors import InvalidInput, MissingBody, TooManyInputs
+from daemon.errors import InvalidInput, MissingBody, Overloaded, TooManyInputs, TooManyTokens
 from daemon.hub import HubClient
 from daemon.jobs import JobExecutor
 from daemon.metrics import Metrics
@@ -29,6 +32,7 @@ class Lifecycle:
     draining: bool = False  # a stop signal came: finishing what was accepted
     in_progress: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    body_bytes: int = 0  # request bodies held, as admitted (see admitted): declared, or read so far
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -110,6 +114,16 @@ def error_response(
     return json_response(error_body(request.path, status, message), status=status, headers=headers)
 
 
+def check_request_tokens(bound_tokens: int, settings: Settings, what: str) -> None:
+    """max_request_tokens, checked against a bound on the request's tokens known before anything is
+    tokenized; `what` says what was counted."""
+    if bound_tokens > settings.max_request_tokens:
+        raise TooManyTokens(
+            f"request too large: {what} may make up to {bound_tokens} tokens, and the limit is "
+            f"{settings.max_request_tokens} (max_request_tokens); send less in each request"
+        )
+
+
 def check_input_count(count: int, settings: Settings) -> None:
     """max_inputs, checked before anything is tokenized or loaded."""
     if count > settings.max_inputs:
@@ -119,8 +133,91 @@ def check_input_count(count: int, settings: Settings) -> None:
         )
 
 
+# What a 503 for back-pressure (Overloaded) asks a client to wait before it tries again.
+RETRY_AFTER_S = 1
+
+
+def body_fits(held_bytes: int, more_bytes: int, budget_bytes: int) -> bool:
+    """Whether `more_bytes` of request body fit beside the `held_bytes` held (0: no budget)."""
+    return budget_bytes == 0 or held_bytes + more_bytes <= budget_bytes
+
+
+@dataclass
+class BodyAllowance:
+    """The bytes of bodies_in_flight one request holds: its Content-Length from admission, or a
+    chunked body's bytes as they are read; given back when its handler ends."""
+
+    lifecycle: Lifecycle
+    budget_bytes: int
+    taken_bytes: int = 0
+
+    def take(self, more_bytes: int) -> None:
+        if not body_fits(self.lifecycle.body_bytes, more_bytes, self.budget_bytes):
+            raise Overloaded(
+                f"server busy, please try again: the request bodies in flight would pass {self.budget_bytes} "
+                "bytes (bodies_in_flight)"
+            )
+        self.lifecycle.body_bytes += more_bytes
+        self.taken_bytes += more_bytes
+
+    def give_back(self) -> None:
+        self.lifecycle.body_bytes -= self.taken_bytes
+        self.taken_bytes = 0
+
+
+BODY_ALLOWANCE = web.RequestKey("body_allowance", BodyAllowance)
+Answer = TypeVar("Answer", bound=web.StreamResponse)
+Handler = Callable[[web.Request], Awaitable[Answer]]
+
+
+def admitted(queue_slot: bool) -> Callable[[Handler[Answer]], Handler[Answer]]:
+    """A handler whose request is admitted before its body is read: a queue slot (`queue_slot`: the
+    routes that embed or tokenize, see Scheduler.admit) and its Content-Length within
+    bodies_in_flight, both held until the handler returns. Past either, or past max_body_bytes, the
+    answer (503 with Retry-After, or 413) comes at once: the body is never read, so many large
+    bodies sent at once cannot grow the daemon by their sum."""
+
+    def decorate(handler: Handler[Answer]) -> Handler[Answer]:
+        @functools.wraps(handler)
+        async def admit(request: web.Request) -> Answer:
+            settings = request.app[SETTINGS]
+            declared_bytes = request.content_length or 0
+            if settings.max_body_bytes and declared_bytes > settings.max_body_bytes:
+                raise web.HTTPRequestEntityTooLarge(max_size=settings.max_body_bytes, actual_size=declared_bytes)
+            async with contextlib.AsyncExitStack() as held:
+                if queue_slot:
+                    await held.enter_async_context(request.app[SCHEDULER].admit())
+                allowance = BodyAllowance(request.app[LIFECYCLE], settings.bodies_in_flight_bytes)
+                held.callback(allowance.give_back)
+                allowance.take(declared_bytes)
+                request[BODY_ALLOWANCE] = allowance
+                return await handler(request)
+
+        return admit
+
+    return decorate
+
+
+async def _read_body(request: web.Request) -> bytes | bytearray:
+    """The request's body, within its allowance (a chunked body's bytes are taken as they arrive)."""
+    allowance = request.get(BODY_ALLOWANCE)
+    if allowance is None:
+        raise RuntimeError(f"{request.path}: a body read by a handler that is not admitted()")
+    if request.content_length is not None:
+        return await request.read()  # taken whole at admission; aiohttp stops at the declared length
+    max_bytes = request.app[SETTINGS].max_body_bytes
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        if max_bytes and len(body) + len(chunk) > max_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=len(body) + len(chunk))
+        allowance.take(len(chunk))
+        body += chunk
+    return body
+
+
 async def read_json_object(request: web.Request) -> dict[str, Any]:
-    body = await request.read()
+    """The request's JSON object body, read once the request is admitted (see admitted)."""
+    body = await _read_body(request)
     if not body.strip():
         raise MissingBody("missing request body")
     try:

@@ -22,9 +22,11 @@ from daemon.api.common import (
     SETTINGS,
     STORE,
     RequestStats,
+    check_request_tokens,
 )
 from daemon.errors import InvalidInput, UnknownModel
 from daemon.memory import input_tokens_bound
+from daemon.options import context_limit, resolve_load_options
 from daemon.prompts import apply_prompt, choose_prompt
 from daemon.runner.client import RunnerInput
 
@@ -53,6 +55,17 @@ async def pull_if_allowed(app: web.Application, name: str) -> None:
         await app[PULLS].pull(name)
 
 
+def request_tokens_bound(inputs: Sequence[RunnerInput], limit_tokens: int, split_long_inputs: bool) -> int:
+    """An upper bound on the tokens a request's inputs are tokenized into, known before tokenizing:
+    each input's bound (memory.input_tokens_bound: its UTF-8 bytes and special tokens), at most the
+    context `limit_tokens` unless long inputs are split (a longer one is cut, or refused)."""
+    total = 0
+    for item in inputs:
+        bound = input_tokens_bound((item,))
+        total += bound if split_long_inputs else min(bound, limit_tokens)
+    return total
+
+
 async def embed_inputs(
     request: web.Request,
     model: str,
@@ -72,31 +85,38 @@ async def embed_inputs(
     # The name as sent, until the lease gives the canonical one (cut: it is echoed into a log line).
     stats = request[REQUEST_STATS] = RequestStats(model[:MAX_LOGGED_NAME_CHARS], len(inputs))
     scheduler = app[SCHEDULER]
-    # Admitted first: an auto-pull counts against the queue bound and the shutdown drain too.
-    async with scheduler.admit():
-        await pull_if_allowed(app, model)
-        stored = app[STORE].get(model)
-        pairs = any(isinstance(item, dict) for item in inputs)
-        if inputs and stored.facts.is_reranker != pairs:
-            raise InvalidInput(
-                f"{stored.name} is a reranker: use /api/rerank"
-                if stored.facts.is_reranker
-                else f"{stored.name} is an embedding model, not a reranker: use /api/embed"
-            )
-        prompt = choose_prompt(stored.prompts, prompt_name, input_type)
-        inputs = apply_prompt(prompt, inputs)
-        # Bounded before tokenizing, so memory for the largest decode is set aside before it is sent.
-        longest_tokens = input_tokens_bound(inputs)
-        async with scheduler.lease(stored, options, keep_alive_s, longest_tokens) as lease:
-            stats.model = lease.loaded.name
-            facts = lease.loaded.runner.facts
-            provenance = {
-                MODEL_DIGEST_HEADER: lease.loaded.model.digest,
-                LLAMA_VERSION_HEADER: facts.llama_version if facts is not None else "",
-            }
-            if not inputs:
-                return Embedded(np.empty((0, 0), np.float32), 0, 0, lease.load_duration_ns, provenance, [])
-            result = await lease.loaded.runner.embed(inputs, truncate, lease.limit_tokens, split_long_inputs)
+    # The handler admitted the request (admitted(queue_slot=True)) before its body was read: an
+    # auto-pull counts against the queue bound and the shutdown drain too.
+    await pull_if_allowed(app, model)
+    stored = app[STORE].get(model)
+    pairs = any(isinstance(item, dict) for item in inputs)
+    if inputs and stored.facts.is_reranker != pairs:
+        raise InvalidInput(
+            f"{stored.name} is a reranker: use /api/rerank"
+            if stored.facts.is_reranker
+            else f"{stored.name} is an embedding model, not a reranker: use /api/embed"
+        )
+    prompt = choose_prompt(stored.prompts, prompt_name, input_type)
+    inputs = apply_prompt(prompt, inputs)
+    # Bounded before tokenizing: the request's tokens against max_request_tokens, and memory for the
+    # largest decode set aside before it is sent.
+    limit_tokens = context_limit(resolve_load_options(app[SETTINGS], options).num_ctx, stored.facts.context_length)
+    check_request_tokens(
+        request_tokens_bound(inputs, limit_tokens, split_long_inputs),
+        app[SETTINGS],
+        "the inputs (UTF-8 bytes and special tokens, each at most its context)",
+    )
+    longest_tokens = input_tokens_bound(inputs)
+    async with scheduler.lease(stored, options, keep_alive_s, longest_tokens) as lease:
+        stats.model = lease.loaded.name
+        facts = lease.loaded.runner.facts
+        provenance = {
+            MODEL_DIGEST_HEADER: lease.loaded.model.digest,
+            LLAMA_VERSION_HEADER: facts.llama_version if facts is not None else "",
+        }
+        if not inputs:
+            return Embedded(np.empty((0, 0), np.float32), 0, 0, lease.load_duration_ns, provenance, [])
+        result = await lease.loaded.runner.embed(inputs, truncate, lease.limit_tokens, split_long_inputs)
     # Queue time is everything but the runner's decoding: admission, loading, the runner's queue.
     queue_s = max(0.0, time.perf_counter() - started_s - result.inference_s)
     stats.tokens, stats.queue_ms, stats.inference_ms = result.token_count, queue_s * 1e3, result.inference_s * 1e3

@@ -22,6 +22,7 @@ from daemon.api.common import (
     SETTINGS,
     STORE,
     TRUNCATED_HEADER,
+    admitted,
     check_input_count,
     json_response,
     list_stored_models,
@@ -88,14 +89,14 @@ def decode_embed_request(document: dict[str, Any]) -> EmbedRequest:
     )
 
 
+@admitted(queue_slot=True)
 async def embed(request: web.Request) -> web.Response:
     started_ns = time.perf_counter_ns()
     embed_request = decode_embed_request(await read_json_object(request))
     check_input_count(len(embed_request.texts), request.app[SETTINGS])
     empty_answer = {"model": embed_request.model, "embeddings": []}
     if not embed_request.texts and embed_request.keep_alive_s == 0:
-        async with request.app[SCHEDULER].admit():
-            await request.app[SCHEDULER].unload(embed_request.model)  # the unload idiom: never load to unload
+        await request.app[SCHEDULER].unload(embed_request.model)  # the unload idiom: never load to unload
         return json_response(empty_answer)
     embedded = await embed_inputs(
         request,
@@ -123,6 +124,7 @@ async def embed(request: web.Request) -> web.Response:
     )
 
 
+@admitted(queue_slot=True)
 async def legacy_embeddings(request: web.Request) -> web.Response:
     """/api/embeddings: {"model", "prompt"} -> {"embedding": [...]}, the model's pooled vector as
     is (not normalised here), no truncation; an empty prompt only loads the model."""
@@ -145,6 +147,7 @@ async def legacy_embeddings(request: web.Request) -> web.Response:
     return json_response({"embedding": embedded.vectors[0]}, headers=embedded.provenance)
 
 
+@admitted(queue_slot=False)
 async def generate(request: web.Request) -> web.Response:
     """Only the unload idiom `ollama stop` uses ({"model", "keep_alive": 0} and no prompt):
     emberd serves embedding models, which cannot generate."""
@@ -220,6 +223,7 @@ async def ps(request: web.Request) -> web.Response:
 # -- /api/create ------------------------------------------------------------------------------------
 
 
+@admitted(queue_slot=False)
 async def create(request: web.Request) -> web.StreamResponse:
     """Register a local GGUF file or convert a Hugging Face directory: {"model", "from", "quantize"}."""
     document = await read_json_object(request)
@@ -286,6 +290,7 @@ async def create(request: web.Request) -> web.StreamResponse:
 # -- pull, show, delete -----------------------------------------------------------------------------
 
 
+@admitted(queue_slot=False)
 async def pull(request: web.Request) -> web.StreamResponse:
     """Ollama's pull: NDJSON progress lines, or one object with stream:false."""
     document = await read_json_object(request)
@@ -308,6 +313,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@admitted(queue_slot=False)
 async def show(request: web.Request) -> web.Response:
     document = await read_json_object(request)
     model = await asyncio.to_thread(request.app[STORE].get, model_name(document))
@@ -328,6 +334,7 @@ async def show(request: web.Request) -> web.Response:
     )
 
 
+@admitted(queue_slot=False)
 async def delete(request: web.Request) -> web.Response:
     document = await read_json_object(request)
     store = request.app[STORE]

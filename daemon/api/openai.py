@@ -14,6 +14,7 @@ from aiohttp import web
 from daemon.api.common import (
     SETTINGS,
     STORE,
+    admitted,
     check_input_count,
     json_response,
     list_stored_models,
@@ -85,6 +86,7 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> Any:
     return vector
 
 
+@admitted(queue_slot=True)
 async def embeddings(request: web.Request) -> web.Response:
     embed_request = decode_openai_request(await read_json_object(request))
     check_input_count(len(embed_request.texts) + len(embed_request.token_lists), request.app[SETTINGS])

@@ -18,6 +18,7 @@ from aiohttp import web
 from daemon.api.common import (
     SETTINGS,
     STORE,
+    admitted,
     check_input_count,
     json_response,
     model_name,
@@ -68,6 +69,7 @@ def rank(scores: np.ndarray, top_n: int | None) -> list[int]:
     return [int(index) for index in order[: top_n if top_n is not None else len(order)]]
 
 
+@admitted(queue_slot=True)
 async def rerank(request: web.Request) -> web.Response:
     body = decode_rerank_request(await read_json_object(request))
     check_input_count(len(body.documents), request.app[SETTINGS])

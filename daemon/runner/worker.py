@@ -1,9 +1,11 @@
 """The runner child: `python -m daemon.runner.worker CONFIG_JSON`.
 
-It owns one llama.cpp model. A reader thread takes requests off stdin; the main thread tokenizes
-them and packs the sequences of the waiting requests into decodes under the token budget, so
-concurrent requests share batches; requests take turns, shortest first (see take_batch), so a short
-query never waits for a huge request to finish. If llama.cpp aborts, only this process dies.
+It owns one llama.cpp model. A reader thread takes requests off stdin and tokenizes the small ones
+itself; a large one is tokenized on a thread of its own (see _Backlog), so the reader goes on to the
+next message meanwhile. The main thread packs the sequences of the waiting requests into decodes
+under the token budget, so concurrent requests share batches; requests take turns, shortest first
+(see take_batch), so a short query never waits for a huge request to finish. Queued tokens are held
+as int32 arrays, 4 bytes each, and counted. If llama.cpp aborts, only this process dies.
 Closing stdin asks it to finish what it holds and exit: the daemon alone decides when a runner
 stops, so SIGINT, SIGTERM and SIGHUP sent to the whole process group (by a terminal or systemd)
 are ignored, and the runner dies with the daemon if the daemon is killed.
@@ -13,12 +15,15 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
+import heapq
+import itertools
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, overload
 
@@ -32,12 +37,63 @@ from daemon.runner.protocol import GROUP_SIGNALS, encode_frame, read_frame_block
 
 VOCABULARY_MESSAGES = ("tokenize", "detokenize")
 _PR_SET_PDEATHSIG = 1
+# A message whose texts (characters, or ids) are longer than this is tokenized on the backlog's
+# thread, not the reader's: a few milliseconds of llama.cpp's tokenizer at most hold up the reader.
+INLINE_TOKENIZE_CHARS = 16 * 1024
+TOKEN_DTYPE = np.int32  # llama_token
 
 
 @dataclass
 class _Sequence:
     row: int
-    tokens: list[int]
+    tokens: np.ndarray  # int32: a Python list of ints takes 36 bytes a token (8 for its pointer)
+
+
+def message_chars(message: dict[str, Any]) -> int:
+    """How much a message asks the tokenizer to read: characters of its texts, or its ids; a cheap
+    stand-in for its tokenizing time, to decide which thread tokenizes it."""
+    if message["type"] == "tokenize":
+        return len(message["text"])
+    if message["type"] == "detokenize":
+        return len(message["tokens"])
+    return sum(
+        sum(len(text) for text in item.values()) if isinstance(item, dict) else len(item) for item in message["texts"]
+    )
+
+
+class _Backlog:
+    """The messages too large to tokenize on the reader thread, tokenized on a thread of their own,
+    the smallest first; the reader goes on reading meanwhile, so one huge request does not hold up
+    the requests sent after it."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._jobs: list[tuple[int, int, Callable[[], None]]] = []  # (size, arrival, job): a heap
+        self._arrivals = itertools.count()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="tokenize-backlog", daemon=True)
+        self._thread.start()
+
+    def submit(self, size: int, job: Callable[[], None]) -> None:
+        with self._changed:
+            heapq.heappush(self._jobs, (size, next(self._arrivals), job))
+            self._changed.notify()
+
+    def close(self) -> None:
+        """Finish the jobs submitted, then stop the thread."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._closing or bool(self._jobs))
+                if not self._jobs:
+                    return
+                _size, _arrival, job = heapq.heappop(self._jobs)
+            job()
 
 
 class _PendingLengths(Sequence[int]):
@@ -126,10 +182,20 @@ def answer_vocabulary(vocabulary: Any, message: dict[str, Any], writer: _Writer)
 
 
 def serve_vocabulary(vocabulary: Any, stream: BinaryIO, writer: _Writer) -> None:
-    """A vocabulary-only runner: tokenize and detokenize until stdin ends."""
-    while (frame := read_frame_blocking(stream)) is not None:
-        if frame[0]["type"] in VOCABULARY_MESSAGES:
-            answer_vocabulary(vocabulary, frame[0], writer)
+    """A vocabulary-only runner: tokenize and detokenize until stdin ends (a large message on the
+    backlog's thread, so the small ones sent after it are answered meanwhile)."""
+    backlog = _Backlog()
+    try:
+        while (frame := read_frame_blocking(stream)) is not None:
+            message = frame[0]
+            if message["type"] not in VOCABULARY_MESSAGES:
+                continue
+            if (size := message_chars(message)) > INLINE_TOKENIZE_CHARS:
+                backlog.submit(size, functools.partial(answer_vocabulary, vocabulary, message, writer))
+            else:
+                answer_vocabulary(vocabulary, message, writer)
+    finally:
+        backlog.close()
 
 
 Batch = list[tuple[_Request, _Sequence]]
@@ -146,6 +212,10 @@ class _Work:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.requests: dict[int, _Request] = {}  # in arrival order; answered (or cancelled) ones leave
+        self.held_tokens = 0  # the tokens of the requests held (all their sequences, until answered)
+        self.tokenizing: set[int] = set()  # requests on the backlog, not tokenized yet
+        self.cancelled: set[int] = set()  # of those, the ones cancelled meanwhile
+        self.backlog = _Backlog()
         self.renewals: list[int] = []  # renew messages, for the main lane between its decodes
         self.ended = False  # stdin ended: finish what is held, then exit
         self.closing = False  # the main lane is done: the quick lane exits
@@ -158,7 +228,8 @@ class _Work:
     # -- the reader thread ------------------------------------------------------------------------
 
     def read(self, stream: BinaryIO) -> None:
-        """Take messages off stdin until it ends. Requests are tokenized here, while the lanes decode."""
+        """Take messages off stdin until it ends. Requests are tokenized here (large ones on the
+        backlog), while the lanes decode."""
         try:
             while (frame := read_frame_blocking(stream)) is not None:
                 self.handle(frame[0])
@@ -169,7 +240,16 @@ class _Work:
 
     def handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
-        if kind == "embed":
+        if kind in ("embed", *VOCABULARY_MESSAGES) and (size := message_chars(message)) > INLINE_TOKENIZE_CHARS:
+            if kind == "embed":
+                with self.lock:  # the main lane waits for it before it exits
+                    self.tokenizing.add(message["id"])
+                self.backlog.submit(size, functools.partial(self.accept, message))
+            else:
+                self.backlog.submit(
+                    size, functools.partial(answer_vocabulary, self.engine.vocabulary, message, self.writer)
+                )
+        elif kind == "embed":
             self.accept(message)
         elif kind in VOCABULARY_MESSAGES:
             answer_vocabulary(self.engine.vocabulary, message, self.writer)
@@ -178,7 +258,9 @@ class _Work:
         else:
             with self.changed:
                 if kind == "cancel":  # the client left: its sequences not decoded yet leave, unanswered
-                    self.requests.pop(message["id"], None)
+                    self._drop(message["id"])
+                    if message["id"] in self.tokenizing:
+                        self.cancelled.add(message["id"])
                 elif kind == "set_batch_tokens":
                     self.budget_tokens = max(1, min(message["tokens"], self.engine.facts.capacity_tokens))
                 elif kind == "renew":
@@ -186,40 +268,68 @@ class _Work:
                     self.changed.notify_all()
 
     def accept(self, message: dict[str, Any]) -> None:
+        """Tokenize an embed request and queue it for the lanes (or answer its error)."""
         request_id = message["id"]
-        texts: list[str | list[int] | dict[str, str]] = message["texts"]
-        engine = self.engine
         try:
-            limit, split = message.get("limit_tokens"), message.get("split", False)
-            tokenized = [
-                engine.tokenize_pair(item["query"], item["document"], message["truncate"], limit)
-                if isinstance(item, dict)  # a reranker's query/document pair
-                else engine.tokenize(item, message["truncate"], limit, split)
-                for item in texts
-            ]
+            request = self._tokenize(message)
         except (ContextExceeded, InvalidInput) as error:
             kind = "context_exceeded" if isinstance(error, ContextExceeded) else "invalid_input"
-            self.writer.send({"type": "error", "id": request_id, "kind": kind, "message": error.message})
+            with self.changed:
+                cancelled = self._tokenized(request_id)
+            if not cancelled:
+                self.writer.send({"type": "error", "id": request_id, "kind": kind, "message": error.message})
             return
-        windows = [len(item.windows) for item in tokenized]
-        request = _Request(request_id, np.zeros((len(texts), engine.facts.n_embd), dtype=np.float32), sum(windows))
-        request.windows = windows
-        if max(windows, default=1) > 1:
-            request.weights = np.zeros(len(texts), dtype=np.float32)
-        for row, item in enumerate(tokenized):
-            request.truncated += item.truncated
-            for window in item.windows:
-                request.token_count += len(window)
-                request.pending.append(_Sequence(row, window))
-        request.pending.sort(key=lambda sequence: len(sequence.tokens))
-        if not texts:
-            with self.lock:  # _result takes the decode records the lanes add to
+        if not request.windows:
+            with self.changed:  # _result takes the decode records the lanes add to
+                self._tokenized(request_id)
                 header, payload = self._result(request)
             self.writer.send(header, payload)
             return
         with self.changed:
-            self.requests[request_id] = request
-            self.changed.notify_all()
+            if not self._tokenized(request_id):
+                self.requests[request_id] = request
+                self.held_tokens += request.token_count
+
+    def _tokenize(self, message: dict[str, Any]) -> _Request:
+        """A request's inputs as int32 arrays, one input at a time: no list of a whole request's
+        tokens is ever held."""
+        texts: list[str | list[int] | dict[str, str]] = message["texts"]
+        engine = self.engine
+        limit, split = message.get("limit_tokens"), message.get("split", False)
+        request = _Request(message["id"], np.zeros((len(texts), engine.facts.n_embd), dtype=np.float32), 0)
+        for row, item in enumerate(texts):
+            tokenized = (
+                engine.tokenize_pair(item["query"], item["document"], message["truncate"], limit)
+                if isinstance(item, dict)  # a reranker's query/document pair
+                else engine.tokenize(item, message["truncate"], limit, split)
+            )
+            request.truncated += tokenized.truncated
+            request.windows.append(len(tokenized.windows))
+            for window in tokenized.windows:
+                request.token_count += len(window)
+                request.pending.append(_Sequence(row, np.array(window, dtype=TOKEN_DTYPE)))
+        request.remaining = len(request.pending)
+        if max(request.windows, default=1) > 1:
+            request.weights = np.zeros(len(texts), dtype=np.float32)
+        request.pending.sort(key=lambda sequence: len(sequence.tokens))
+        return request
+
+    def _tokenized(self, request_id: int) -> bool:
+        """A request is tokenized (called with `lock` held): whether it was cancelled meanwhile. The
+        main lane, which waits for the backlog before it exits, is woken."""
+        self.tokenizing.discard(request_id)
+        self.changed.notify_all()
+        if request_id in self.cancelled:
+            self.cancelled.discard(request_id)
+            return True
+        return False
+
+    def _drop(self, request_id: int) -> _Request | None:
+        """A request leaves (answered, failed or cancelled), and its tokens with it (`lock` held)."""
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self.held_tokens -= request.token_count
+        return request
 
     # -- the lanes (called with `lock` held) ------------------------------------------------------
 
@@ -264,7 +374,7 @@ class _Work:
         for (request, sequence), vector in zip(batch, vectors, strict=True):
             request.add(sequence, vector)
             request.remaining -= 1
-            if request.remaining == 0 and self.requests.pop(request.request_id, None) is not None:
+            if request.remaining == 0 and self._drop(request.request_id) is not None:
                 frames.append(self._result(request))
         return frames
 
@@ -272,7 +382,7 @@ class _Work:
         """A llama.cpp failure fails the requests it touched, not the runner."""
         failed = {request.request_id for request, _sequence in batch}
         for request_id in failed:
-            self.requests.pop(request_id, None)
+            self._drop(request_id)
         header = {"type": "error", "kind": "failed", "message": str(error)}
         return [({**header, "id": request_id}, b"") for request_id in failed]
 
@@ -300,7 +410,7 @@ def _decode(work: _Work, batch: Batch, quick: bool = False) -> None:
     """One decode of `batch` (with no lock held), on the main context or the quick lane's; its
     answers sent. If llama.cpp fails a decode that packed several requests, each is decoded again
     on its own, so only a request that fails alone is failed."""
-    sequences = [sequence.tokens for _request, sequence in batch]
+    sequences = [sequence.tokens.tolist() for _request, sequence in batch]  # one decode's: ctypes takes ints
     try:
         vectors = work.engine.embed_quick(sequences) if quick else work.engine.embed_batch(sequences)
     except Exception as error:  # a llama.cpp failure fails the requests it touched, not the runner
@@ -341,11 +451,13 @@ def serve(engine: Any, stream: BinaryIO, writer: _Writer) -> None:
     try:
         while True:
             with work.changed:
-                work.changed.wait_for(lambda: work.renewals or work.ended or bool(work.queued()))
+                work.changed.wait_for(
+                    lambda: work.renewals or (work.ended and not work.tokenizing) or bool(work.queued())
+                )
                 renewals, work.renewals = work.renewals, []
                 batch = [] if renewals else work.take(quick=False)
                 if not renewals and not batch:
-                    return  # stdin ended and nothing is left
+                    return  # stdin ended, and nothing is left or being tokenized
                 if batch:
                     shortest = min(len(sequence.tokens) for _request, sequence in batch)
                     work.quick_lane_open = quick_lane_opens(
@@ -365,6 +477,7 @@ def serve(engine: Any, stream: BinaryIO, writer: _Writer) -> None:
             work.changed.notify_all()
         if quick_lane.is_alive():
             quick_lane.join()
+        work.backlog.close()  # tokenize or detokenize messages still on it are answered first
 
 
 def _leave_stopping_to_the_daemon(parent_pid: int) -> None:
