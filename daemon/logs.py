@@ -34,6 +34,40 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(document, default=str).decode()
 
 
+def escape_controls(text: str) -> str:
+    """Text with every line break and control character written as an escape ("\\n", "\\x1b",
+    "\\u2028"): a client's model name or path cannot start a line of its own in the text log."""
+    if text.isprintable():
+        return text
+    escaped = []
+    for character in text:
+        if character.isprintable() or character == " ":
+            escaped.append(character)
+        elif character in "\n\r\t":
+            escaped.append(repr(character)[1:-1])
+        elif ord(character) < 0x100:
+            escaped.append(f"\\x{ord(character):02x}")
+        else:
+            escaped.append(f"\\u{ord(character):04x}" if ord(character) < 0x10000 else f"\\U{ord(character):08x}")
+    return "".join(escaped)
+
+
+class TextFormatter(logging.Formatter):
+    """The text format, one line a record: the message's control characters are escaped (a
+    traceback, which this process writes, still follows on lines of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        record.message = escape_controls(message)
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message
+
+
 class MalformedHttpFilter(logging.Filter):
     """aiohttp logs a client's malformed HTTP (an unknown method, a bad request line, a header too
     long) as an error with a traceback, though the client gets its 400 and nothing is wrong here:
@@ -52,7 +86,7 @@ class MalformedHttpFilter(logging.Filter):
 
 def configure_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -61,10 +95,21 @@ def configure_logging(level: str, log_format: str) -> None:
         server_log.addFilter(MalformedHttpFilter())
 
 
+def field_text(value: Any) -> str:
+    """A value as the text line writes it: as is when it is one plain word, else quoted and escaped
+    as a JSON string, so a client's value cannot add fields (`model=a status=200`) or lines."""
+    text = str(value)
+    if text and all(character.isprintable() and character not in ' "=\\' for character in text):
+        return text
+    return orjson.dumps(text).decode()
+
+
 def request_line(fields: dict[str, Any]) -> str:
     """The text form: "POST /api/embed 200 model=all-minilm:latest inputs=2 tokens=16 ... total_ms=5.1"."""
-    head = f"{fields['method']} {fields['route']} {fields['status']}"
-    rest = " ".join(f"{key}={value}" for key, value in fields.items() if key not in ("method", "route", "status"))
+    head = " ".join(field_text(fields[key]) for key in ("method", "route", "status"))
+    rest = " ".join(
+        f"{key}={field_text(value)}" for key, value in fields.items() if key not in ("method", "route", "status")
+    )
     return f"{head} {rest}"
 
 

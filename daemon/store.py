@@ -93,11 +93,14 @@ class ModelStore:
             directory.mkdir(parents=True, exist_ok=True)
         for leftover in self.tmp_dir.iterdir():
             _remove(leftover)
-        named = {model.blob_path.name for model in self.list()}
-        for blob in self.blobs_dir.iterdir():
-            if blob.name.startswith("sha256-") and blob.name not in named:
-                log.info("removing %s: no model names it", blob.name)
-                blob.unlink(missing_ok=True)
+        named = self._named_blobs()
+        if named is None:
+            log.warning("keeping every blob: a manifest could not be parsed (see above), so it may name any of them")
+        else:
+            for blob in self.blobs_dir.iterdir():
+                if blob.name.startswith("sha256-") and blob.name not in named:
+                    log.info("removing %s: no manifest names it", blob.name)
+                    blob.unlink(missing_ok=True)
         now_s = time.time() if now_s is None else now_s
         for download in self.downloads_dir.iterdir():
             touched_s = max((p.stat().st_mtime for p in [download, *download.rglob("*")]), default=0.0)
@@ -132,6 +135,26 @@ class ModelStore:
             prompts=ModelPrompts.from_manifest(manifest),
         )
 
+    def _named_blobs(self) -> set[str] | None:
+        """The blob file names that some manifest file names, readable by this version or not (one
+        from a newer emberd still owns its blob: a downgrade and an upgrade lose nothing). None when
+        a manifest cannot be parsed at all: it may name any blob, so none is garbage."""
+        named = set()
+        for folder, _subfolders, files in os.walk(self.manifests_dir):
+            for path in (Path(folder) / file for file in files if file.endswith(".json")):
+                try:
+                    digest = json.loads(path.read_bytes()).get("digest")
+                except FileNotFoundError:
+                    continue
+                except (OSError, ValueError, AttributeError) as error:
+                    log.warning("cannot parse the manifest %s (%s): it may name any blob", path, error)
+                    return None
+                if not isinstance(digest, str) or not digest.startswith("sha256:"):
+                    log.warning("the manifest %s names no sha256 digest: it may name any blob", path)
+                    return None
+                named.add(digest.replace(":", "-"))
+        return named
+
     def get(self, name: str) -> StoredModel:
         """The stored model for a name; UnknownModel if there is none."""
         canonical = canonical_name(name)
@@ -142,7 +165,8 @@ class ModelStore:
             raise UnknownModel(f'model "{name}" not found, try pulling it first') from None
 
     def list(self) -> list[StoredModel]:
-        """Every model whose manifest this version can read; others are logged and skipped. Reads
+        """Every model whose manifest this version can read; others are logged and skipped (their
+        blobs are kept: see _named_blobs). Reads
         take no lock: a manifest or folder a delete removes during the walk is simply not listed."""
         models = []
         for folder, _subfolders, files in os.walk(self.manifests_dir):  # skips folders that vanish
@@ -324,7 +348,8 @@ class ModelStore:
                 if parent == self.manifests_dir or any(parent.iterdir()):
                     break
                 parent.rmdir()
-            if all(other.digest != model.digest for other in self.list()):
+            named = self._named_blobs()
+            if named is not None and model.blob_path.name not in named:
                 model.blob_path.unlink(missing_ok=True)
         return model
 

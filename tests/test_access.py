@@ -145,6 +145,9 @@ async def test_cors_is_off_by_default(tiny_client: Client) -> None:
     response = await tiny_client.options("/api/embed", headers=preflight)
     assert "Access-Control-Allow-Origin" not in response.headers
     response = await tiny_client.get("/api/tags", headers={"Origin": "http://app.test"})
+    assert response.status == 403  # a page of another origin, not listed (tests/test_origins.py)
+    assert "Access-Control-Allow-Origin" not in response.headers
+    response = await tiny_client.get("/api/tags", headers={"Origin": "http://localhost:3000"})
     assert response.status == 200
     assert "Access-Control-Allow-Origin" not in response.headers
 
@@ -173,6 +176,7 @@ async def test_cors_answers_preflights_for_listed_origins_only(make_client: Make
     assert "X-Emberd-Truncated-Inputs" in response.headers["Access-Control-Expose-Headers"]
     assert response.headers["Vary"] == "Origin"
     response = await client.get("/api/tags", headers={"Origin": "http://evil.test"})
+    assert response.status == 403
     assert "Access-Control-Allow-Origin" not in response.headers
     assert response.headers["Vary"] == "Origin"  # caches must not reuse an answer across origins
     response = await client.post("/api/embed", json={"model": "missing"}, headers={"Origin": "http://app.test"})
@@ -228,3 +232,33 @@ def status_of(url: str, key: str) -> int:
             return int(response.status)
     except urllib.error.HTTPError as error:
         return int(error.code)
+
+
+def test_a_model_name_cannot_forge_a_line_of_the_text_log(tmp_path: Path, tiny_dir: Path) -> None:
+    forged = "tiny\n2026-01-01 00:00:00,000 INFO emberd.access: POST /api/embed 200 model=forged"
+    with running_daemon(tmp_path / "home", {"tiny": tiny_dir}, {"EMBERD_LOG_FORMAT": "text"}) as daemon:
+        for path, body in [
+            ("/api/embed", {"model": forged, "input": "a"}),
+            ("/api/embed", {"model": "tiny status=200 inputs=9", "input": "a"}),
+            ("/v1/embeddings", {"model": "x\u2028y\r\x1b[2J", "input": "a"}),
+        ]:
+            status, _ = post_json_status(daemon.url + path, body)
+            assert status in (400, 404)
+        status_of(daemon.url + "/api/x%0aPOST%20/api/embed%20200", KEY)  # a path with a line break
+        wait_for(lambda: daemon.log_text().count("emberd.access") >= 4)
+        log = daemon.log_text()
+    lines = log.splitlines()
+    assert not [line for line in lines if line.startswith("2026-01-01")]
+    assert "\u2028" not in log and "\x1b" not in log and "\r" not in log
+    assert any('model="x\\u2028y\\r\\u001b[2J"' in line for line in lines)
+    [quoted] = [line for line in lines if "inputs=9" in line]
+    assert 'model="tiny status=200 inputs=9" inputs=1 ' in quoted
+
+
+def post_json_status(url: str, body: dict[str, Any]) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return int(error.code), error.read().decode()

@@ -303,3 +303,59 @@ def test_manifests_from_other_versions_stay_readable_or_are_skipped(store: Model
     assert sorted(m.name for m in store.list()) == ["current:latest", "older:latest"]
     with pytest.raises(UnreadableManifest, match="newer than this emberd"):
         store.get("newer")
+
+
+def write_manifest_of(store: ModelStore, name: str, document: dict[str, Any] | str) -> Path:
+    path = store.manifests_dir / name / "latest.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(document if isinstance(document, str) else json.dumps(document))
+    return path
+
+
+def test_a_newer_manifest_keeps_its_blob_through_a_downgrade_and_an_upgrade(store: ModelStore, tiny_gguf: Path) -> None:
+    model = store.create("future", tiny_gguf)
+    path = store.manifests_dir / "future" / "latest.json"
+    written_by_this_version = path.read_text()
+    # A newer emberd rewrote the manifest; this (older) emberd starts on the same home.
+    write_manifest_of(store, "future", {**json.loads(written_by_this_version), "schema_version": SCHEMA_VERSION + 1})
+    store.open()
+    assert store.list() == []  # skipped with a warning ...
+    assert model.blob_path.is_file()  # ... and its file kept
+    # Upgrading again: the newer emberd finds its model whole.
+    path.write_text(written_by_this_version)
+    store.open()
+    assert store.get("future").blob_path.read_bytes() == tiny_gguf.read_bytes()
+
+
+def test_a_manifest_that_cannot_be_parsed_keeps_every_blob(
+    store: ModelStore, tiny_gguf: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = store.create("damaged", tiny_gguf)
+    orphan = store.blobs_dir / f"sha256-{'0' * 64}"
+    orphan.write_bytes(b"perhaps named by the damaged manifest")
+    write_manifest_of(store, "damaged", '{"schema_version": 1, "name": "damaged:latest", "dig')  # cut by a crash
+    store.open()
+    assert model.blob_path.is_file() and orphan.is_file()
+    assert "keeping every blob" in caplog.text
+    # A manifest that parses but names no digest (an editor's slip) is the same.
+    write_manifest_of(store, "damaged", {"schema_version": 1, "name": "damaged:latest"})
+    store.open()
+    assert model.blob_path.is_file() and orphan.is_file()
+    # Once every manifest parses, an orphan goes.
+    write_manifest_of(store, "damaged", {"digest": model.digest})
+    store.open()
+    assert model.blob_path.is_file() and not orphan.exists()
+
+
+@pytest.mark.parametrize("other", ["newer", "damaged"])
+def test_a_delete_keeps_a_blob_an_unreadable_manifest_may_name(store: ModelStore, tiny_gguf: Path, other: str) -> None:
+    model = store.create("deleted", tiny_gguf)
+    manifest = json.loads((store.manifests_dir / "deleted" / "latest.json").read_text())
+    if other == "newer":
+        write_manifest_of(store, "other", {**manifest, "name": "other:latest", "schema_version": SCHEMA_VERSION + 1})
+    else:
+        write_manifest_of(store, "other", "{not json")
+    store.delete("deleted")
+    assert model.blob_path.is_file()
+    with pytest.raises(UnknownModel):
+        store.get("deleted")

@@ -63,6 +63,48 @@ def origin_allowed(origin: str | None, cors_origins: Sequence[str]) -> bool:
     return origin is not None and (origin in cors_origins or "*" in cors_origins)
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin_parts(origin: str) -> tuple[str, str, int] | None:
+    """("http", "localhost", 3000) for "http://LocalHost:3000"; None for "null" and anything that is
+    not a scheme and an authority (an Origin header holds no path)."""
+    scheme, separator, authority = origin.strip().lower().partition("://")
+    if not separator or scheme not in _DEFAULT_PORTS or not authority or "/" in authority or "@" in authority:
+        return None
+    name = host_name(authority)
+    port_text = authority[len(name) :].removeprefix(":")
+    if not port_text:
+        return scheme, name, _DEFAULT_PORTS[scheme]
+    return (scheme, name, int(port_text)) if port_text.isdigit() else None
+
+
+def cross_origin_refused(
+    origin: str | None, fetch_site: str | None, scheme: str, host_header: str | None, cors_origins: Sequence[str]
+) -> bool:
+    """Whether a request a browser sent for a page of another site must be refused before any work.
+
+    A page anywhere can POST to a loopback daemon with `Content-Type: text/plain` without a
+    preflight, and the Host is then `localhost`: the Host guard cannot tell it from curl. The
+    Origin header can. Allowed: no Origin (curl, SDKs: unless Sec-Fetch-Site says cross-site), the
+    request's own origin, loopback pages on any port (as Ollama allows), and `cors_origins`.
+    """
+    if origin is None:
+        return (fetch_site or "").strip().lower() == "cross-site"
+    if origin_allowed(origin, cors_origins):
+        return False
+    parts = _origin_parts(origin)
+    if parts is None:  # "null" (a sandboxed frame, a file:// page) or garbage
+        return True
+    origin_name = parts[1]
+    if origin_name != "::1" and is_loopback(origin_name.strip("[]")):  # "::1" unbracketed is no host
+        return False
+    if host_header is None or scheme not in _DEFAULT_PORTS:
+        return True
+    own = _origin_parts(f"{scheme}://{host_header}")
+    return own != parts
+
+
 def parse_api_keys(text: str) -> list[str]:
     """One key a line; blank lines and lines starting with # are ignored."""
     return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
@@ -128,6 +170,23 @@ async def host_guard_middleware(request: web.Request, handler: Handler) -> web.S
         return error_response(
             request, 403, "forbidden: this Host header is not local; add it to allowed_hosts (EMBERD_ALLOWED_HOSTS)"
         )
+    return await handler(request)
+
+
+@web.middleware
+async def origin_guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """403 for a page of another site, before the body is read: nothing it sends is acted on, and
+    its answer tells it nothing (not even whether a path exists)."""
+    headers = request.headers
+    if cross_origin_refused(
+        headers.get("Origin"),
+        headers.get("Sec-Fetch-Site"),
+        request.scheme,
+        headers.get("Host"),
+        request.app[SETTINGS].cors_origins,
+    ):
+        message = "forbidden: requests from a page of another origin are refused; add it to cors_origins"
+        return error_response(request, 403, message, {"Vary": "Origin"})
     return await handler(request)
 
 

@@ -22,6 +22,7 @@ from daemon.api.access import (
     api_key_middleware,
     cors_preflight_middleware,
     host_guard_middleware,
+    origin_guard_middleware,
 )
 from daemon.api.common import (
     HUB,
@@ -227,10 +228,12 @@ def build_app(
     disk_free_bytes: Callable[[Path], int] | None = None,
 ) -> web.Application:
     # Middlewares run in this order, the first outermost: every answer is counted and logged, a
-    # foreign Host or an unknown key is refused before any work, and domain errors become statuses.
+    # foreign Host, a page of another origin or an unknown key is refused before any work (and before
+    # the body is read), and domain errors become statuses.
     middlewares = [
         observe_middleware,
         host_guard_middleware,
+        origin_guard_middleware,
         cors_preflight_middleware,
         api_key_middleware,
         error_middleware,
