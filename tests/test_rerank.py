@@ -1,57 +1,58 @@
-"""Reranking on a tiny random-weight cross-encoder made in the tests: the scores are llama.cpp's own
-rank pooling, the order follows them, and a real client (cohere's ClientV2) works unchanged."""
+"""Reranking as a user would: a random-weight cross-encoder saved by transformers, converted by emberd,
+scores as sentence-transformers' CrossEncoder scores the same folder; the order follows the scores,
+and a real client (cohere's ClientV2) works unchanged."""
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 from typing import Any
 
 import cohere
 import httpx
-import llama_cpp
 import numpy as np
 import pytest
+import torch
 from aiohttp.test_utils import TestClient
-from llama_cpp import _internals as internals
+from sentence_transformers import CrossEncoder
 
+from daemon.convert import convert_hf_directory
 from daemon.store import ModelStore
 from tests.conftest import MakeClient
 from tests.live import running_daemon
+from tests.tiny_models import make_transformers_cross_encoder_dir
 
 Client = TestClient[Any, Any]
 QUERY = "why is the sky blue?"
+# llama.cpp's GELU (a table of f16 values) against torch's exact one (1.8e-4 apart on a score of 0.04).
+TOLERANCE = 2e-3
 DOCUMENTS = ["the sky is blue", "grass is green", "hello world", "why is grass green?", "blue blue sky", "the"]
 
 
-def llama_cpp_scores(path: Path, query: str, documents: list[str]) -> list[float]:
-    """Rank pooling run directly with llama-cpp-python, each pair laid out as llama.cpp's server
-    does for a BERT vocabulary: [CLS] query [SEP] document [SEP]."""
-    llama_cpp.llama_backend_init()
-    model = internals.LlamaModel(path_model=str(path), params=llama_cpp.llama_model_default_params(), verbose=False)
-    params = llama_cpp.llama_context_default_params()
-    params.embeddings, params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = True, 64, 64, 64, 1
-    context = internals.LlamaContext(model=model, params=params, verbose=False)
-    assert llama_cpp.llama_pooling_type(context.ctx) == llama_cpp.LLAMA_POOLING_TYPE_RANK
-    cls, sep = llama_cpp.llama_vocab_bos(model.vocab), llama_cpp.llama_vocab_sep(model.vocab)
-    scores = []
-    for document in documents:
-        tokens = [cls, *model.tokenize(query.encode(), False, False), sep]
-        tokens += [*model.tokenize(document.encode(), False, False), sep]
-        batch = internals.LlamaBatch(n_tokens=64, embd=0, n_seq_max=1, verbose=False)
-        batch.add_sequence(tokens, 0, True)
-        context.decode(batch)
-        pointer = llama_cpp.llama_get_embeddings_seq(context.ctx, 0)
-        scores.append(float(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float))[0]))
-        batch.close()
-    context.close()
-    model.close()
+@pytest.fixture(scope="module")
+def cross_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's cross-encoder folder: a random BertForSequenceClassification saved by transformers."""
+    return make_transformers_cross_encoder_dir(tmp_path_factory.mktemp("cross-encoder") / "model", seed=3)
+
+
+@pytest.fixture(scope="module")
+def cross_encoder_gguf(cross_encoder_dir: Path) -> Path:
+    path = cross_encoder_dir.parent / "cross-encoder.gguf"
+    convert_hf_directory(cross_encoder_dir, path, "f32", "cross-encoder")
+    return path
+
+
+@pytest.fixture(scope="module")
+def expected(cross_encoder_dir: Path) -> list[float]:
+    """sentence-transformers' CrossEncoder on the same folder: the model's raw relevance scores."""
+    model = CrossEncoder(str(cross_encoder_dir), device="cpu", activation_fn=torch.nn.Identity())
+    scores = [float(score) for score in model.predict([(QUERY, document) for document in DOCUMENTS])]
+    assert np.diff(np.sort(scores)).min() > 10 * TOLERANCE  # far apart: the order means something
     return scores
 
 
 @pytest.fixture
-async def client(make_client: MakeClient, reranker_gguf: Path, tiny_gguf: Path) -> Client:
-    return await make_client({"reranker": reranker_gguf, "tiny": tiny_gguf})
+async def client(make_client: MakeClient, cross_encoder_gguf: Path, tiny_gguf: Path) -> Client:
+    return await make_client({"reranker": cross_encoder_gguf, "tiny": tiny_gguf})
 
 
 async def post(client: Client, path: str, body: dict[str, Any]) -> tuple[int, Any]:
@@ -59,11 +60,7 @@ async def post(client: Client, path: str, body: dict[str, Any]) -> tuple[int, An
     return response.status, await response.json()
 
 
-async def test_scores_are_llama_cpps_rank_pooling_and_the_order_follows_them(
-    client: Client, reranker_gguf: Path
-) -> None:
-    expected = llama_cpp_scores(reranker_gguf, QUERY, DOCUMENTS)
-    assert len(set(np.round(expected, 4))) == len(DOCUMENTS)  # distinct: the order means something
+async def test_scores_are_the_cross_encoders_and_the_order_follows_them(client: Client, expected: list[float]) -> None:
     for path in ("/api/rerank", "/v1/rerank"):
         response = await client.post(path, json={"model": "reranker", "query": QUERY, "documents": DOCUMENTS})
         status, body = response.status, await response.json()
@@ -73,8 +70,7 @@ async def test_scores_are_llama_cpps_rank_pooling_and_the_order_follows_them(
         results = body["results"]
         assert [r["index"] for r in results] == sorted(range(len(DOCUMENTS)), key=lambda i: -expected[i])
         for result in results:
-            # Equal up to float accumulation: emberd packs pairs into one decode, this test one by one.
-            assert result["relevance_score"] == pytest.approx(expected[result["index"]], abs=2e-3)
+            assert result["relevance_score"] == pytest.approx(expected[result["index"]], abs=TOLERANCE)
             assert "document" not in result
         assert body["usage"]["prompt_tokens"] > len(DOCUMENTS) * 4
 
@@ -117,15 +113,18 @@ async def test_show_lists_the_rerank_capability(client: Client) -> None:
     assert shown["capabilities"] == ["embedding"]
 
 
-def test_coheres_client_v2_reranks_through_emberd(tmp_path: Path, reranker_gguf: Path) -> None:
+def test_coheres_client_v2_reranks_through_emberd(
+    tmp_path: Path, cross_encoder_gguf: Path, expected: list[float]
+) -> None:
     home = tmp_path / "home"
     store = ModelStore(home)
     store.open()
-    store.create("reranker", reranker_gguf)
-    expected = llama_cpp_scores(reranker_gguf, QUERY, DOCUMENTS)
+    store.create("reranker", cross_encoder_gguf)
     with running_daemon(home, {}, {}) as daemon, httpx.Client() as http:
         client = cohere.ClientV2(api_key="unused", base_url=daemon.url, httpx_client=http)
         answer = client.rerank(model="reranker", query=QUERY, documents=DOCUMENTS, top_n=3)
     best = sorted(range(len(DOCUMENTS)), key=lambda i: -expected[i])[:3]
     assert [result.index for result in answer.results] == best
-    assert [result.relevance_score for result in answer.results] == pytest.approx([expected[i] for i in best], abs=2e-3)
+    assert [result.relevance_score for result in answer.results] == pytest.approx(
+        [expected[i] for i in best], abs=TOLERANCE
+    )
