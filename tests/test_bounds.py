@@ -42,12 +42,12 @@ def test_stderr_lines_are_split_and_cut(chunks: list[bytes], expected: list[str]
     assert got == expected
 
 
-# Writes a 2 MiB line (twice the stream's limit), then 1 MiB more in short lines (more than a pipe
+# Writes a 2 MiB line (twice the stream's limit), then 4 MiB more in short lines (more than a pipe and the stream
 # holds: a runner whose stderr nobody reads blocks there), then says why it exits.
 _TALKATIVE_CHILD = """
 import sys
 sys.stderr.write("x" * (2 << 20) + "\\n")
-for index in range(16384):
+for index in range(65536):
     sys.stderr.write(f"line {index:058d}\\n")
 sys.stderr.write("last words\\n")
 sys.stderr.flush()
@@ -69,9 +69,10 @@ async def test_a_runner_line_longer_than_the_stream_limit_does_not_stop_its_stde
     try:
         async with asyncio.timeout(60):  # a deadline, not a wait: the child exits as soon as it is read
             await runner.exited.wait()
-    finally:
-        await runner.kill()
-    with pytest.raises(ModelLoadFailed, match="runner exited with status 3: last words$"):
+    except TimeoutError:
+        process.kill()  # (not runner.kill(): waiting for a process waits for its pipes to close)
+        raise AssertionError("the child blocked writing to its stderr: nobody read it") from None
+    with pytest.raises(ModelLoadFailed, match=r"runner exited with status 3: last words$"):
         await runner._ready
 
 
