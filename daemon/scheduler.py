@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from daemon.config import Settings
 from daemon.errors import InsufficientMemory, MemoryBusy, Overloaded, RunnerCrashed, ShuttingDown
@@ -55,6 +55,7 @@ OVERLOADED_MESSAGE = "server busy, please try again.  maximum pending requests e
 GIB = 1024 * MIB
 
 RunnerFactory = Callable[[StoredModel, LlamaParams], Awaitable[RunnerProcess]]
+T = TypeVar("T")
 
 
 class RunnerStatus(enum.Enum):
@@ -147,16 +148,23 @@ class Scheduler:
         self._clock = clock
         self._wall_clock = wall_clock
         self._loaded: dict[str, LoadedModel] = {}
-        self._load_lock = asyncio.Lock()
+        # Every lock is held only for steps that wait on no request: a wait for busy runners happens
+        # with none held (see _make_room), and each wait of a request ends at its deadline.
+        self._load_lock = asyncio.Lock()  # one runner starts at a time
+        self._room_lock = asyncio.Lock()  # one caller at a time evicts or renews to make room
         self._model_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._admitted = 0
         self._drained = asyncio.Event()
         self._drained.set()
         self._shutting_down = False
+        self._stop_deadline_s: float | None = None  # the one deadline of the whole stop (loop time)
+        self._closed = False  # close() has taken every runner: a load that ends now is stopped at once
         self._background: set[asyncio.Task[Any]] = set()
         self._leaving: set[LoadedModel] = set()  # draining or stopping: their process has not exited yet
         self._loading: dict[str, int] = {}  # model -> estimated bytes, while its runner starts
-        self._runner_gone = asyncio.Event()  # set (and replaced) each time a leaving runner exits
+        # Set (and replaced) each time memory may have been freed: a runner went idle or exited, a
+        # load ended. Whoever waits for room looks again then.
+        self._memory_changed = asyncio.Event()
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -207,34 +215,62 @@ class Scheduler:
         load = resolve_load_options(self._settings, options)
         limit_tokens = context_limit(load.num_ctx, model.facts.context_length)
         started_ns = time.perf_counter_ns()
-        loaded_now = False
-        entry = self._loaded.get(model.name)
-        if entry is not None and self._serves(entry, model, load, limit_tokens):
-            # Fast path, no lock: a load of another model must not hold up a loaded one.
-            self._acquire(entry, keep_alive_s)
-        else:
-            # This model's lock first (a second cold request waits here, then shares the load), then
-            # the load lock: one load at a time, and stop/delete of other models never wait for it.
-            async with self._model_locks[model.name], self._load_lock:
-                entry = self._loaded.get(model.name)
-                if entry is not None and not self._serves(entry, model, load, limit_tokens):
-                    await self._retire(entry, "reloaded")
-                    entry = None
-                if entry is None:
-                    entry = await self._load(model, load, keep_alive_s, longest_input_tokens)
-                    loaded_now = True
-                self._acquire(entry, keep_alive_s)
+        # Every wait of this request (for memory, for a lock, for another load) ends here.
+        deadline_s = asyncio.get_running_loop().time() + self._settings.load_timeout_s
+        entry, loaded_now = await self._reserve(
+            model, load, limit_tokens, longest_input_tokens, keep_alive_s, deadline_s
+        )
         try:
             limit_tokens = min(limit_tokens, entry.params.limit_tokens)
-            # The budget is capped at a ubatch; one decode holds up to n_batch (a long input alone).
-            batch_tokens = min(load.batch_tokens or entry.params.batch_tokens, entry.params.n_ubatch)
-            longest = min(longest_input_tokens, limit_tokens)
-            await self._allow_decode(entry, decode_tokens_needed(batch_tokens, longest, entry.params.n_batch))
             self._apply_live_options(entry, load)
             load_duration_ns = time.perf_counter_ns() - started_ns if loaded_now else 0
             yield Lease(entry, load_duration_ns, limit_tokens)
         finally:
             self._release(entry)
+
+    async def _reserve(
+        self,
+        model: StoredModel,
+        load: LoadOptions,
+        limit_tokens: int,
+        longest_input_tokens: int,
+        keep_alive_s: float | None,
+        deadline_s: float,
+    ) -> tuple[LoadedModel, bool]:
+        """A runner that serves the request, held, with memory set aside for the largest decode the
+        request can cause; whether it was loaded for it.
+
+        Memory is set aside before the runner is held, in one step with no wait between: a request
+        that waits for room holds no runner, so it never keeps busy a runner that another waiting
+        request needs idle (two such requests used to wait for each other until load_timeout)."""
+        while True:
+            entry = self._loaded.get(model.name)
+            if entry is not None and self._serves(entry, model, load, limit_tokens):
+                # No lock on this path: a load of another model must not hold up a loaded one.
+                decode_tokens = decode_tokens_for(entry.params, load, limit_tokens, longest_input_tokens)
+                if decode_tokens <= entry.allowance_tokens:
+                    self._acquire(entry, keep_alive_s)
+                    return entry, False
+                growth_bytes = self._growth_bytes(entry, decode_tokens)
+                if self._room(growth_bytes)[0]:
+                    entry.allowance_tokens = decode_tokens
+                    self._acquire(entry, keep_alive_s)
+                    return entry, False
+                await self._make_room(entry.name, growth_bytes, deadline_s, growing=entry)
+                continue  # look again: the runner may have been evicted meanwhile, or room taken
+            # This model's lock (a second cold request waits here, then shares the load); other
+            # models' requests, stops and deletes never wait for it.
+            async with self._holding(self._model_locks[model.name], deadline_s, f"another load of {model.name}"):
+                entry = self._loaded.get(model.name)
+                if entry is not None and self._serves(entry, model, load, limit_tokens):
+                    continue
+                if entry is not None:
+                    # Other options: the runner answers its requests in flight and exits; it counts
+                    # against memory until then, and the new one loads beside it if that fits.
+                    self._retire(entry, "reloaded")
+                entry = await self._load(model, load, limit_tokens, longest_input_tokens, keep_alive_s, deadline_s)
+                self._acquire(entry, keep_alive_s)  # in the step that registered it: nobody evicts it first
+                return entry, True
 
     @contextlib.asynccontextmanager
     async def lease_if_loaded(self, name: str) -> AsyncIterator[RunnerProcess | None]:
@@ -293,6 +329,7 @@ class Scheduler:
             return
         entry.idle.set()
         self._share_threads()
+        self._notify_memory()  # an idle runner can be evicted or renewed to make room
         if self._loaded.get(entry.name) is not entry:
             return  # already retired or crashed
         if entry.keep_alive_s < 0:
@@ -319,6 +356,28 @@ class Scheduler:
                 entry.runner.set_threads(share)
                 entry.threads = share
 
+    @contextlib.asynccontextmanager
+    async def _holding(self, lock: asyncio.Lock, deadline_s: float, what: str) -> AsyncIterator[None]:
+        """Hold `lock` for the block, waiting for it no later than the deadline."""
+        await self._until(deadline_s, lock.acquire(), what)
+        try:
+            yield
+        finally:
+            lock.release()
+
+    async def _until(self, deadline_s: float, awaitable: Awaitable[T], what: str) -> T:
+        """Wait for `awaitable` up to a request's deadline; past it, MemoryBusy (503: try again)."""
+        try:
+            async with asyncio.timeout_at(deadline_s):
+                return await awaitable
+        except TimeoutError:
+            raise MemoryBusy(f"waited {self._settings.load_timeout_s:g}s (load_timeout) for {what}") from None
+
+    def _notify_memory(self) -> None:
+        """Wake whoever waits for room (see _make_room)."""
+        self._memory_changed.set()
+        self._memory_changed = asyncio.Event()
+
     def _spawn(self, coroutine: Awaitable[None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
@@ -328,8 +387,15 @@ class Scheduler:
     # -- loading and unloading -------------------------------------------------------------------
 
     async def _load(
-        self, model: StoredModel, load: LoadOptions, keep_alive_s: float | None, longest_input_tokens: int
+        self,
+        model: StoredModel,
+        load: LoadOptions,
+        limit_tokens: int,
+        longest_input_tokens: int,
+        keep_alive_s: float | None,
+        deadline_s: float,
     ) -> LoadedModel:
+        """Make room for a runner, set it aside, then start it (one start at a time)."""
         facts = model.facts
         if facts.vocab_size == 0:  # a manifest written before the estimate needed the vocabulary's size
             facts = await asyncio.to_thread(read_gguf_facts, model.blob_path)
@@ -338,19 +404,28 @@ class Scheduler:
         shape = ModelShape.of(facts, model.size_bytes)
         # Set aside what the first request's largest decode needs, not the model's longest input: a
         # 32k-context model serving short queries must not reserve its worst case up front.
-        longest = min(longest_input_tokens, params.limit_tokens)
-        allowance = decode_tokens_needed(params.batch_tokens, longest, params.n_batch)
+        allowance = decode_tokens_for(params, load, limit_tokens, longest_input_tokens)
         estimated = peak_bytes(shape, params.n_batch, allowance, params.n_ubatch, params.quick_lane_tokens)
-        await self._make_room(model.name, estimated)
-        log.info(
-            "loading %s (%s, ctx %d, %d threads)", model.name, model.facts.file_type, params.n_ctx, params.n_threads
-        )
-        started_s = self._clock()
+        await self._make_room(model.name, estimated, deadline_s)
+        # Set aside in the step that found the room; waiting for another load, it stays promised.
         self._loading[model.name] = estimated
         try:
-            runner = await self._runner_factory(model, params)
+            async with self._holding(self._load_lock, deadline_s, "another model's load"):
+                log.info(
+                    "loading %s (%s, ctx %d, %d threads)",
+                    model.name,
+                    model.facts.file_type,
+                    params.n_ctx,
+                    params.n_threads,
+                )
+                started_s = self._clock()
+                runner = await self._runner_factory(model, params)
         finally:
             del self._loading[model.name]
+            self._notify_memory()
+        if self._closed:  # the daemon stopped while it loaded: nobody would stop it later
+            await runner.kill()
+            raise ShuttingDown("server is shutting down")
         self._metrics.model_loaded(model.name, self._clock() - started_s)
         entry = LoadedModel(
             model=model,
@@ -376,8 +451,7 @@ class Scheduler:
         self._forget(entry)
         if entry in self._leaving:
             return  # _stop counts it until then, and wakes the waiters
-        self._runner_gone.set()
-        self._runner_gone = asyncio.Event()
+        self._notify_memory()
 
     def _leave(self, entry: LoadedModel) -> None:
         """Unloaded: no new request gets it; it counts against memory until its process exits."""
@@ -394,28 +468,32 @@ class Scheduler:
             entry.timer.cancel()
             entry.timer = None
 
-    async def _retire(self, entry: LoadedModel, reason: str) -> None:
-        """Unload a model once the requests holding it are answered. The stop runs on its own
-        task: if the request waiting for it is cancelled (its client left), the runner still stops."""
+    def _retire(self, entry: LoadedModel, reason: str) -> asyncio.Future[None]:
+        """Unload a model once the requests holding it are answered: no new request gets it now,
+        and the stop runs on its own task (awaited shielded: a waiter that leaves stops nothing)."""
         self._leave(entry)
-        await asyncio.shield(self._spawn(self._stop_when_idle(entry, reason)))
+        return self._spawn(self._stop_when_idle(entry, reason))
 
     async def _stop_when_idle(self, entry: LoadedModel, reason: str) -> None:
+        # Waits for the runner's own requests, holding nothing: a stuck one is killed by close().
         started_s = self._clock()
         await entry.idle.wait()
         await self._stop(entry, reason, self._settings.shutdown_timeout_s, started_s)
 
     async def _stop(self, entry: LoadedModel, reason: str, timeout_s: float, started_s: float) -> None:
-        """Stop a runner; until its process has exited, its memory still counts."""
+        """Stop a runner; until its process has exited, its memory still counts. A second stop of
+        the same runner (close() while it drained) bounds the wait by its own timeout, and is not
+        counted again."""
+        first = entry.status is not RunnerStatus.STOPPING
         entry.status = RunnerStatus.STOPPING
         self._leaving.add(entry)
         try:
             await entry.runner.stop(timeout_s)
         finally:
             self._leaving.discard(entry)
-            self._runner_gone.set()
-            self._runner_gone = asyncio.Event()
-        self._metrics.model_unloaded(entry.name, reason, self._clock() - started_s)
+            self._notify_memory()
+        if first:
+            self._metrics.model_unloaded(entry.name, reason, self._clock() - started_s)
 
     # -- memory ----------------------------------------------------------------------------------
 
@@ -438,19 +516,6 @@ class Scheduler:
         held = loading + sum(e.counted_bytes for e in runners)
         return fits(required_bytes, budget, held, self._settings.max_memory_bytes), snapshot, budget
 
-    async def _allow_decode(self, entry: LoadedModel, decode_tokens: int) -> None:
-        """Set memory aside before a request whose decode may be longer than any the runner's
-        allowance covers (llama.cpp touches its buffers as far as a decode goes, and keeps them)."""
-        if decode_tokens <= entry.allowance_tokens:
-            return
-        if self._room(self._growth_bytes(entry, decode_tokens))[0]:
-            entry.allowance_tokens = decode_tokens
-            return
-        async with self._load_lock:  # making room is one caller's at a time, as for a load
-            if decode_tokens > entry.allowance_tokens:
-                await self._make_room(entry.name, self._growth_bytes(entry, decode_tokens), growing=entry)
-                entry.allowance_tokens = decode_tokens
-
     @staticmethod
     def _growth_bytes(entry: LoadedModel, decode_tokens: int) -> int:
         """What counting the runner for a decode of `decode_tokens` adds to what it counts now."""
@@ -465,49 +530,57 @@ class Scheduler:
         entry.refresh()
         self._metrics.context_renewed(entry.name)
 
-    async def _make_room(self, name: str, required_bytes: int, growing: LoadedModel | None = None) -> None:
-        """Make `required_bytes` fit: idle runners that grew give memory back first, then idle models
-        are unloaded; wait (up to load_timeout) for busy ones and for runners on their way out;
-        refuse at once, evicting nothing, if it never could. `growing` is the runner that needs the
-        room: it is neither renewed nor evicted for itself."""
+    async def _make_room(
+        self, name: str, required_bytes: int, deadline_s: float, growing: LoadedModel | None = None
+    ) -> None:
+        """Return once `required_bytes` fits; the caller sets it aside in the same step. Idle runners
+        that grew give memory back first, then idle models are unloaded (one caller at a time);
+        if busy runners or runners on their way out hold the memory, wait for them with no lock
+        held, up to the deadline (MemoryBusy); refuse at once, evicting nothing, if it never could
+        fit. `growing` is the runner that needs the room: it is neither renewed nor evicted for itself."""
+        while True:
+            async with self._holding(self._room_lock, deadline_s, f"room for {name}"):
+                shortfall = await self._evict_for(name, required_bytes, deadline_s, growing)
+                changed = self._memory_changed  # in the step that found no room: no change is missed
+            if shortfall is None:
+                return
+            try:
+                async with asyncio.timeout_at(deadline_s):
+                    await changed.wait()
+            except TimeoutError:
+                snapshot, budget = shortfall
+                raise MemoryBusy(
+                    self._memory_report(name, required_bytes, snapshot, budget)
+                    + f"; waited {self._settings.load_timeout_s:g}s (load_timeout) for busy models"
+                ) from None
+
+    async def _evict_for(
+        self, name: str, required_bytes: int, deadline_s: float, growing: LoadedModel | None
+    ) -> tuple[MemorySnapshot, int] | None:
+        """Renew or unload idle runners until `required_bytes` fits (None), or only busy runners and
+        runners on their way out are left to free it: the snapshot and budget of that shortfall.
+        Waits only on idle runners (a renewal, an exit), never on a request."""
         max_loaded = self._settings.max_loaded_models
-        deadline_s = asyncio.get_running_loop().time() + self._settings.load_timeout_s
         while True:
             room, snapshot, budget = self._room(required_bytes)
-            count_ok = growing is not None or max_loaded == 0 or len(self._loaded) < max_loaded
+            count_ok = growing is not None or max_loaded == 0 or len(self._loaded) + len(self._loading) < max_loaded
             if room and count_ok:
-                return
+                return None
             others = [e for e in self._loaded.values() if e is not growing]
             grown = [e for e in others if e.refcount == 0 and e.grown]
             if grown and not room:
-                await self._renew(min(grown, key=lambda e: e.last_used_s))
+                await self._until(deadline_s, self._renew(min(grown, key=lambda e: e.last_used_s)), f"room for {name}")
                 continue
             candidates = [EvictionCandidate(e.name, e.refcount > 0, e.last_used_s, e.counted_bytes) for e in others]
             leaving = [EvictionCandidate(e.name, True, e.last_used_s, e.counted_bytes) for e in self._leaving]
             if not could_ever_fit(required_bytes, budget, candidates + leaving, self._max_memory_left(growing)):
                 raise InsufficientMemory(self._memory_report(name, required_bytes, snapshot, budget))
             victim = pick_victim(candidates)
-            if victim is not None:
-                log.info("unloading %s to make room for %s", victim.name, name)
-                await self._retire(self._loaded[victim.name], "evicted")
-                continue
-            # Every other model is busy, or memory is still held by runners on their way out.
-            waits = [asyncio.ensure_future(e.idle.wait()) for e in others]
-            waits.append(asyncio.ensure_future(self._runner_gone.wait()))
-            try:
-                done, _pending = await asyncio.wait(
-                    waits,
-                    timeout=max(0.0, deadline_s - asyncio.get_running_loop().time()),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                for waiter in waits:
-                    waiter.cancel()
-            if not done:
-                raise MemoryBusy(
-                    self._memory_report(name, required_bytes, snapshot, budget)
-                    + f"; waited {self._settings.load_timeout_s:g}s (load_timeout) for busy models"
-                )
+            if victim is None:
+                return snapshot, budget
+            log.info("unloading %s to make room for %s", victim.name, name)
+            stopped = self._retire(self._loaded[victim.name], "evicted")
+            await self._until(deadline_s, asyncio.shield(stopped), f"{victim.name} to stop")
 
     def _max_memory_left(self, growing: LoadedModel | None) -> int:
         """max_memory as far as making room can go: a growing runner keeps what it holds."""
@@ -540,28 +613,52 @@ class Scheduler:
 
     async def unload_canonical(self, canonical: str, reason: str = "requested") -> bool:
         """Unload by canonical name, whether or not the store still has it (used by delete)."""
-        async with self._model_locks[canonical]:  # not the load lock: another model's load goes on
+        async with self._model_locks[canonical]:  # after a load of this model, not others' loads
             entry = self._loaded.get(canonical)
             if entry is None:
                 return False
-            await self._retire(entry, reason)
-            return True
+            stopped = self._retire(entry, reason)
+        await asyncio.shield(stopped)  # after its requests in flight, holding no lock
+        return True
 
     # -- shutdown --------------------------------------------------------------------------------
 
-    async def close(self, timeout_s: float) -> None:
-        """Stop admitting; let admitted requests finish, then stop every runner, all within
-        `timeout_s`. A runner still busy at the end is killed, and its requests get ShuttingDown."""
-        self._shutting_down = True
+    def stop_deadline_s(self, timeout_s: float) -> float:
+        """The one deadline of the whole stop, in loop time: fixed by the first caller (the shutdown
+        sequence), and the same for every later part of the stop."""
         deadline_s = asyncio.get_running_loop().time() + timeout_s
+        if self._stop_deadline_s is None or deadline_s < self._stop_deadline_s:
+            self._stop_deadline_s = deadline_s
+        return self._stop_deadline_s
+
+    async def close(self, timeout_s: float) -> None:
+        """Stop admitting; let admitted requests finish, then stop every runner, draining ones
+        included, all within `timeout_s` (or the stop's deadline, if one is already set). A runner
+        still busy at the end is killed, and its requests get ShuttingDown."""
+        self._shutting_down = True
+        loop = asyncio.get_running_loop()
+        deadline_s = self.stop_deadline_s(timeout_s)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(deadline_s):
                 await self._drained.wait()
-        entries = list(self._loaded.values())
-        for entry in entries:
+        for entry in list(self._loaded.values()):
             self._leave(entry)
-        remaining_s = max(0.0, deadline_s - asyncio.get_running_loop().time())
-        await asyncio.gather(*(self._stop(entry, "shutdown", remaining_s, self._clock()) for entry in entries))
-        for task in list(self._background):
-            with contextlib.suppress(Exception):
-                await task
+        self._closed = True
+        runners = list(self._leaving)  # loaded until now, draining, and stopping
+        remaining_s = max(0.0, deadline_s - loop.time())
+        await asyncio.gather(*(self._stop(entry, "shutdown", remaining_s, self._clock()) for entry in runners))
+        # The stops on their own tasks end once their runners' requests are answered; one that has
+        # not by the deadline is cancelled, not waited for.
+        background = list(self._background)
+        if background:
+            _done, pending = await asyncio.wait(background, timeout=max(0.0, deadline_s - loop.time()))
+            for task in pending:
+                task.cancel()
+
+
+def decode_tokens_for(params: LlamaParams, load: LoadOptions, limit_tokens: int, longest_input_tokens: int) -> int:
+    """The largest decode a request can cause on a runner of `params`: its token budget (capped at
+    a ubatch), or its longest input, cut at its context, alone in one decode (at most n_batch)."""
+    batch_tokens = min(load.batch_tokens or params.batch_tokens, params.n_ubatch)
+    longest = min(longest_input_tokens, limit_tokens, params.limit_tokens)
+    return decode_tokens_needed(batch_tokens, longest, params.n_batch)

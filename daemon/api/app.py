@@ -270,12 +270,17 @@ def build_app(
         app[PULLS] = PullManager(store, hub, jobs, disk_free_bytes or disk_free, metrics.pulled)
         metrics.watch_state(lambda: daemon_state(app))
         yield
-        # Shutdown: long jobs stop at their next chunk, then requests drain and runners stop.
+        # Shutdown: long jobs stop at their next chunk, then requests drain and runners stop, all by
+        # one deadline: the shutdown sequence's (service.shut_down), when it ran first.
+        deadline_s = scheduler.stop_deadline_s(settings.shutdown_timeout_s)
         jobs.cancel_all()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(settings.shutdown_timeout_s):
+            async with asyncio.timeout_at(deadline_s):
                 await app[PULLS].wait_finished()
-        await vocabularies.close()
+        # Shielded: past the deadline, the vocabulary runners (stdin closed) go on exiting by themselves.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline_s):
+                await asyncio.shield(vocabularies.close())
         await scheduler.close(settings.shutdown_timeout_s)
         jobs.close()
 
