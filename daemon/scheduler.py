@@ -102,7 +102,13 @@ class LoadedModel:
         """What it would count with memory set aside for a decode of `allowance_tokens`."""
         params = self.params
         return counted_bytes(
-            self.shape, params.n_batch, self.measured_bytes, self.measured_at_tokens, allowance_tokens, params.n_ubatch
+            self.shape,
+            params.n_batch,
+            self.measured_bytes,
+            self.measured_at_tokens,
+            allowance_tokens,
+            params.n_ubatch,
+            self.runner.unused_quick_lane_tokens,
         )
 
     @property

@@ -245,8 +245,10 @@ def test_the_estimates_are_within_25_percent_of_what_a_runner_adds_at_its_longes
     )
     assert 0.75 <= estimate / peak_added <= 1.25
     assert 0.75 <= held / added <= 1.25
-    # What the scheduler counts (and /api/ps shows) is what the runner added to the service's memory.
-    assert 0.9 <= shown / added <= 1.1
+    # What the scheduler counts (and /api/ps shows) is what the runner added to the service's memory,
+    # and the quick lane's buffers, which llama.cpp touches at its first decode (none here: all-MiniLM's
+    # 8.6 MB are 10% of its 86).
+    assert 0.9 <= shown / added <= 1.2
 
 
 def ps_size(url: str, model: str) -> int:

@@ -33,7 +33,7 @@ from daemon.api.common import (
 )
 from daemon.api.embedding import embed_inputs
 from daemon.errors import EmberdError, InvalidInput, InvalidModelFile, NotEmbeddingModel, UnknownModel
-from daemon.gguf_info import format_parameter_size, read_gguf_facts
+from daemon.gguf_info import cached_gguf_facts, format_parameter_size
 from daemon.names import canonical_name
 from daemon.options import parse_options
 from daemon.prompts import check_prompts
@@ -317,7 +317,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
 async def show(request: web.Request) -> web.Response:
     document = await read_json_object(request)
     model = await asyncio.to_thread(request.app[STORE].get, model_name(document))
-    facts = await asyncio.to_thread(read_gguf_facts, model.blob_path)
+    facts = await asyncio.to_thread(cached_gguf_facts, model.blob_path)  # read again only if the file changed
     model_info = {**facts.metadata, "general.parameter_count": facts.parameter_count}
     return json_response(
         {
