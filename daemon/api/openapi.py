@@ -692,8 +692,14 @@ def error_reasons(route: Route, error_status: ErrorTable) -> dict[int, list[str]
     reasons: dict[int, list[str]] = {}
     for error in errors:
         reasons.setdefault(status_of(error, error_status), []).append(f"{error.__name__}: {_first_line(error.__doc__)}")
+    reasons.setdefault(403, []).append(
+        "a page of another origin: an Origin that is not emberd's own, a loopback page or in cors_origins"
+    )
     if route.request is not None:
         reasons.setdefault(413, []).append("the body is larger than max_body_bytes (EMBERD_MAX_BODY_BYTES)")
+        reasons.setdefault(503, []).append(
+            "the bodies in flight would pass bodies_in_flight (EMBERD_BODIES_IN_FLIGHT): Retry-After says when to retry"
+        )
     return dict(sorted(reasons.items()))
 
 
@@ -758,7 +764,8 @@ def build_document(error_status: ErrorTable) -> dict[str, Any]:
             "version": __version__,
             "summary": "A local embedding daemon: Ollama's embedding API on llama.cpp, plus OpenAI's and reranking",
             "description": "Errors are {error: message} (OpenAI's body on /v1/). Every route answers 403 to "
-            "a Host header that is not local while the daemon is bound to loopback, and, with api_keys_file "
+            "a Host header that is not local while the daemon is bound to loopback and to a page of another "
+            "origin (an Origin header not its own, a loopback page's or in cors_origins), and, with api_keys_file "
             "set, 401 without `Authorization: Bearer KEY` (except /, /healthz and /readyz). With "
             "cors_origins set, OPTIONS preflights get 204.",
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
