@@ -3,11 +3,13 @@ that neither block short requests nor hold up a stop."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
 import statistics
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -238,3 +240,32 @@ def status_and_error(url: str, body: dict[str, object]) -> tuple[int, str]:
             return int(response.status), ""
     except urllib.error.HTTPError as error:
         return int(error.code), str(json.loads(error.read())["error"])
+
+
+def test_a_pull_stuck_in_a_read_does_not_stretch_a_short_budget(
+    tmp_path: Path, tiny_dir: Path, big_ggufs: list[bytes]
+) -> None:
+    """A pull whose job thread is blocked in a read (the Hub never sends) cannot hold the stop past
+    a short budget: its stream ends, and the daemon exits without waiting for the thread."""
+    data = big_ggufs[0]
+    sha256 = hashlib.sha256(data).hexdigest()
+    hub = FakeHub()
+    hub.add_repo("Owner/Stuck-GGUF", {"stuck-F32.gguf": data})
+    released = hub.hold[sha256] = threading.Event()  # the Hub never starts the transfer
+    hub.start()
+    budget_s = 1.0
+    environ = {"HF_ENDPOINT": hub.url, "EMBERD_SHUTDOWN_TIMEOUT": f"{budget_s:g}s"}
+    try:
+        with running_daemon(tmp_path / "home", {"tiny": tiny_dir}, environ) as daemon:
+            with ThreadPoolExecutor(1) as pool:
+                pulled = pool.submit(lambda: list(pull_events(daemon.url, "hf.co/Owner/Stuck-GGUF")))
+                wait_for(lambda: hub.transfers_started[sha256] == 1)  # the job now waits in a read
+                daemon.signal_group(signal.SIGTERM)
+                signalled_s = time.monotonic()
+                daemon.process.wait(timeout=30)
+                assert time.monotonic() - signalled_s <= budget_s + 0.5
+                with contextlib.suppress(Exception):  # the stream ended with an error line, or was cut
+                    pulled.result(timeout=30)
+    finally:
+        released.set()
+        hub.stop()
