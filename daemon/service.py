@@ -12,7 +12,9 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,24 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # (503s), closing connections and exiting.
 FINAL_RESERVE_FRACTION = 0.1
 FINAL_RESERVE_MAX_S = 3.0
+
+
+# Threads for the blocking calls of handlers (asyncio.to_thread: store reads, token decoding), as
+# many as asyncio's default pool would grow to.
+IO_THREADS = min(32, (os.cpu_count() or 1) + 4)
+
+
+def start_io_threads(loop: asyncio.AbstractEventLoop, count: int = IO_THREADS) -> ThreadPoolExecutor:
+    """The loop's default executor with all its threads started now. asyncio's own pool starts a
+    thread whenever a call finds none idle, so under load it grows by one now and then until its
+    cap, which a leak check cannot tell from a leak; this one's thread count never changes."""
+    pool = ThreadPoolExecutor(count, thread_name_prefix="emberd-io")
+    all_started = threading.Barrier(count)
+    # Each call blocks until all have started, so no call finds a thread idle: `count` threads.
+    for _ in range(count):
+        pool.submit(all_started.wait, 10.0)
+    loop.set_default_executor(pool)
+    return pool
 
 
 @dataclass(frozen=True)
@@ -114,6 +134,7 @@ async def serve(settings: Settings, wanted: Sequence[tuple[str, Path]] = (), sys
     Returns the exit status. A second stop signal exits at once (status 128 + signal).
     """
     systemd = systemd or SystemdLink()
+    start_io_threads(asyncio.get_running_loop())
     app = build_app(settings)
     # handler_cancellation: a client that disconnects cancels its handler, and so its request in the
     # runner (the sequences not decoded yet are dropped); every path is written to survive that.

@@ -16,7 +16,7 @@ import pytest
 from daemon.config import load_settings
 from daemon.errors import InvalidConfig
 from daemon.jobs import Cancelled, CancelToken, JobExecutor
-from daemon.service import SystemdLink
+from daemon.service import SystemdLink, start_io_threads
 from tests.live import running_daemon
 
 
@@ -189,3 +189,19 @@ def test_the_daemon_fixes_glibcs_mmap_threshold_unless_the_user_did() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["True", "False"]  # Linux and glibc, as here and in CI
+
+
+def test_the_io_threads_start_at_once_and_concurrent_calls_add_none() -> None:
+    async def main() -> tuple[int, int, int]:
+        before = threading.active_count()
+        pool = start_io_threads(asyncio.get_running_loop(), 4)
+        started = threading.active_count()
+        for _ in range(3):  # every thread busy at once: a growing pool would start new ones here
+            all_busy = threading.Barrier(4)
+            await asyncio.gather(*(asyncio.to_thread(all_busy.wait, 10.0) for _ in range(4)))
+        after = threading.active_count()
+        pool.shutdown()
+        return before, started, after
+
+    before, started, after = asyncio.run(main())
+    assert (started - before, after) == (4, started)

@@ -256,16 +256,15 @@ def test_a_pull_stuck_in_a_read_does_not_stretch_a_short_budget(
     budget_s = 1.0
     environ = {"HF_ENDPOINT": hub.url, "EMBERD_SHUTDOWN_TIMEOUT": f"{budget_s:g}s"}
     try:
-        with running_daemon(tmp_path / "home", {"tiny": tiny_dir}, environ) as daemon:
-            with ThreadPoolExecutor(1) as pool:
-                pulled = pool.submit(lambda: list(pull_events(daemon.url, "hf.co/Owner/Stuck-GGUF")))
-                wait_for(lambda: hub.transfers_started[sha256] == 1)  # the job now waits in a read
-                daemon.signal_group(signal.SIGTERM)
-                signalled_s = time.monotonic()
-                daemon.process.wait(timeout=30)
-                assert time.monotonic() - signalled_s <= budget_s + 0.5
-                with contextlib.suppress(Exception):  # the stream ended with an error line, or was cut
-                    pulled.result(timeout=30)
+        with running_daemon(tmp_path / "home", {"tiny": tiny_dir}, environ) as daemon, ThreadPoolExecutor(1) as pool:
+            pulled = pool.submit(lambda: list(pull_events(daemon.url, "hf.co/Owner/Stuck-GGUF")))
+            wait_for(lambda: hub.transfers_started[sha256] == 1)  # the job now waits in a read
+            daemon.signal_group(signal.SIGTERM)
+            signalled_s = time.monotonic()
+            daemon.process.wait(timeout=30)
+            assert time.monotonic() - signalled_s <= budget_s + 0.5
+            with contextlib.suppress(Exception):  # the stream ended with an error line, or was cut
+                pulled.result(timeout=30)
     finally:
         released.set()
         hub.stop()
