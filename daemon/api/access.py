@@ -14,12 +14,19 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from daemon.api.common import EXPOSED_HEADERS, SETTINGS, error_response
+from daemon.api.docs import DOCS_FILES, DOCS_FILES_PREFIX, DOCS_PATH
 from daemon.errors import InvalidConfig
 
 log = logging.getLogger(__name__)
 LOCAL_HOST_NAMES = ("localhost", "127.0.0.1", "[::1]")
 # Routes a load balancer or a liveness probe reaches without a key.
-OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
+PROBE_PATHS = frozenset({"/", "/healthz", "/readyz"})
+# Read-only pages a browser loads before its user can type a key: the API's description and the docs
+# page (and the page's files, DOCS_FILES_PREFIX + one of DOCS_FILES). Only GET and HEAD of them are open.
+OPEN_PAGES = frozenset({"/openapi.json", DOCS_PATH})
+# Every path some request reaches without a key (what /openapi.json documents without a 401).
+OPEN_PATHS = PROBE_PATHS | OPEN_PAGES
+READ_METHODS = frozenset({"GET", "HEAD"})
 CORS_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
 CORS_MAX_AGE_S = 600
@@ -103,6 +110,17 @@ def cross_origin_refused(
         return True
     own = _origin_parts(f"{scheme}://{host_header}")
     return own != parts
+
+
+def is_open(method: str, path: str) -> bool:
+    """Whether a request needs no API key: the probes, and reading the pages and files a browser
+    loads before its user can type a key (the calls the docs page makes carry the key)."""
+    if path in PROBE_PATHS:
+        return True
+    if method not in READ_METHODS:
+        return False
+    name = path.removeprefix(DOCS_FILES_PREFIX)
+    return path in OPEN_PAGES or (name != path and name in DOCS_FILES)
 
 
 def parse_api_keys(text: str) -> list[str]:
@@ -227,7 +245,7 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
 @web.middleware
 async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     api_keys = request.app.get(API_KEYS)
-    if api_keys is None or request.path in OPEN_PATHS:
+    if api_keys is None or is_open(request.method, request.path):
         return await handler(request)
     token = bearer_token(request.headers.get("Authorization"))
     if token is None or not api_keys.accepts(token):

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from daemon import __version__
-from daemon.api import ollama, openai, openapi, ops, rerank, tokens
+from daemon.api import docs, ollama, openai, openapi, ops, rerank, tokens
 from daemon.api.access import (
     API_KEYS,
     ApiKeys,
@@ -291,6 +291,7 @@ def build_app(
     rerank.add_routes(app)
     ops.add_routes(app)
     openapi.add_routes(app, ERROR_STATUS)
+    docs.add_routes(app)
     return app
 
 
