@@ -4,7 +4,17 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import Settings, load_settings, parse_go_duration_s, parse_host
+from daemon import config_docs
+from daemon.config import (
+    Settings,
+    format_go_duration,
+    format_size,
+    load_settings,
+    parse_go_duration_s,
+    parse_host,
+    parse_size_bytes,
+    unknown_environment_settings,
+)
 from daemon.errors import InvalidConfig
 
 CONFIG_FILE = Path(__file__).parents[1] / "configs" / "emberd.toml"
@@ -107,3 +117,67 @@ def test_huggingface_hub_variables_are_honoured() -> None:
     assert (settings.hub_endpoint, settings.hub_offline) == ("http://127.0.0.1:9", True)
     assert load_settings({"HF_HUB_OFFLINE": "0"}).hub_offline is False
     assert load_settings({"HF_HUB_OFFLINE": "1", "EMBERD_HUB_OFFLINE": "false"}).hub_offline is False
+
+
+@pytest.mark.parametrize("path", [config_docs.TOML_PATH, config_docs.PAGE_PATH], ids=lambda path: path.name)
+def test_the_documents_are_what_the_declaration_generates(path: Path) -> None:
+    """configs/emberd.toml and docs/configuration.md's table come from daemon/config.py's declarations;
+    after changing one, `python -m daemon.config_docs --write` writes them again."""
+    assert path.read_text(encoding="utf-8") == config_docs.documents()[path], (
+        f"{path.name} differs from the declarations: run {config_docs.COMMAND}"
+    )
+
+
+def test_the_table_shows_each_setting_with_its_variable_type_and_default() -> None:
+    table = config_docs.render_table()
+    for row in [
+        "| `EMBERD_KEEP_ALIVE` | duration | `5m` |",
+        "| `EMBERD_BODIES_IN_FLIGHT` | size | `128MiB` |",
+        "| `EMBERD_MEMORY_RESERVE_MIB` | integer (MiB) | `512` |",
+        "| `EMBERD_HUB_OFFLINE` (or `HF_HUB_OFFLINE`) | boolean | `false` |",
+        "| `EMBERD_CORS_ORIGINS` | list | none |",
+        "| `EMBERD_HOME` | path | `~/.local/share/emberd` |",
+    ]:
+        assert row in table
+    assert "EMBERD_PORT" not in table  # the port is part of EMBERD_HOST
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.0, "0s"), (30.0, "30s"), (120.0, "2m"), (300.0, "5m"), (3600.0, "1h"), (5400.0, "1h30m"),
+     (3661.0, "1h1m1s"), (1.5, "1.5s"), (-60.0, "-1m")],
+)  # fmt: skip
+def test_durations_are_shown_as_people_write_them(seconds: float, text: str) -> None:
+    assert format_go_duration(seconds) == text
+    assert parse_go_duration_s(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("size_bytes", "text"),
+    [(0, "0"), (1000, "1000"), (1024, "1KiB"), (128 << 20, "128MiB"), (1536 << 20, "1536MiB"), (4 << 30, "4GiB")],
+)
+def test_sizes_are_shown_in_the_largest_whole_unit(size_bytes: int, text: str) -> None:
+    assert format_size(size_bytes) == text
+    assert parse_size_bytes(text) == size_bytes
+
+
+@pytest.mark.parametrize(
+    ("variable", "expected"),
+    [
+        ("EMBERD_BODIES_IN_FLIGHT_BYTES", "did you mean EMBERD_BODIES_IN_FLIGHT?"),
+        ("EMBERD_QUICKLANE", "did you mean EMBERD_QUICK_LANE?"),
+        ("EMBERD_LOAD_TIMEOUT_S", "did you mean EMBERD_LOAD_TIMEOUT?"),
+    ],
+)
+def test_the_warning_names_the_declared_variable(variable: str, expected: str) -> None:
+    """Variables are named by the file's keys (durations without "_s", sizes without "_bytes")."""
+    (warning,) = unknown_environment_settings({variable: "1"})
+    assert warning.endswith(expected)
+
+
+@pytest.mark.parametrize("field_name", ["bodies_in_flight_bytes", "keep_alive_s", "port"])
+def test_the_file_takes_keys_not_field_names(tmp_path: Path, field_name: str) -> None:
+    config = tmp_path / "emberd.toml"
+    config.write_text(f"{field_name} = 1\n")
+    with pytest.raises(InvalidConfig, match=f"unknown setting '{field_name}'"):
+        load_settings({}, config)
