@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import re
-from datetime import datetime
 from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
 
 import msgspec
@@ -25,7 +24,7 @@ from daemon.errors import InvalidInput, MissingBody
 from daemon.names import MAX_NAME_LENGTH
 from daemon.prompts import INPUT_TYPE_PROMPTS, MAX_PROMPT_CHARS
 
-# What /v1/embeddings sends vectors as; the handlers' ENCODING_FORMATS.
+# What /v1/embeddings may send vectors as (encoding_format).
 ENCODING_FORMATS: Final = ("float", "base64")
 # The converter's output types (daemon.convert.OUTPUT_TYPES, which the daemon imports only to convert).
 QUANTIZE_TYPES: Final = ("f32", "f16", "q8_0")
@@ -89,6 +88,8 @@ Quantize = Annotated[
     ),
 ]
 Count = Annotated[int, Meta(ge=0)]
+# An ISO 8601 time, as the handlers write it (datetime.isoformat).
+Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
 Nanoseconds = Annotated[int, Meta(ge=0, description="nanoseconds")]
 Vector = Annotated[list[float], Meta(description="float32 values")]
 Windows = Annotated[int, Meta(ge=1, description="windows the input was split into (with split_long_inputs)")]
@@ -142,21 +143,20 @@ def _decoder(kind: type[BodyType]) -> msgspec.json.Decoder[BodyType]:
 
 
 def problem_message(kind: type[Body], error: msgspec.ValidationError) -> str:
-    """The message a client gets for a body msgspec refused: the model's own for that field, else
-    msgspec's (naming the field)."""
+    """The message a client gets for a body msgspec refused: the model's own for that field (for a
+    wrong type, or a value out of its bounds), else msgspec's, naming the field."""
     text = str(error)
     found = _PATH.search(text)
     if found is None or not found.group(1):
         return "request body must be a JSON object" if text.startswith("Expected `object`") else text
     path = _INDEX.sub("[]", found.group(1))
     wrong_type = ", got `" in text or "missing required field" in text
-    tables = (kind.problems,) if wrong_type else (kind.bounds, kind.problems)
+    table = kind.problems if wrong_type else kind.bounds
     prefixes = [path[:end] for end in range(len(path), 0, -1) if end == len(path) or path[end] in ".["]
-    for table in tables:
-        for prefix in prefixes:
-            if prefix in table:
-                return table[prefix]
-    return f"{path}: {text[: found.start()]}"
+    for prefix in prefixes:
+        if prefix in table:
+            return table[prefix]
+    return f"{found.group(1)}: {text[: found.start()]}"
 
 
 def decode_body(body: bytes | bytearray, kind: type[BodyType]) -> BodyType:
@@ -464,7 +464,7 @@ class ModelDetails(Answer, kw_only=True):
 class StoredModelEntry(Answer, kw_only=True):
     name: str
     model: str
-    modified_at: datetime
+    modified_at: Timestamp
     size: Annotated[int, Meta(ge=0, description="bytes")]
     digest: Annotated[str, Meta(description="sha256 of the GGUF file, hex")]
     details: ModelDetails
@@ -474,12 +474,12 @@ class StoredModelEntry(Answer, kw_only=True):
 class LoadedModelEntry(Answer, kw_only=True):
     name: str
     model: str
-    modified_at: datetime
+    modified_at: Timestamp
     size: Annotated[int, Meta(ge=0, description="bytes the scheduler counts for it")]
     digest: Annotated[str, Meta(description="sha256 of the GGUF file, hex")]
     details: ModelDetails
     capabilities: list[str]
-    expires_at: Annotated[datetime, Meta(description="when it unloads if idle (far in the future: never)")]
+    expires_at: Annotated[Timestamp, Meta(description="when it unloads if idle (far in the future: never)")]
     size_vram: Count
     context_length: Annotated[int, Meta(ge=0, description="tokens an input may have")]
 
@@ -580,7 +580,7 @@ class ShowAnswer(Answer, kw_only=True):
         dict[str, Any], Meta(description="the GGUF's metadata (arrays as null) and general.parameter_count")
     ]
     capabilities: list[str]
-    modified_at: datetime
+    modified_at: Timestamp
     prompts: dict[str, str]
     default_prompt_name: str | None
 
@@ -598,7 +598,7 @@ class Success(Answer, kw_only=True):
 
 class Unloaded(Answer, kw_only=True):
     model: str
-    created_at: datetime
+    created_at: Timestamp
     response: Literal[""]
     done: Literal[True]
     done_reason: Literal["unload"]

@@ -1,9 +1,10 @@
-"""GET /openapi.json: an OpenAPI 3.1 description of every route emberd serves.
+"""GET /openapi.json: an OpenAPI 3.1 description of every route emberd serves, generated.
 
-The document is built once, when the app is, by a pure function: each route's request body (types,
-required fields, enums), its answers, and its errors. An error's status comes from the error table
-(daemon.api.app's ERROR_STATUS), and each status is described by the error classes that map to it,
-so the document cannot drift from the table. tests/test_openapi.py holds the document to the app's
+The document is built once, when the app is, by a pure function: each route's request body and
+answers are the models of daemon.api.models (their JSON Schemas come from msgspec, from the same
+declarations that decode the requests), and each route's errors come from the error table
+(daemon.api.app's ERROR_STATUS): each status is described by the error classes that map to it, so
+the document cannot drift from the table. tests/test_openapi.py holds the document to the app's
 routes both ways; tests/reliability/fuzz_routes.py draws its requests from it.
 """
 
@@ -14,10 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import msgspec
 import orjson
 from aiohttp import web
 
 from daemon import __version__
+from daemon.api import models
 from daemon.api.access import OPEN_PATHS
 from daemon.api.common import (
     JSON_CONTENT_TYPE,
@@ -26,8 +29,6 @@ from daemon.api.common import (
     TRUNCATED_HEADER,
     error_body,
 )
-from daemon.api.openai import ENCODING_FORMATS
-from daemon.api.tokens import MAX_DETOKENIZE_TOKENS
 from daemon.errors import (
     BlobMissing,
     ContextExceeded,
@@ -53,333 +54,26 @@ from daemon.errors import (
     UnknownModel,
     UnreadableManifest,
 )
-from daemon.names import MAX_NAME_LENGTH
-from daemon.prompts import INPUT_TYPE_PROMPTS, MAX_PROMPT_CHARS
 
 OPENAPI_PATH: Final = "/openapi.json"
 Schema = dict[str, Any]
 ErrorTable = Sequence[tuple[type[EmberdError], int]]
-
-# -- schema helpers ---------------------------------------------------------------------------------
+# A 2xx answer's body: a model of daemon.api.models, or (text, and this document) a plain schema.
+Content = type[msgspec.Struct] | Schema
+REF_TEMPLATE: Final = "#/components/schemas/{name}"
 
 
 def ref(name: str) -> Schema:
-    return {"$ref": f"#/components/schemas/{name}"}
+    return {"$ref": REF_TEMPLATE.format(name=name)}
 
 
-def obj(properties: dict[str, Schema], required: Sequence[str] = (), *, closed: bool = True, **extra: Any) -> Schema:
-    """An object schema. Answers are closed (every field documented); request bodies are open, as
-    the daemon ignores fields it does not know."""
-    schema: Schema = {"type": "object", "properties": properties, **extra}
-    if required:
-        schema["required"] = list(required)
-    if closed:
-        schema.setdefault("additionalProperties", False)
-    return schema
-
-
-def body(properties: dict[str, Schema], required: Sequence[str] = (), **extra: Any) -> Schema:
-    return obj(properties, required, closed=False, **extra)
-
-
-def array(items: Schema, **extra: Any) -> Schema:
-    return {"type": "array", "items": items, **extra}
-
-
-def typed(kind: str | list[str], description: str = "", **extra: Any) -> Schema:
-    schema: Schema = {"type": kind, **extra}
-    if description:
-        schema["description"] = description
-    return schema
-
-
-STRING: Final = typed("string")
-INTEGER: Final = typed("integer")
-NUMBER: Final = typed("number")
-BOOLEAN: Final = typed("boolean")
-NANOSECONDS: Final = typed("integer", "nanoseconds", minimum=0)
-
-
-def model_field(description: str = "a model name: an alias, name:tag or hf.co/{owner}/{repo}[:{quant}]") -> Schema:
-    return typed(
-        "string", description, minLength=1, maxLength=MAX_NAME_LENGTH, examples=["all-minilm", "hf.co/owner/repo:Q8_0"]
-    )
-
-
-# Older Ollama clients send `name` where newer ones send `model`.
-LEGACY_NAME: Final = {**model_field("older clients' spelling of `model`"), "deprecated": True}
-GO_DURATION_PATTERN: Final = r"^\s*[+-]?(0|((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+)\s*$"
-KEEP_ALIVE: Final = {
-    "description": "how long the model stays loaded after this request: seconds, or a Go duration; "
-    "negative = forever, 0 = unload when idle; absent leaves it as it is",
-    "oneOf": [typed("string", pattern=GO_DURATION_PATTERN, examples=["5m", "1h30m", "-1m", "300ms", "0"]), NUMBER],
-}
-PROMPT_NAME: Final = typed("string", "one of the model's prompts, put before every input (see /api/show)")
-SPLIT_LONG_INPUTS: Final = typed(
-    "boolean", "inputs over the context are embedded in overlapping windows and pooled, not cut", default=False
-)
-WINDOWS: Final = typed("integer", "windows the input was split into (with split_long_inputs)", minimum=1)
-VECTOR: Final = array(NUMBER, description="float32 values")
-
-
-def _options() -> Schema:
-    def option(kind: str, description: str, **extra: Any) -> Schema:
-        return typed([kind, "null"], description + "; null = unset", **extra)
-
-    return body(
-        {
-            "num_ctx": option("integer", "tokens an input may have (at most the trained context); 0 = all", minimum=0),
-            "num_batch": option("integer", "token budget of one llama.cpp decode", minimum=1, maximum=16384),
-            "num_thread": option("integer", "llama.cpp threads; 0 = shared among busy runners", minimum=0, maximum=512),
-            "num_gpu": option("integer", "layers offloaded to a GPU; -1 = all"),
-            "main_gpu": option("integer", "as in llama.cpp", minimum=0),
-            "use_mmap": option("boolean", "as in llama.cpp"),
-        },
-        description="runner options; unknown keys (generation options clients send along) are ignored",
-    )
-
-
-# -- request bodies ---------------------------------------------------------------------------------
-
-EMBED_REQUEST: Final = body(
-    {
-        "model": model_field(),
-        "name": LEGACY_NAME,
-        "input": {
-            "description": 'one text or several; absent, "" or [] only loads the model (with keep_alive 0, '
-            "unloads it). At most max_inputs (EMBERD_MAX_INPUTS) texts: more get 413",
-            "anyOf": [STRING, array(STRING)],
-        },
-        "truncate": typed("boolean", "cut inputs over the context (keeping the beginning); false: a 400", default=True),
-        "dimensions": typed("integer", "keep the first d values, renormalized; 0 = all", minimum=0),
-        "keep_alive": KEEP_ALIVE,
-        "options": ref("Options"),
-        "prompt_name": PROMPT_NAME,
-        "split_long_inputs": SPLIT_LONG_INPUTS,
-    },
-    ["model"],
-)
-LEGACY_EMBED_REQUEST: Final = body(
-    {
-        "model": model_field(),
-        "name": LEGACY_NAME,
-        "prompt": typed("string", "the text; empty only loads the model"),
-        "keep_alive": KEEP_ALIVE,
-        "options": ref("Options"),
-    },
-    ["model"],
-)
-TOKEN_IDS: Final = array(
-    typed("integer", minimum=0),
-    minItems=1,
-    description="token ids: OpenAI's cl100k_base (the default) or the model's own (openai_token_ids = model)",
-)
-OPENAI_EMBED_REQUEST: Final = body(
-    {
-        "model": model_field(),
-        "input": {
-            "description": "a text, texts, token ids, or lists of token ids; at most max_inputs inputs (more: 413)",
-            "oneOf": [STRING, array(STRING, minItems=1), TOKEN_IDS, array(TOKEN_IDS, minItems=1)],
-        },
-        "encoding_format": typed(
-            "string", "float (default) or base64 (little-endian float32); case-insensitive", enum=list(ENCODING_FORMATS)
-        ),
-        "dimensions": typed("integer", "keep the first d values, renormalized", minimum=1),
-        "user": STRING,
-        "prompt_name": PROMPT_NAME,
-        "input_type": typed("string", "picks the model's query or document prompt", enum=list(INPUT_TYPE_PROMPTS)),
-        "split_long_inputs": SPLIT_LONG_INPUTS,
-    },
-    ["model", "input"],
-)
-RERANK_REQUEST: Final = body(
-    {
-        "model": model_field("a reranker: a GGUF with llama.cpp's rank pooling"),
-        "query": STRING,
-        "documents": array(
-            {"anyOf": [STRING, body({"text": STRING}, ["text"])]},
-            description="texts, or {text} objects; at most max_inputs (more: 413)",
-        ),
-        "top_n": typed("integer", "at most this many results, best first", minimum=1),
-        "return_documents": typed("boolean", default=False),
-    },
-    ["model", "query", "documents"],
-)
-TOKENIZE_REQUEST: Final = body(
-    {
-        "model": model_field(),
-        "content": STRING,
-        "add_special": typed("boolean", "the special tokens the model puts around an input", default=True),
-    },
-    ["model", "content"],
-)
-DETOKENIZE_REQUEST: Final = body(
-    {"model": model_field(), "tokens": array(INTEGER, maxItems=MAX_DETOKENIZE_TOKENS)},
-    ["model", "tokens"],
-)
-NAMED_MODEL: Final = body({"model": model_field(), "name": LEGACY_NAME}, ["model"])
-PULL_REQUEST: Final = body(
-    {
-        "model": model_field(),
-        "name": LEGACY_NAME,
-        "stream": typed("boolean", "false: one JSON object at the end instead of NDJSON progress", default=True),
-    },
-    ["model"],
-)
-# The converter's output types (daemon.convert.OUTPUT_TYPES, which the daemon imports only to convert).
-QUANTIZE_TYPES: Final = ["f32", "f16", "q8_0"]
-CREATE_REQUEST: Final = body(
-    {
-        "model": model_field(),
-        "name": LEGACY_NAME,
-        "from": typed("string", "a GGUF file or a Hugging Face model directory on the daemon's machine", minLength=1),
-        "quantize": typed(
-            "string", "output type when converting a directory (case-insensitive)", enum=QUANTIZE_TYPES, default="f16"
-        ),
-        "stream": typed("boolean", "false: one JSON object at the end instead of NDJSON progress", default=True),
-        "prompts": obj(
-            {}, additionalProperties=typed("string", maxLength=MAX_PROMPT_CHARS), description="prompt name -> text"
-        ),
-        "default_prompt_name": typed("string", "one of prompts, applied when a request names none"),
-    },
-    ["model", "from"],
-)
-GENERATE_REQUEST: Final = body(
-    {
-        "model": model_field(),
-        "name": LEGACY_NAME,
-        "keep_alive": KEEP_ALIVE,
-        "prompt": typed("string", "must be absent or empty: emberd only unloads here"),
-    },
-    ["model"],
-)
-
-# -- answers ----------------------------------------------------------------------------------------
-
-DETAILS: Final = obj(
-    {
-        "parent_model": STRING,
-        "format": typed("string", const="gguf"),
-        "family": STRING,
-        "families": array(STRING),
-        "parameter_size": typed("string", examples=["22.7M"]),
-        "quantization_level": typed("string", examples=["F16", "Q8_0"]),
-    },
-    ["format", "family", "families", "parameter_size", "quantization_level"],
-)
-TAG_FIELDS: Final = {
-    "name": STRING,
-    "model": STRING,
-    "modified_at": typed("string", format="date-time"),
-    "size": typed("integer", "bytes", minimum=0),
-    "digest": typed("string", "sha256 of the GGUF file, hex"),
-    "details": ref("ModelDetails"),
-    "capabilities": array(STRING),
-}
-TAG: Final = obj(TAG_FIELDS, list(TAG_FIELDS))
-PS_FIELDS: Final = {
-    **TAG_FIELDS,
-    "size": typed("integer", "bytes the scheduler counts for it", minimum=0),
-    "expires_at": typed("string", "when it unloads if idle (far in the future: never)", format="date-time"),
-    "size_vram": typed("integer", minimum=0),
-    "context_length": typed("integer", "tokens an input may have", minimum=0),
-}
-LOADED: Final = obj(PS_FIELDS, list(PS_FIELDS))
-EMBED_ANSWER: Final = obj(
-    {
-        "model": typed("string", "the request's model, as sent"),
-        "embeddings": array(VECTOR, description="one L2-normalized vector an input, in input order"),
-        "total_duration": NANOSECONDS,
-        "load_duration": NANOSECONDS,
-        "prompt_eval_count": typed("integer", "tokens embedded, special tokens included", minimum=0),
-        "windows": array(WINDOWS, description="with split_long_inputs: windows per input"),
-    },
-    ["model", "embeddings"],
-    description='with no input, only {"model", "embeddings": []}',
-)
-LEGACY_EMBED_ANSWER: Final = obj({"embedding": VECTOR}, ["embedding"])
-OPENAI_EMBED_ANSWER: Final = obj(
-    {
-        "object": typed("string", const="list"),
-        "data": array(
-            obj(
-                {
-                    "object": typed("string", const="embedding"),
-                    "embedding": {"oneOf": [VECTOR, typed("string", "base64 of little-endian float32")]},
-                    "index": typed("integer", minimum=0),
-                    "windows": WINDOWS,
-                },
-                ["object", "embedding", "index"],
-            )
-        ),
-        "model": STRING,
-        "usage": ref("Usage"),
-    },
-    ["object", "data", "model", "usage"],
-)
-USAGE: Final = obj(
-    {"prompt_tokens": typed("integer", minimum=0), "total_tokens": typed("integer", minimum=0)},
-    ["prompt_tokens", "total_tokens"],
-)
-RERANK_ANSWER: Final = obj(
-    {
-        "id": STRING,
-        "model": STRING,
-        "results": array(
-            obj(
-                {
-                    "index": typed("integer", "the document's position in the request", minimum=0),
-                    "relevance_score": NUMBER,
-                    "document": obj({"text": STRING}, ["text"]),
-                },
-                ["index", "relevance_score"],
-            ),
-            description="best score first",
-        ),
-        "usage": ref("Usage"),
-        "meta": obj({"billed_units": obj({"search_units": INTEGER})}),
-    },
-    ["id", "model", "results", "usage"],
-)
-MODEL_OBJECT: Final = obj(
-    {
-        "id": STRING,
-        "object": typed("string", const="model"),
-        "created": typed("integer", "unix seconds"),
-        "owned_by": STRING,
-    },
-    ["id", "object", "created", "owned_by"],
-)
-SHOW_ANSWER: Final = obj(
-    {
-        "license": STRING,
-        "modelfile": STRING,
-        "parameters": STRING,
-        "template": STRING,
-        "details": ref("ModelDetails"),
-        "model_info": typed("object", "the GGUF's metadata (arrays as null) and general.parameter_count"),
-        "capabilities": array(STRING),
-        "modified_at": typed("string", format="date-time"),
-        "prompts": obj({}, additionalProperties=STRING),
-        "default_prompt_name": typed(["string", "null"]),
-    },
-    ["details", "model_info", "capabilities", "modified_at", "prompts", "default_prompt_name"],
-)
-STATUS_LINE: Final = obj(
-    {
-        "status": typed("string", examples=["pulling manifest", "verifying sha256 digest", "success"]),
-        "digest": STRING,
-        "total": typed("integer", minimum=0),
-        "completed": typed("integer", minimum=0),
-    },
-    ["status"],
-)
+# One line of application/x-ndjson: progress, or an error that came after the stream began.
 STREAM_LINE: Final = {
     "description": "one line of application/x-ndjson; the last is {status: success}, or an error that "
     "came after the stream began",
     "oneOf": [ref("StatusLine"), ref("Error")],
 }
-SUCCESS: Final = obj({"status": typed("string", const="success")}, ["status"])
+STREAMED: Final[dict[str, Content]] = {"application/x-ndjson": ref("StreamLine"), "application/json": models.Success}
 
 
 @dataclass(frozen=True)
@@ -387,12 +81,12 @@ class Answer:
     """A 2xx answer: a description, and a schema per media type (none: an empty body)."""
 
     description: str
-    content: dict[str, Schema] = field(default_factory=dict)
+    content: dict[str, Content] = field(default_factory=dict)
     headers: tuple[str, ...] = ()
 
 
-def json_answer(description: str, schema: Schema, headers: tuple[str, ...] = ()) -> Answer:
-    return Answer(description, {"application/json": schema}, headers)
+def json_answer(description: str, model: type[msgspec.Struct], headers: tuple[str, ...] = ()) -> Answer:
+    return Answer(description, {"application/json": model}, headers)
 
 
 EMBEDDING_HEADERS: Final = (MODEL_DIGEST_HEADER, LLAMA_VERSION_HEADER)
@@ -429,7 +123,7 @@ class Route:
     tag: str
     summary: str
     answer: Answer
-    request: Schema | None = None  # a JSON body
+    request: type[models.Body] | None = None  # a JSON body
     errors: tuple[type[EmberdError], ...] = ()
     other_answers: dict[int, Answer] = field(default_factory=dict)  # not errors: /readyz's 503
 
@@ -441,17 +135,17 @@ ROUTES: Final = (
         "root",
         "ollama",
         "the text Ollama clients probe for",
-        Answer("Ollama is running", {"text/plain": typed("string", const="Ollama is running")}),
+        Answer("Ollama is running", {"text/plain": {"type": "string", "const": "Ollama is running"}}),
     ),
-    Route("get", "/api/version", "version", "ollama", "emberd's version", json_answer("the version", ref("Version"))),
+    Route("get", "/api/version", "version", "ollama", "emberd's version", json_answer("the version", models.Version)),
     Route(
         "post",
         "/api/embed",
         "embed",
         "ollama",
         "embed texts",
-        json_answer("the vectors", EMBED_ANSWER, (TRUNCATED_HEADER, *EMBEDDING_HEADERS)),
-        EMBED_REQUEST,
+        json_answer("the vectors", models.EmbedAnswer, (TRUNCATED_HEADER, *EMBEDDING_HEADERS)),
+        models.EmbedRequest,
         EMBEDDING_ERRORS,
     ),
     Route(
@@ -460,8 +154,8 @@ ROUTES: Final = (
         "embeddingsLegacy",
         "ollama",
         "embed one text, the model's pooled vector as is (Ollama's legacy route)",
-        json_answer("the vector", LEGACY_EMBED_ANSWER, EMBEDDING_HEADERS),
-        LEGACY_EMBED_REQUEST,
+        json_answer("the vector", models.LegacyEmbedAnswer, EMBEDDING_HEADERS),
+        models.LegacyEmbedRequest,
         EMBEDDING_ERRORS,
     ),
     Route(
@@ -470,20 +164,8 @@ ROUTES: Final = (
         "generate",
         "ollama",
         "only the unload idiom of `ollama stop`: {model, keep_alive: 0}",
-        json_answer(
-            "the model was unloaded",
-            obj(
-                {
-                    "model": STRING,
-                    "created_at": typed("string", format="date-time"),
-                    "response": typed("string", const=""),
-                    "done": typed("boolean", const=True),
-                    "done_reason": typed("string", const="unload"),
-                },
-                ["model", "created_at", "response", "done", "done_reason"],
-            ),
-        ),
-        GENERATE_REQUEST,
+        json_answer("the model was unloaded", models.Unloaded),
+        models.GenerateRequest,
         (InvalidInput, *MODEL_LOOKUP),
     ),
     Route(
@@ -492,26 +174,20 @@ ROUTES: Final = (
         "create",
         "models",
         "register a GGUF file, or convert a Hugging Face BERT directory",
-        Answer(
-            "progress lines then success (stream), or one object (stream: false)",
-            {"application/x-ndjson": ref("StreamLine"), "application/json": ref("Success")},
-        ),
-        CREATE_REQUEST,
+        Answer("progress lines then success (stream), or one object (stream: false)", STREAMED),
+        models.CreateRequest,
         (InvalidInput, InvalidModelName, UnknownModel, InvalidModelFile, InsufficientDisk, BlobMissing),
     ),
-    Route("get", "/api/tags", "tags", "models", "the models in the store", json_answer("models", ref("ModelList"))),
-    Route("get", "/api/ps", "ps", "models", "the loaded models", json_answer("loaded models", ref("LoadedList"))),
+    Route("get", "/api/tags", "tags", "models", "the models in the store", json_answer("models", models.ModelList)),
+    Route("get", "/api/ps", "ps", "models", "the loaded models", json_answer("loaded models", models.LoadedList)),
     Route(
         "post",
         "/api/pull",
         "pull",
         "models",
         "download a model from the Hub",
-        Answer(
-            "progress lines then success (stream), or one object (stream: false)",
-            {"application/x-ndjson": ref("StreamLine"), "application/json": ref("Success")},
-        ),
-        PULL_REQUEST,
+        Answer("progress lines then success (stream), or one object (stream: false)", STREAMED),
+        models.PullRequest,
         (InvalidInput, InvalidModelName, UnknownModel, NotEmbeddingModel, *AUTO_PULL),
     ),
     Route(
@@ -520,8 +196,8 @@ ROUTES: Final = (
         "show",
         "models",
         "a model's details, GGUF metadata and prompts",
-        json_answer("the model", SHOW_ANSWER),
-        NAMED_MODEL,
+        json_answer("the model", models.ShowAnswer),
+        models.NamedModel,
         (InvalidInput, *MODEL_LOOKUP),
     ),
     Route(
@@ -531,7 +207,7 @@ ROUTES: Final = (
         "models",
         "remove a model (unloaded first if loaded)",
         Answer("removed: an empty body"),
-        NAMED_MODEL,
+        models.NamedModel,
         (InvalidInput, *MODEL_LOOKUP),
     ),
     Route(
@@ -540,8 +216,8 @@ ROUTES: Final = (
         "openaiEmbeddings",
         "openai",
         "embed texts or token ids (OpenAI)",
-        json_answer("the vectors", OPENAI_EMBED_ANSWER, EMBEDDING_HEADERS),
-        OPENAI_EMBED_REQUEST,
+        json_answer("the vectors", models.OpenAIEmbedAnswer, EMBEDDING_HEADERS),
+        models.OpenAIEmbedRequest,
         EMBEDDING_ERRORS,
     ),
     Route(
@@ -550,7 +226,7 @@ ROUTES: Final = (
         "openaiModels",
         "openai",
         "the models in the store (OpenAI)",
-        json_answer("models", obj({"object": typed("string", const="list"), "data": array(ref("OpenAIModel"))})),
+        json_answer("models", models.OpenAIModelList),
     ),
     Route(
         "get",
@@ -558,7 +234,7 @@ ROUTES: Final = (
         "openaiModel",
         "openai",
         "one model (OpenAI); the name may hold slashes (hf.co/owner/repo:tag)",
-        json_answer("the model", ref("OpenAIModel")),
+        json_answer("the model", models.OpenAIModel),
         None,
         MODEL_LOOKUP,
     ),
@@ -569,8 +245,8 @@ ROUTES: Final = (
             operation_id,
             "rerank",
             f"score documents against a query ({dialect})",
-            json_answer("results, best first", RERANK_ANSWER, EMBEDDING_HEADERS),
-            RERANK_REQUEST,
+            json_answer("results, best first", models.RerankAnswer, EMBEDDING_HEADERS),
+            models.RerankRequest,
             EMBEDDING_ERRORS,
         )
         for path, operation_id, dialect in (
@@ -585,8 +261,8 @@ ROUTES: Final = (
         "tokenize",
         "tokens",
         "the model's own tokens for a text",
-        json_answer("token ids", obj({"model": STRING, "tokens": array(INTEGER)}, ["model", "tokens"])),
-        TOKENIZE_REQUEST,
+        json_answer("token ids", models.Tokens),
+        models.TokenizeRequest,
         (InvalidInput, *MODEL_LOOKUP, *ADMISSION, ModelLoadFailed, RunnerCrashed),
     ),
     Route(
@@ -595,8 +271,8 @@ ROUTES: Final = (
         "detokenize",
         "tokens",
         "the text of token ids (special tokens left out)",
-        json_answer("the text", obj({"model": STRING, "content": STRING}, ["model", "content"])),
-        DETOKENIZE_REQUEST,
+        json_answer("the text", models.Detokenized),
+        models.DetokenizeRequest,
         (InvalidInput, *MODEL_LOOKUP, *ADMISSION, ModelLoadFailed, RunnerCrashed),
     ),
     Route(
@@ -605,7 +281,7 @@ ROUTES: Final = (
         "healthz",
         "operations",
         "alive: the event loop turns (touches neither the store nor a runner)",
-        json_answer("alive", obj({"status": typed("string", const="alive")}, ["status"])),
+        json_answer("alive", models.Alive),
     ),
     Route(
         "get",
@@ -613,13 +289,8 @@ ROUTES: Final = (
         "readyz",
         "operations",
         "ready to serve, for load balancers",
-        json_answer("serving", obj({"status": typed("string", const="ready")}, ["status"])),
-        other_answers={
-            503: json_answer(
-                "starting (--ensure-model), or draining after a stop signal",
-                obj({"status": typed("string", enum=["starting", "draining"])}, ["status"]),
-            )
-        },
+        json_answer("serving", models.Ready),
+        other_answers={503: json_answer("starting (--ensure-model), or draining after a stop signal", models.NotReady)},
     ),
     Route(
         "get",
@@ -627,7 +298,7 @@ ROUTES: Final = (
         "metrics",
         "operations",
         "Prometheus metrics",
-        Answer("Prometheus' text format 0.0.4", {"text/plain": STRING}),
+        Answer("Prometheus' text format 0.0.4", {"text/plain": {"type": "string"}}),
     ),
     Route(
         "get",
@@ -635,38 +306,66 @@ ROUTES: Final = (
         "openapi",
         "operations",
         "this document",
-        json_answer("OpenAPI 3.1", typed("object")),
+        Answer("OpenAPI 3.1", {"application/json": {"type": "object"}}),
     ),
 )
+# Models the document names though no route holds them directly: the error bodies, a line of a
+# progress stream, and the runner options a request's `options` refers to.
+NAMED_MODELS: Final = (models.Error, models.OpenAIError, models.StatusLine, models.Options)
 
-COMPONENT_SCHEMAS: Final = {
-    "Error": obj({"error": STRING}, ["error"], description="Ollama's error body"),
-    "OpenAIError": obj(
-        {
-            "error": obj(
-                {
-                    "message": STRING,
-                    "type": typed("string", enum=["invalid_request_error", "not_found_error", "api_error"]),
-                    "param": typed("null"),
-                    "code": typed(["string", "null"]),
-                },
-                ["message", "type", "param", "code"],
-            )
-        },
-        ["error"],
-        description="OpenAI's error body, on the /v1/ routes",
-    ),
-    "Options": _options(),
-    "Usage": USAGE,
-    "ModelDetails": DETAILS,
-    "ModelList": obj({"models": array(TAG)}, ["models"]),
-    "LoadedList": obj({"models": array(LOADED)}, ["models"]),
-    "OpenAIModel": MODEL_OBJECT,
-    "Version": obj({"version": STRING}, ["version"]),
-    "StatusLine": STATUS_LINE,
-    "StreamLine": STREAM_LINE,
-    "Success": SUCCESS,
-}
+
+NULL: Final = {"type": "null"}
+
+
+def without_null(schema: Schema) -> Schema:
+    """A request field's schema without msgspec's null branch: a body's null is taken as absent,
+    and the document says what to send."""
+    branches = schema.get("anyOf", [])
+    if NULL not in branches:
+        return schema
+    rest = [branch for branch in branches if branch != NULL]
+    outer = {key: value for key, value in schema.items() if key != "anyOf" and (key, value) != ("default", None)}
+    return {**outer, **rest[0]} if len(rest) == 1 else {**outer, "anyOf": rest}
+
+
+def nullable(schema: Schema) -> Schema:
+    """msgspec's `{anyOf: [{type: T, ...}, {type: null}]}` as `{type: [T, "null"], ...}`."""
+    branches = schema.get("anyOf", [])
+    if len(branches) != 2 or NULL not in branches:
+        return schema
+    (kept,) = [branch for branch in branches if branch != NULL]
+    if not isinstance(kept.get("type"), str) or "enum" in kept:
+        return schema
+    outer = {key: value for key, value in schema.items() if key != "anyOf" and (key, value) != ("default", None)}
+    return {**outer, **kept, "type": [kept["type"], "null"]}
+
+
+def model_schemas() -> tuple[dict[type[msgspec.Struct], Schema], Schema]:
+    """(each request model -> its schema, inline in its operation), and the components: every
+    other model, by name (answers, their parts, errors, options)."""
+    kinds: list[type[msgspec.Struct]] = list(NAMED_MODELS)
+    for route in ROUTES:
+        answers = [route.answer, *route.other_answers.values()]
+        kinds += [content for answer in answers for content in answer.content.values() if isinstance(content, type)]
+        if route.request is not None:
+            kinds.append(route.request)
+    kinds = list(dict.fromkeys(kinds))
+    _refs, components = msgspec.json.schema_components(kinds, ref_template=REF_TEMPLATE)
+    bodies: dict[type[msgspec.Struct], Schema] = {}
+    for name, schema in list(components.items()):
+        schema.pop("title", None)  # the component's name says it
+        if not schema.get("required", True):
+            del schema["required"]
+        kind = getattr(models, name)
+        if issubclass(kind, models.Body):
+            # Inline in its operation. What a body must carry is checked by its handler, whose status
+            # for a missing field is its dialect's (no model: a 404 on /api/embed, a 400 on /v1/).
+            properties = {key: without_null(value) for key, value in schema["properties"].items()}
+            bodies[kind] = {**components.pop(name), "properties": properties, "required": list(kind.required)}
+        elif "properties" in schema:
+            schema["properties"] = {key: nullable(value) for key, value in schema["properties"].items()}
+    return bodies, components
+
 
 # -- the document -----------------------------------------------------------------------------------
 
@@ -708,19 +407,26 @@ def error_schema(path: str) -> Schema:
     return ref("OpenAIError") if isinstance(error_body(path, 400, "")["error"], dict) else ref("Error")
 
 
+def _content_schema(content: Content) -> Schema:
+    return ref(content.__name__) if isinstance(content, type) else content
+
+
 def _answer(answer: Answer, with_body: bool) -> Schema:
     response: Schema = {"description": answer.description}
     if answer.content and with_body:
-        response["content"] = {media: {"schema": schema} for media, schema in answer.content.items()}
+        response["content"] = {media: {"schema": _content_schema(kind)} for media, kind in answer.content.items()}
     if answer.headers:
         response["headers"] = {
-            name: {"description": HEADER_DESCRIPTIONS[name], "schema": STRING} for name in answer.headers
+            name: {"description": HEADER_DESCRIPTIONS[name], "schema": {"type": "string"}} for name in answer.headers
         }
     return response
 
 
-def operation(route: Route, error_status: ErrorTable, head: bool = False) -> Schema:
-    """One OpenAPI operation; `head` is the HEAD aiohttp answers for a GET route (no bodies)."""
+def operation(
+    route: Route, error_status: ErrorTable, bodies: dict[type[msgspec.Struct], Schema], head: bool = False
+) -> Schema:
+    """One OpenAPI operation, its request body's schema from `bodies` (see model_schemas); `head` is
+    the HEAD aiohttp answers for a GET route (no bodies)."""
     responses: Schema = {"200": _answer(route.answer, not head)}
     for status, answer in route.other_answers.items():
         responses[str(status)] = _answer(answer, not head)
@@ -741,22 +447,27 @@ def operation(route: Route, error_status: ErrorTable, head: bool = False) -> Sch
                 "name": "model",
                 "in": "path",
                 "required": True,
-                "schema": model_field("a model name; slashes stay as they are"),
+                "schema": {
+                    **msgspec.json.schema(models.ModelName),
+                    "description": "a model name; slashes stay as they are",
+                },
             }
         ]
     if route.request is not None:
-        document["requestBody"] = {"required": True, "content": {"application/json": {"schema": route.request}}}
+        schema = bodies[route.request]
+        document["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
     return document
 
 
 def build_document(error_status: ErrorTable) -> dict[str, Any]:
     """The OpenAPI 3.1 document of every route in ROUTES (a GET route also answers HEAD)."""
+    bodies, components = model_schemas()
     paths: dict[str, Schema] = {}
     for route in ROUTES:
         item = paths.setdefault(route.path, {})
-        item[route.method] = operation(route, error_status)
+        item[route.method] = operation(route, error_status, bodies)
         if route.method == "get":
-            item["head"] = operation(route, error_status, head=True)
+            item["head"] = operation(route, error_status, bodies, head=True)
     document = {
         "openapi": "3.1.0",
         "info": {
@@ -773,14 +484,14 @@ def build_document(error_status: ErrorTable) -> dict[str, Any]:
         "tags": [{"name": tag} for tag in dict.fromkeys(route.tag for route in ROUTES)],
         "paths": paths,
         "components": {
-            "schemas": COMPONENT_SCHEMAS,
+            "schemas": {**components, "StreamLine": STREAM_LINE},
             "securitySchemes": {
                 "apiKey": {"type": "http", "scheme": "bearer", "description": "only with api_keys_file set"}
             },
         },
         "security": [{}, {"apiKey": []}],
     }
-    return copy.deepcopy(document)  # the schemas above are shared by routes: the caller gets its own
+    return copy.deepcopy(document)  # STREAM_LINE and the path parameter's schema are shared: the caller gets its own
 
 
 def add_routes(app: web.Application, error_status: ErrorTable) -> None:
