@@ -1,4 +1,4 @@
-"""What every dialect shares: JSON in and out, typed app state, request decoding helpers."""
+"""What every dialect shares: JSON in and out, typed app state, request bodies read into their models."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
+from daemon.api.models import BodyType, decode_body
 from daemon.config import Settings, parse_go_duration_s
-from daemon.errors import InvalidInput, MissingBody, Overloaded, TooManyInputs, TooManyTokens
+from daemon.errors import InvalidInput, Overloaded, TooManyInputs, TooManyTokens
 from daemon.hub import HubClient
 from daemon.jobs import JobExecutor
 from daemon.metrics import Metrics
@@ -215,29 +216,10 @@ async def _read_body(request: web.Request) -> bytes | bytearray:
     return body
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object body, read once the request is admitted (see admitted)."""
-    body = await _read_body(request)
-    if not body.strip():
-        raise MissingBody("missing request body")
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError as error:
-        raise InvalidInput(f"invalid JSON in request body: {error}") from None
-    if not isinstance(document, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return document
-
-
-def require_type(document: dict[str, Any], key: str, expected: type, label: str) -> Any:
-    """The value of an optional key, or None; InvalidInput naming the key if its type is wrong."""
-    value = document.get(key)
-    if value is None:
-        return None
-    # JSON booleans are not numbers here, though Python's bool is an int.
-    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
-        raise InvalidInput(f"{key} must be {label}")
-    return value
+async def read_model(request: web.Request, kind: type[BodyType]) -> BodyType:
+    """The request's body, read once the request is admitted (see admitted), decoded and
+    type-checked into its model (daemon.api.models)."""
+    return decode_body(await _read_body(request), kind)
 
 
 def parse_keep_alive_s(raw: Any) -> float | None:
@@ -263,16 +245,3 @@ def parse_keep_alive_s(raw: Any) -> float | None:
 async def list_stored_models(app: web.Application) -> list[StoredModel]:
     """The store's models, for /api/tags and /v1/models."""
     return await asyncio.to_thread(app[STORE].list)
-
-
-def model_name(document: dict[str, Any]) -> str:
-    """The request's `model` string (may be empty: the dialect decides what that means).
-    Older Ollama clients send `name` instead."""
-    value = document.get("model")
-    if value is None:
-        value = document.get("name")
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InvalidInput("model must be a string")
-    return value

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
+from msgspec import UNSET
 
 from daemon import __version__
 from daemon.api.common import (
@@ -26,12 +26,18 @@ from daemon.api.common import (
     check_input_count,
     json_response,
     list_stored_models,
-    model_name,
     parse_keep_alive_s,
-    read_json_object,
-    require_type,
+    read_model,
 )
 from daemon.api.embedding import embed_inputs
+from daemon.api.models import (
+    CreateRequest,
+    EmbedRequest,
+    GenerateRequest,
+    LegacyEmbedRequest,
+    NamedModel,
+    PullRequest,
+)
 from daemon.errors import EmberdError, InvalidInput, InvalidModelFile, NotEmbeddingModel, UnknownModel
 from daemon.gguf_info import cached_gguf_facts, format_parameter_size
 from daemon.names import canonical_name
@@ -49,76 +55,42 @@ _FOREVER = datetime(2318, 1, 1, tzinfo=UTC).isoformat()
 # -- /api/embed -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class EmbedRequest:
-    model: str
-    texts: list[str]
-    truncate: bool
-    dimensions: int | None
-    keep_alive_s: float | None
-    options: dict[str, Any]
-    prompt_name: str | None  # one of the model's prompts, put before every input
-    split_long_inputs: bool  # inputs over the context in overlapping windows, pooled (not cut)
-
-
-def decode_embed_request(document: dict[str, Any]) -> EmbedRequest:
-    """Validate an /api/embed body (types only: nothing is loaded yet)."""
-    raw_input = document.get("input")
-    if raw_input is None or raw_input == "":
-        texts: list[str] = []
-    elif isinstance(raw_input, str):
-        texts = [raw_input]
-    elif isinstance(raw_input, list) and all(isinstance(item, str) for item in raw_input):
-        texts = raw_input
-    else:
-        raise InvalidInput("invalid input type")
-    truncate = require_type(document, "truncate", bool, "true or false")
-    dimensions = require_type(document, "dimensions", int, "an integer")
-    name = model_name(document)
-    if not name.strip():
-        raise UnknownModel(f"model '{name}' not found")
-    return EmbedRequest(
-        model=name,
-        texts=texts,
-        truncate=True if truncate is None else truncate,
-        dimensions=dimensions,
-        keep_alive_s=parse_keep_alive_s(document.get("keep_alive")),
-        options=parse_options(document.get("options")),
-        prompt_name=require_type(document, "prompt_name", str, "a string"),
-        split_long_inputs=require_type(document, "split_long_inputs", bool, "true or false") or False,
-    )
-
-
 @admitted(queue_slot=True)
 async def embed(request: web.Request) -> web.Response:
     started_ns = time.perf_counter_ns()
-    embed_request = decode_embed_request(await read_json_object(request))
-    check_input_count(len(embed_request.texts), request.app[SETTINGS])
-    empty_answer = {"model": embed_request.model, "embeddings": []}
-    if not embed_request.texts and embed_request.keep_alive_s == 0:
-        await request.app[SCHEDULER].unload(embed_request.model)  # the unload idiom: never load to unload
+    body = await read_model(request, EmbedRequest)
+    name = body.model_name
+    if not name.strip():
+        raise UnknownModel(f"model '{name}' not found")
+    texts = body.texts
+    keep_alive_s = parse_keep_alive_s(body.keep_alive)
+    options = parse_options(body.options)
+    check_input_count(len(texts), request.app[SETTINGS])
+    empty_answer = {"model": name, "embeddings": []}
+    if not texts and keep_alive_s == 0:
+        await request.app[SCHEDULER].unload(name)  # the unload idiom: never load to unload
         return json_response(empty_answer)
     embedded = await embed_inputs(
         request,
-        embed_request.model,
-        embed_request.texts,
-        embed_request.truncate,
-        embed_request.options,
-        embed_request.keep_alive_s,
-        embed_request.prompt_name,
-        split_long_inputs=embed_request.split_long_inputs,
+        name,
+        texts,
+        body.truncate is not False,
+        options,
+        keep_alive_s,
+        body.prompt_name,
+        split_long_inputs=bool(body.split_long_inputs),
     )
-    if not embed_request.texts:
+    if not texts:
         return json_response(empty_answer)  # the preload idiom
-    vectors = finish_embeddings(embedded.vectors, embed_request.dimensions)
+    vectors = finish_embeddings(embedded.vectors, body.dimensions)
     return json_response(
         {
-            "model": embed_request.model,
+            "model": name,
             "embeddings": vectors,
             "total_duration": time.perf_counter_ns() - started_ns,
             "load_duration": embedded.load_duration_ns,
             "prompt_eval_count": embedded.token_count,
-            **({"windows": embedded.windows} if embed_request.split_long_inputs else {}),
+            **({"windows": embedded.windows} if body.split_long_inputs else {}),
         },
         headers={TRUNCATED_HEADER: str(embedded.truncated_count), **embedded.provenance},
     )
@@ -128,18 +100,18 @@ async def embed(request: web.Request) -> web.Response:
 async def legacy_embeddings(request: web.Request) -> web.Response:
     """/api/embeddings: {"model", "prompt"} -> {"embedding": [...]}, the model's pooled vector as
     is (not normalised here), no truncation; an empty prompt only loads the model."""
-    document = await read_json_object(request)
-    name = model_name(document)
+    body = await read_model(request, LegacyEmbedRequest)
+    name = body.model_name
     if not name.strip():
         raise InvalidInput("model is required")
-    prompt = require_type(document, "prompt", str, "a string") or ""
+    prompt = body.prompt or ""
     embedded = await embed_inputs(
         request,
         name,
         [prompt] if prompt else [],
         False,
-        parse_options(document.get("options")),
-        parse_keep_alive_s(document.get("keep_alive")),
+        parse_options(body.options),
+        parse_keep_alive_s(body.keep_alive),
     )
     if not prompt:
         return json_response({"embedding": []})
@@ -151,13 +123,13 @@ async def legacy_embeddings(request: web.Request) -> web.Response:
 async def generate(request: web.Request) -> web.Response:
     """Only the unload idiom `ollama stop` uses ({"model", "keep_alive": 0} and no prompt):
     emberd serves embedding models, which cannot generate."""
-    document = await read_json_object(request)
-    name = model_name(document)
+    body = await read_model(request, GenerateRequest)
+    name = body.model_name
     if not name.strip():
         raise UnknownModel(f"model '{name}' not found")
     model = await asyncio.to_thread(request.app[STORE].get, name)
-    keep_alive_s = parse_keep_alive_s(document.get("keep_alive"))
-    if keep_alive_s == 0 and not document.get("prompt"):
+    keep_alive_s = parse_keep_alive_s(body.keep_alive)
+    if keep_alive_s == 0 and not body.prompt:
         await request.app[SCHEDULER].unload_canonical(model.name)
         created_at = datetime.now(UTC).isoformat()
         return json_response(
@@ -226,25 +198,25 @@ async def ps(request: web.Request) -> web.Response:
 @admitted(queue_slot=False)
 async def create(request: web.Request) -> web.StreamResponse:
     """Register a local GGUF file or convert a Hugging Face directory: {"model", "from", "quantize"}."""
-    document = await read_json_object(request)
-    name = canonical_name(model_name(document) or "")
-    source_text = require_type(document, "from", str, "a path on the daemon's machine")
+    body = await read_model(request, CreateRequest)
+    name = canonical_name(body.model_name)
+    source_text = body.source
     if not source_text:
         raise InvalidInput('"from" is required: the path of a GGUF file or a Hugging Face model directory')
     from daemon.convert import OUTPUT_TYPES  # the converter's imports, when a model is created
 
-    output_type = (require_type(document, "quantize", str, "a string") or "f16").lower()
+    output_type = (body.quantize or "f16").lower()
     if output_type not in OUTPUT_TYPES:
         raise InvalidInput(f"unsupported quantize {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
-    stream = require_type(document, "stream", bool, "true or false")
-    prompts = check_prompts(document.get("prompts") or {}, document.get("default_prompt_name"), "create")
+    stream = body.stream
+    prompts = check_prompts(body.prompts or {}, body.default_prompt_name, "create")
     source = Path(source_text).expanduser()
     store = request.app[STORE]
     try:
         await asyncio.to_thread(store.check_source, source)
     except NotEmbeddingModel as error:
         raise InvalidModelFile(error.message) from None
-    if source.is_file() and "quantize" in document:
+    if source.is_file() and body.quantize is not UNSET:
         raise InvalidInput("quantize applies to Hugging Face directories; a GGUF file is stored as it is")
 
     jobs = request.app[JOBS]  # a conversion is a long job: its own bounded threads, cancelled at shutdown
@@ -293,10 +265,10 @@ async def create(request: web.Request) -> web.StreamResponse:
 @admitted(queue_slot=False)
 async def pull(request: web.Request) -> web.StreamResponse:
     """Ollama's pull: NDJSON progress lines, or one object with stream:false."""
-    document = await read_json_object(request)
-    name = model_name(document)
+    body = await read_model(request, PullRequest)
+    name = body.model_name
     canonical_name(name)  # an invalid name is a 400 before anything streams
-    stream = require_type(document, "stream", bool, "true or false")
+    stream = body.stream
     pulls = request.app[PULLS]
     if stream is False:
         await pulls.pull(name)
@@ -315,8 +287,8 @@ async def pull(request: web.Request) -> web.StreamResponse:
 
 @admitted(queue_slot=False)
 async def show(request: web.Request) -> web.Response:
-    document = await read_json_object(request)
-    model = await asyncio.to_thread(request.app[STORE].get, model_name(document))
+    name = (await read_model(request, NamedModel)).model_name
+    model = await asyncio.to_thread(request.app[STORE].get, name)
     facts = await asyncio.to_thread(cached_gguf_facts, model.blob_path)  # read again only if the file changed
     model_info = {**facts.metadata, "general.parameter_count": facts.parameter_count}
     return json_response(
@@ -336,9 +308,9 @@ async def show(request: web.Request) -> web.Response:
 
 @admitted(queue_slot=False)
 async def delete(request: web.Request) -> web.Response:
-    document = await read_json_object(request)
+    name = (await read_model(request, NamedModel)).model_name
     store = request.app[STORE]
-    model = await asyncio.to_thread(store.get, model_name(document))
+    model = await asyncio.to_thread(store.get, name)
     await request.app[SCHEDULER].unload_canonical(model.name, "deleted")  # a loaded model is unloaded first
     await asyncio.to_thread(store.delete, model.name)  # UnknownModel if another delete came first
     return web.Response(status=200)

@@ -21,16 +21,17 @@ from daemon.api.common import (
     admitted,
     check_input_count,
     json_response,
-    model_name,
-    read_json_object,
-    require_type,
+    read_model,
 )
 from daemon.api.embedding import embed_inputs
+from daemon.api.models import RerankRequest
 from daemon.errors import InvalidInput
 
 
 @dataclass(frozen=True)
-class RerankRequest:
+class Rerank:
+    """A checked rerank request."""
+
     model: str
     query: str
     documents: list[str]
@@ -38,29 +39,16 @@ class RerankRequest:
     return_documents: bool
 
 
-def _document_text(item: Any) -> str:
-    if isinstance(item, str):
-        return item
-    if isinstance(item, dict) and isinstance(item.get("text"), str):
-        return str(item["text"])  # Cohere's and Jina's {"text": ...}
-    raise InvalidInput('documents must be strings (or {"text": ...} objects)')
-
-
-def decode_rerank_request(document: dict[str, Any]) -> RerankRequest:
-    name = model_name(document)
+def check_rerank_request(body: RerankRequest) -> Rerank:
+    """What the model's types cannot say: the fields a request must have."""
+    name = body.model_name
     if not name.strip():
         raise InvalidInput("model is required")
-    query = require_type(document, "query", str, "a string")
-    if query is None:
+    if body.query is None:
         raise InvalidInput("query is required")
-    documents = document.get("documents")
-    if not isinstance(documents, list):
+    if body.documents is None:
         raise InvalidInput("documents must be an array")
-    top_n = require_type(document, "top_n", int, "an integer")
-    if top_n is not None and top_n < 1:
-        raise InvalidInput("top_n must be a positive integer")
-    return_documents = require_type(document, "return_documents", bool, "true or false") or False
-    return RerankRequest(name, query, [_document_text(item) for item in documents], top_n, return_documents)
+    return Rerank(name, body.query, body.texts, body.top_n, bool(body.return_documents))
 
 
 def rank(scores: np.ndarray, top_n: int | None) -> list[int]:
@@ -71,7 +59,7 @@ def rank(scores: np.ndarray, top_n: int | None) -> list[int]:
 
 @admitted(queue_slot=True)
 async def rerank(request: web.Request) -> web.Response:
-    body = decode_rerank_request(await read_json_object(request))
+    body = check_rerank_request(await read_model(request, RerankRequest))
     check_input_count(len(body.documents), request.app[SETTINGS])
     stored = request.app[STORE].get(body.model)
     if not stored.facts.is_reranker:

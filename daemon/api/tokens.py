@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from daemon.api.common import (
@@ -16,19 +14,15 @@ from daemon.api.common import (
     admitted,
     check_request_tokens,
     json_response,
-    model_name,
-    read_json_object,
-    require_type,
+    read_model,
 )
+from daemon.api.models import DetokenizeRequest, Named, TokenizeRequest
 from daemon.errors import InvalidInput
 from daemon.memory import input_tokens_bound
 
-# Ids a detokenize request may carry (a context's worth of any model served here, and then some).
-MAX_DETOKENIZE_TOKENS = 1 << 20
 
-
-def _model(document: dict[str, Any]) -> str:
-    name = model_name(document)
+def _model(body: Named) -> str:
+    name = body.model_name
     if not name.strip():
         raise InvalidInput("model is required")
     return name
@@ -38,12 +32,12 @@ def _model(document: dict[str, Any]) -> str:
 async def tokenize(request: web.Request) -> web.Response:
     """{"model", "content", "add_special": true} -> {"model", "tokens": [...]}; add_special false
     leaves out the special tokens the model puts around an input ([CLS] ... [SEP])."""
-    document = await read_json_object(request)
-    name = _model(document)
-    content = require_type(document, "content", str, "a string")
+    body = await read_model(request, TokenizeRequest)
+    name = _model(body)
+    content = body.content
     if content is None:
         raise InvalidInput("content is required")
-    add_special = require_type(document, "add_special", bool, "true or false")
+    add_special = body.add_special
     check_request_tokens(
         input_tokens_bound([content]), request.app[SETTINGS], "content (UTF-8 bytes and special tokens)"
     )
@@ -54,13 +48,11 @@ async def tokenize(request: web.Request) -> web.Response:
 @admitted(queue_slot=True)
 async def detokenize(request: web.Request) -> web.Response:
     """{"model", "tokens": [...]} -> {"model", "content"}; special tokens are left out."""
-    document = await read_json_object(request)
-    name = _model(document)
-    tokens = document.get("tokens")
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+    body = await read_model(request, DetokenizeRequest)
+    name = _model(body)
+    tokens = body.tokens
+    if tokens is None:  # types and bounds are checked by the model
         raise InvalidInput("tokens must be an array of integers")
-    if len(tokens) > MAX_DETOKENIZE_TOKENS:
-        raise InvalidInput(f"tokens: at most {MAX_DETOKENIZE_TOKENS} ids")
     check_request_tokens(len(tokens), request.app[SETTINGS], "the ids")
     content = await request.app[VOCABULARIES].detokenize(name, tokens)
     return json_response({"model": name, "content": content})
