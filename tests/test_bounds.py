@@ -218,4 +218,4 @@ async def test_a_runners_unused_quick_lane_is_counted_before_its_first_decode(
     assert entry.runner.unused_quick_lane_tokens == 64
     # With no growth set aside, it counts what it holds and the 64-token quick lane at its peak:
     # 64 rows of 4 x (30,522 + 384) bytes and a compute buffer of 2 x 64 x 64 + 4 x 64 x 16 + 4 x 64 x 2,688.
-    assert entry.counted_bytes_for(entry.measured_at_tokens) - entry.measured_bytes == 8_612_352
+    assert entry.counted_bytes_for(entry.measured.largest_decode_tokens) - entry.measured.held_bytes == 8_612_352

@@ -96,7 +96,7 @@ async def test_a_long_input_is_embedded_in_ubatches_of_the_budget_as_in_one_ubat
     facts = entry.runner.facts
     assert facts is not None
     assert (entry.params.n_ctx, entry.params.n_batch, entry.params.n_ubatch) == (CONTEXT, CONTEXT, n_ubatch)
-    assert facts.capacity_tokens == n_ubatch
+    assert facts.n_ubatch == n_ubatch
     shape = ModelShape.of(read_gguf_facts(path), path.stat().st_size)
     assert facts.llama_buffer_bytes["kv"] == kv_cache_bytes(shape, CONTEXT)
     logged_compute = facts.llama_buffer_bytes["compute"]

@@ -25,7 +25,7 @@ class FakeEngine:
 
     def __init__(self, hold_until_accepted: int) -> None:
         self.facts = RunnerFacts(
-            n_embd=2, trained_context=512, limit_tokens=512, batch_tokens=256, capacity_tokens=512,
+            n_embd=2, trained_context=512, limit_tokens=512, batch_tokens=256, n_ubatch=512,
             max_sequences=64, pooling_type=1, gpu_offload=False, pid=0,
         )  # fmt: skip
         self.threads = 2

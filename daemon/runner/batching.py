@@ -101,7 +101,7 @@ def split_windows(tokens: Sequence[int], head_specials: int, tail_specials: int,
 
 
 def take_batch(
-    requests: Sequence[QueuedRequest], budget_tokens: int, max_sequences: int, overdue_first: bool = True
+    requests: Sequence[QueuedRequest], batch_tokens: int, max_sequences: int, overdue_first: bool = True
 ) -> list[int]:
     """How many sequences of each waiting request go into the next decode.
 
@@ -129,7 +129,7 @@ def take_batch(
             lengths = requests[index].lengths
             length = lengths[counts[index]]
             if taken >= max_sequences or (
-                taken > 0 and (total + length > budget_tokens or not same_bucket(first, length))
+                taken > 0 and (total + length > batch_tokens or not same_bucket(first, length))
             ):
                 continue  # its later sequences are no shorter: its turns are over for this decode
             counts[index] += 1

@@ -192,7 +192,7 @@ def load_vocabulary(model_path: str, params: LlamaParams) -> tuple[Vocabulary, R
         trained_context=model.n_ctx_train(),
         limit_tokens=params.limit_tokens,
         batch_tokens=0,
-        capacity_tokens=0,
+        n_ubatch=0,
         max_sequences=0,
         pooling_type=-1,  # no context: not known here
         gpu_offload=False,
@@ -382,7 +382,7 @@ class EmbeddingEngine:
             batch_tokens=params.batch_tokens,
             # The budget's ceiling: a packed decode stays within one ubatch. A single input longer
             # than the budget is decoded alone; a model that splits takes it in several ubatches.
-            capacity_tokens=params.n_ubatch,
+            n_ubatch=params.n_ubatch,
             max_sequences=max_sequences,
             pooling_type=pooling_type,
             gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),

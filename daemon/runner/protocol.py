@@ -55,7 +55,7 @@ class RunnerFacts:
     trained_context: int
     limit_tokens: int  # longest single input, special tokens included
     batch_tokens: int  # token budget of one decode, at load
-    capacity_tokens: int  # the most one decode can hold (n_ubatch): the budget's ceiling
+    n_ubatch: int  # llama.cpp's: the most tokens of one ubatch, and the ceiling of batch_tokens
     max_sequences: int  # sequences one decode may hold
     pooling_type: int
     gpu_offload: bool  # this llama.cpp build can offload layers (CUDA, Metal, ...)

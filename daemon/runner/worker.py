@@ -219,7 +219,7 @@ class _Work:
         self.renewals: list[int] = []  # renew messages, for the main lane between its decodes
         self.ended = False  # stdin ended: finish what is held, then exit
         self.closing = False  # the main lane is done: the quick lane exits
-        self.budget_tokens = engine.facts.batch_tokens  # a request's num_batch changes it
+        self.batch_tokens = engine.facts.batch_tokens  # a request's num_batch changes it
         self.decodes: list[tuple[int, int]] = []  # (tokens, sequences) per decode, sent with the next result
         self.quick_decodes: list[tuple[int, int]] = []  # the same, of the quick lane
         self.served_overdue = False  # the last decode served an overdue request: the next goes by length
@@ -262,7 +262,7 @@ class _Work:
                     if message["id"] in self.tokenizing:
                         self.cancelled.add(message["id"])
                 elif kind == "set_batch_tokens":
-                    self.budget_tokens = max(1, min(message["tokens"], self.engine.facts.capacity_tokens))
+                    self.batch_tokens = max(1, min(message["tokens"], self.engine.facts.n_ubatch))
                 elif kind == "renew":
                     self.renewals.append(message["id"])
                     self.changed.notify_all()
@@ -351,7 +351,7 @@ class _Work:
         if quick:
             counts = take_batch(views, facts.quick_lane_tokens, QUICK_LANE_SEQUENCES, overdue_first=False)
         else:
-            counts = take_batch(views, self.budget_tokens, facts.max_sequences, overdue_first=not self.served_overdue)
+            counts = take_batch(views, self.batch_tokens, facts.max_sequences, overdue_first=not self.served_overdue)
             self.served_overdue = any(
                 count and view.passed_over >= OVERDUE_AFTER_DECODES for view, count in zip(views, counts, strict=True)
             )

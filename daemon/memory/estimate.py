@@ -1,24 +1,19 @@
-"""Memory: a probe of what the machine and the service's own cgroup have left, and pure policy
-functions (estimate, budget, fits, pick_victim).
+"""What a runner takes: its memory at load and at its largest decode, from the model's shape and
+llama.cpp's buffers, and the tokens of the decodes that size it. Pure: no I/O, table-tested.
 
-The cgroup is the process's own, found through /proc/self/cgroup: under systemd that is
-/sys/fs/cgroup/system.slice/emberd.service (where MemoryMax= lands), in a container the container's.
-What a cgroup is charged counts the page cache too; what it cannot reclaim is the charge less the
-cached file pages no process maps (the kubelet's "working set" subtracts every inactive file page,
-which would leave out the weights of a runner idle for a while).
+The token counts named here (largest_decode_tokens, allowance_tokens, ...) mean what
+daemon.token_counts says.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
-import psutil
 from gguf import PoolingType
 
 from daemon.gguf_info import GGUFFacts
-from daemon.options import MAX_SEQUENCES_PER_DECODE, QUICK_LANE_SEQUENCES
+from daemon.options import MAX_SEQUENCES_PER_DECODE, QUICK_LANE_SEQUENCES, LlamaParams, LoadOptions
 
 MIB = 1024 * 1024
 # A runner is a Python interpreter with numpy and llama.cpp, before any model (measured: the tiny
@@ -28,129 +23,6 @@ RUNNER_BASE_BYTES = 28 * MIB
 VOCAB_BYTES_PER_TOKEN = 160
 # Special tokens a tokenizer may add around an input (BERT adds 2, some add a BOS and an EOS).
 SPECIAL_TOKENS_BOUND = 8
-# cgroup v1 writes "no limit" as the largest page-aligned counter (9223372036854771712).
-_NO_LIMIT_BYTES = 1 << 62
-
-
-@dataclass(frozen=True)
-class MemorySnapshot:
-    machine_available_bytes: int  # psutil's available: what the machine could still give
-    total_bytes: int  # the machine's memory, or the cgroup's limit when that is less
-    cgroup_limit_bytes: int | None = None  # the service's own cgroup limit, if it has one
-    cgroup_used_bytes: int = 0  # what that cgroup is charged, less reclaimable page cache
-
-    @property
-    def cgroup_headroom_bytes(self) -> int | None:
-        if self.cgroup_limit_bytes is None:
-            return None
-        return max(0, self.cgroup_limit_bytes - self.cgroup_used_bytes)
-
-
-@dataclass(frozen=True)
-class OwnCgroup:
-    version: int  # 1 or 2
-    directory: Path  # its memory controller's directory
-    root: Path  # the controller's mount: limits are looked for up to here
-
-
-def find_own_cgroup(proc_self_cgroup: str, cgroup_root: Path) -> OwnCgroup | None:
-    """The memory cgroup a /proc/self/cgroup text names. v1's memory controller wins on hybrid
-    systems (it is where limits are kept there); else the v2 unified hierarchy."""
-    v2_path = None
-    for line in proc_self_cgroup.splitlines():
-        hierarchy, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hierarchy != "0" and "memory" in controllers.split(","):
-            root = cgroup_root / "memory"
-            return OwnCgroup(1, root / path.lstrip("/"), root)
-        if hierarchy == "0" and controllers == "":
-            v2_path = path
-    if v2_path is None:
-        return None
-    root = cgroup_root if (cgroup_root / "cgroup.controllers").exists() else cgroup_root / "unified"
-    return OwnCgroup(2, root / v2_path.lstrip("/"), root)
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    if text == "max":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return None
-
-
-def _read_stat(path: Path) -> dict[str, int]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return {}
-    stat = {}
-    for line in lines:
-        key, _, value = line.partition(" ")
-        if value.strip().isdigit():
-            stat[key] = int(value)
-    return stat
-
-
-def read_cgroup_memory(cgroup: OwnCgroup) -> tuple[int | None, int]:
-    """(limit, charge less reclaimable page cache) of a cgroup, the limit being the lowest on the way
-    up to the root (a parent's limit binds its children too); (None, 0) when unreadable."""
-    if cgroup.version == 1:
-        stat = _read_stat(cgroup.directory / "memory.stat")
-        limit = stat.get("hierarchical_memory_limit") or _read_int(cgroup.directory / "memory.limit_in_bytes")
-        usage = _read_int(cgroup.directory / "memory.usage_in_bytes") or 0
-        file_cache = stat.get("total_cache", 0)
-        mapped_file = stat.get("total_mapped_file", 0)
-    else:
-        limits = []
-        directory = cgroup.directory
-        while True:
-            limits += [_read_int(directory / name) for name in ("memory.max", "memory.high")]
-            if directory == cgroup.root or directory.parent == directory:
-                break
-            directory = directory.parent
-        limit = min((value for value in limits if value is not None), default=None)
-        usage = _read_int(cgroup.directory / "memory.current") or 0
-        stat = _read_stat(cgroup.directory / "memory.stat")
-        file_cache = stat.get("file", 0)
-        mapped_file = stat.get("file_mapped", 0)
-    if limit is not None and limit >= _NO_LIMIT_BYTES:
-        limit = None
-    # Page cache can be reclaimed, unless a process maps it: a runner's weights (active or not:
-    # reclaiming them would only make the runner read them back). The weights of a runner that has
-    # exited stay cached, and count no more.
-    reclaimable = max(0, file_cache - mapped_file)
-    return limit, max(0, usage - reclaimable)
-
-
-class MemoryProbe:
-    """What a new runner could use now: the machine's available memory and the headroom of the
-    cgroup this process runs in."""
-
-    def __init__(
-        self, cgroup_root: Path = Path("/sys/fs/cgroup"), proc_self_cgroup: Path = Path("/proc/self/cgroup")
-    ) -> None:
-        self._cgroup_root = cgroup_root
-        self._proc_self_cgroup = proc_self_cgroup
-
-    def own_cgroup(self) -> OwnCgroup | None:
-        try:
-            text = self._proc_self_cgroup.read_text()
-        except OSError:
-            return None  # not Linux
-        return find_own_cgroup(text, self._cgroup_root)
-
-    def snapshot(self) -> MemorySnapshot:
-        virtual = psutil.virtual_memory()
-        available, total = int(virtual.available), int(virtual.total)
-        cgroup = self.own_cgroup()
-        limit, used = read_cgroup_memory(cgroup) if cgroup is not None else (None, 0)
-        return MemorySnapshot(available, min(total, limit or total), limit, used)
 
 
 @dataclass(frozen=True)
@@ -166,7 +38,7 @@ class ModelShape:
     n_layer: int = 0
     q_width: int = 0  # query width of a layer: heads x key length
     kv_width: int = 0  # key + value width of a layer, for each cached token
-    mean_pooling: bool = False  # pooled through an n_tokens x n_seq_max matrix (a causal model's)
+    mean_pooling: bool = False  # pooled through a ubatch_tokens x n_seq_max matrix (a causal model's)
     # The runner hands the logits part of llama.cpp's output buffer back after each decode that grew
     # it (an encoder on a CPU, see runner.engine.writes_no_logits): known from its ready frame.
     gives_back_logits: bool = False
@@ -217,13 +89,13 @@ def kv_cache_bytes(shape: ModelShape, n_ctx: int) -> int:
     return 2 * shape.n_layer * shape.kv_width * _pad(n_ctx, KV_CELL_PAD)
 
 
-def compute_buffer_bytes(shape: ModelShape, n_tokens: int, n_seq_max: int, n_kv: int = 0) -> int:
-    """llama.cpp's CPU compute buffer (flash attention) for a ubatch of n_tokens.
+def compute_buffer_bytes(shape: ModelShape, ubatch_tokens: int, n_seq_max: int, n_kv: int = 0) -> int:
+    """llama.cpp's CPU compute buffer (flash attention) for a ubatch of `ubatch_tokens`.
 
-    An encoder (no KV cache): the f16 attention mask (n_tokens x n_tokens padded to 64), the pooling
-    matrix (n_tokens x n_seq_max f32) and the activations of the widest stage (attention about 6 x
-    n_embd floats a token; feed-forward n_ff + 3 x n_embd). It matched llama.cpp's logged size within
-    0.1%.
+    An encoder (no KV cache): the f16 attention mask (ubatch_tokens x ubatch_tokens padded to 64),
+    the pooling matrix (ubatch_tokens x n_seq_max f32) and the activations of the widest stage
+    (attention about 6 x n_embd floats a token; feed-forward n_ff + 3 x n_embd). It matched
+    llama.cpp's logged size within 0.1%.
 
     A causal model: the f16 mask over the n_kv cached tokens the ubatch attends to, and the widest
     stage: feed-forward, attention (query, keys and values of the ubatch), or the output projection
@@ -231,13 +103,13 @@ def compute_buffer_bytes(shape: ModelShape, n_tokens: int, n_seq_max: int, n_kv:
     matrix, as for an encoder. Fitted to llama.cpp's
     logged sizes for qwen3 shapes: within 20%, the vocabulary-bound case within 0.1%; 43% over for
     attention sixteen times wider than the model."""
-    padded = _pad(n_tokens, UBATCH_PAD)
+    padded = _pad(ubatch_tokens, UBATCH_PAD)
     if shape.kv_width == 0:
         widest = max(6 * shape.n_embd, shape.n_ff + 3 * shape.n_embd)
-        return 2 * padded * n_tokens + 4 * n_tokens * n_seq_max + 4 * n_tokens * widest
+        return 2 * padded * ubatch_tokens + 4 * ubatch_tokens * n_seq_max + 4 * ubatch_tokens * widest
     widest = max(2 * shape.n_ff + 5 * shape.n_embd, 2 * (shape.q_width + shape.kv_width), shape.n_vocab + shape.n_embd)
-    pooling = 4 * n_tokens * n_seq_max if shape.mean_pooling else 0
-    return 2 * n_kv * padded + pooling + 4 * n_tokens * widest
+    pooling = 4 * ubatch_tokens * n_seq_max if shape.mean_pooling else 0
+    return 2 * n_kv * padded + pooling + 4 * ubatch_tokens * widest
 
 
 def output_buffer_bytes(shape: ModelShape, rows: int) -> int:
@@ -319,78 +191,30 @@ def estimate_runner(shape: ModelShape, n_batch: int, n_ubatch: int) -> RunnerEst
     return RunnerEstimate(peak_bytes(shape, n_batch, 0), peak_bytes(shape, n_batch, largest, n_ubatch))
 
 
-def budget_bytes(
-    snapshot: MemorySnapshot, reserve_bytes: int, promised_bytes: int = 0, cached_weights_bytes: int = 0
-) -> int:
-    """What a new runner may take now. The reserve keeps memory for the rest of the machine; inside
-    a cgroup limit the limit is the service's budget, and the reserve does not shrink it.
-
-    `promised_bytes` is what loaded runners may still grow to (counted, not yet held), so it is not
-    handed out twice. `cached_weights_bytes` is the weights loaded runners map: page cache that
-    psutil's `available` counts as free, though evicting it would only make the runners read it back.
-    """
-    budget = snapshot.machine_available_bytes - reserve_bytes - cached_weights_bytes
-    headroom = snapshot.cgroup_headroom_bytes
-    if headroom is not None:
-        budget = min(budget, headroom)
-    return max(0, budget - promised_bytes)
-
-
-def fits(required_bytes: int, budget: int, loaded_bytes: int = 0, max_memory_bytes: int = 0) -> bool:
-    """Whether a runner of `required_bytes` fits: in the budget now, and under max_memory (0: no cap)
-    beside the runners already loaded."""
-    if max_memory_bytes and loaded_bytes + required_bytes > max_memory_bytes:
-        return False
-    return required_bytes <= budget
-
-
-@dataclass(frozen=True)
-class EvictionCandidate:
-    name: str
-    in_use: bool  # leased by a request right now
-    last_used_s: float  # monotonic time of the last lease's end
-    size_bytes: int
-
-
-def pick_victim(candidates: Sequence[EvictionCandidate]) -> EvictionCandidate | None:
-    """The idle model unused longest; None when every model is busy."""
-    idle = [candidate for candidate in candidates if not candidate.in_use]
-    return min(idle, key=lambda candidate: candidate.last_used_s, default=None)
-
-
-def could_ever_fit(
-    required_bytes: int, budget: int, candidates: Sequence[EvictionCandidate], max_memory_bytes: int
-) -> bool:
-    """Whether unloading every loaded model could make room: if not, refuse at once and evict
-    nothing. (Busy models count: they go idle in time.)"""
-    if max_memory_bytes and required_bytes > max_memory_bytes:
-        return False
-    return required_bytes <= budget + sum(candidate.size_bytes for candidate in candidates)
-
-
 def counted_bytes(
     shape: ModelShape,
     n_batch: int,
     measured_bytes: int,
-    measured_at_tokens: int,
+    largest_decode_tokens: int,
     allowance_tokens: int,
     n_ubatch: int = 0,
     unused_quick_lane_tokens: int = 0,
 ) -> int:
-    """What the scheduler counts for a loaded runner: what it holds now (`measured_bytes`, when its
-    largest decode so far had `measured_at_tokens` tokens), plus what it may still grow to within
-    its allowance, the largest decode memory was set aside for: that decode's peak, since the output
-    buffer it grows is zeroed whole before a runner gives its logits back.
+    """What the scheduler counts for a loaded runner: what it holds now (`measured_bytes`, read
+    when its largest decode so far had `largest_decode_tokens` tokens), plus what it may still grow
+    to within its allowance, the largest decode memory was set aside for: that decode's peak, since
+    the output buffer it grows is zeroed whole before a runner gives its logits back.
 
     `unused_quick_lane_tokens` is the quick lane of a runner whose quick lane has not decoded yet
     (0: it has, or there is none): llama.cpp touches its buffers at its first decode, so the
     measurement leaves them out, and they are counted here at their peak (quick_lane_bytes) from the
     start, as the load's estimate counted them."""
     quick_lane = quick_lane_bytes(shape, unused_quick_lane_tokens)
-    if allowance_tokens <= measured_at_tokens:
+    if allowance_tokens <= largest_decode_tokens:
         return measured_bytes + quick_lane
     grown = peak_bytes(shape, n_batch, allowance_tokens, n_ubatch)
-    return measured_bytes + quick_lane + max(0, grown - held_after_bytes(shape, n_batch, measured_at_tokens, n_ubatch))
+    held = held_after_bytes(shape, n_batch, largest_decode_tokens, n_ubatch)
+    return measured_bytes + quick_lane + max(0, grown - held)
 
 
 def _utf8_length(text: str) -> int:
@@ -418,21 +242,18 @@ def decode_tokens_needed(batch_tokens: int, longest_input_tokens: int, capacity_
     return min(capacity_tokens, max(batch_tokens, longest_input_tokens))
 
 
+def decode_tokens_for(params: LlamaParams, load: LoadOptions, limit_tokens: int, longest_input_tokens: int) -> int:
+    """The largest decode a request can cause on a runner of `params`: its token budget (capped at
+    a ubatch), or its longest input, cut at its context, alone in one decode (at most n_batch)."""
+    batch_tokens = min(load.batch_tokens or params.batch_tokens, params.n_ubatch)
+    longest = min(longest_input_tokens, limit_tokens, params.limit_tokens)
+    return decode_tokens_needed(batch_tokens, longest, params.n_batch)
+
+
 @dataclass(frozen=True)
 class ProcessMemory:
     anonymous_bytes: int  # its heap and buffers: memory no other process has, and no file backs
     private_bytes: int  # every page it alone maps, file pages too (psutil's USS)
-
-
-def parse_smaps_rollup(text: str) -> ProcessMemory:
-    """/proc/PID/smaps_rollup's totals (kB) as a ProcessMemory."""
-    fields: dict[str, int] = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        value = rest.split()
-        if len(value) == 2 and value[1] == "kB" and value[0].isdigit():
-            fields[key] = int(value[0]) * 1024
-    return ProcessMemory(fields.get("Anonymous", 0), fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0))
 
 
 def runner_footprint_bytes(memory: ProcessMemory, weights_bytes: int, weights_mapped: bool) -> int:
@@ -441,18 +262,3 @@ def runner_footprint_bytes(memory: ProcessMemory, weights_bytes: int, weights_ma
     Shared libraries are left out: the first runner's pages of libllama are shared by the next, and
     may already sit in the page cache; psutil's RSS counts them in every process."""
     return memory.anonymous_bytes + (weights_bytes if weights_mapped else 0)
-
-
-def measure_process(pid: int) -> ProcessMemory | None:
-    """A process's own memory (Linux: smaps_rollup; elsewhere psutil's USS); None if it is gone."""
-    try:
-        return parse_smaps_rollup(Path(f"/proc/{pid}/smaps_rollup").read_text())
-    except FileNotFoundError:
-        pass  # not Linux, or the process is gone
-    except OSError:
-        return None
-    try:
-        uss = int(psutil.Process(pid).memory_full_info().uss)
-        return ProcessMemory(uss, uss)  # no anonymous/file split here: the private pages
-    except psutil.Error:
-        return None
