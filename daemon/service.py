@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import functools
 import logging
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from daemon import libc
 from daemon.api.access import API_KEYS
 from daemon.api.app import build_app
 from daemon.api.common import JOBS, LIFECYCLE, PULLS, SCHEDULER, STORE
@@ -105,7 +105,6 @@ def ensure_models(store: ModelStore, wanted: Sequence[tuple[str, Path]], token: 
 # (99.9 to 100.1 MiB in CI), a peak of 63 MiB after the workloads (the same speed, within the noise
 # of one run).
 DAEMON_MMAP_THRESHOLD_BYTES = 128 * 1024
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 def return_large_blocks_when_freed(environ: Mapping[str, str]) -> bool:
@@ -113,10 +112,7 @@ def return_large_blocks_when_freed(environ: Mapping[str, str]) -> bool:
     unless the user set MALLOC_MMAP_THRESHOLD_ themselves. Whether it was set."""
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in environ:
         return False
-    try:
-        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, DAEMON_MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):  # not glibc
-        return False
+    return libc.set_mmap_threshold(DAEMON_MMAP_THRESHOLD_BYTES)
 
 
 def address_in_use_message(host: str, port: int) -> str:

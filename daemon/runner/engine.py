@@ -16,6 +16,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
+from daemon import libc
 from daemon.errors import InvalidInput
 from daemon.options import MAX_SEQUENCES_PER_DECODE, QUICK_LANE_SEQUENCES, LlamaParams
 from daemon.runner.batching import fit_tokens, special_token_split, split_windows, wrap_token_ids
@@ -55,16 +56,6 @@ def llama_version() -> str:
             ggml.ggml_version.restype = ggml.ggml_commit.restype = ctypes.c_char_p
             return f"{described}, ggml {ggml.ggml_version().decode()} ({ggml.ggml_commit().decode()})"
     return described
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True)  # the C library the process has loaded
-
-
-def _release_freed_memory() -> None:
-    """Hand memory glibc keeps after free() back to the system (a freed context's buffers)."""
-    if sys.platform == "linux":
-        with contextlib.suppress(AttributeError):  # not glibc
-            _LIBC.malloc_trim(0)
 
 
 _LOG_CALLBACK = llama_cpp.llama_log_callback(_log_errors_only)
@@ -202,30 +193,11 @@ def load_vocabulary(model_path: str, params: LlamaParams) -> tuple[Vocabulary, R
     return Vocabulary(model), facts, model
 
 
-_MADV_DONTNEED = 4  # Linux: the pages go back to the kernel and read as zeros if touched again
-
-
 def _whole_pages(address: int, length: int) -> tuple[int, int]:
     """The whole pages inside [address, address + length): their start, and their length (0: none)."""
     start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
     end = (address + length) // mmap.PAGESIZE * mmap.PAGESIZE
     return start, max(end - start, 0)
-
-
-def resident_pages(start: int, length: int) -> int:
-    """How many of the pages [start, start + length) (page-aligned) are in memory (mincore)."""
-    pages = length // mmap.PAGESIZE
-    if pages == 0:
-        return 0
-    vector = (ctypes.c_ubyte * pages)()
-    if _LIBC.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vector) != 0:
-        return pages  # cannot tell: take them as in memory (giving back pages not in memory is harmless)
-    return sum(byte & 1 for byte in vector)
-
-
-def _give_back_pages(start: int, length: int) -> None:
-    """Return the pages [start, start + length) (page-aligned) to the kernel."""
-    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED)
 
 
 def logits_pages(context: llama_cpp.llama_context_p, n_vocab: int, outputs: int) -> tuple[int, int]:
@@ -292,9 +264,9 @@ class _Lane:
             return
         rows = max(outputs, self._params.n_seq_max)  # as llama.cpp sizes the buffer
         start, length = logits_pages(self.context.ctx, self._n_vocab, rows)
-        resident = resident_pages(start, length)
+        resident = libc.resident_pages(start, length)
         if resident:
-            _give_back_pages(start, length)
+            libc.give_back_pages(start, length)
             self.logits_pages_given_back += resident
 
     def use_threads(self, threads: int) -> None:
@@ -320,7 +292,7 @@ class _Lane:
 
     def renew(self) -> None:
         self.context.close()
-        _release_freed_memory()
+        libc.trim_heap()  # a freed context's buffers, which glibc would keep
         self._open_context()
 
     def close(self) -> None:

@@ -13,7 +13,6 @@ are ignored, and the runner dies with the daemon if the daemon is killed.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import heapq
@@ -30,13 +29,13 @@ from typing import Any, BinaryIO, overload
 import numpy as np
 import orjson
 
+from daemon import libc
 from daemon.errors import ContextExceeded, InvalidInput
 from daemon.options import QUICK_LANE_SEQUENCES, LlamaParams
 from daemon.runner.batching import OVERDUE_AFTER_DECODES, QueuedRequest, is_short, quick_lane_opens, take_batch
 from daemon.runner.protocol import GROUP_SIGNALS, encode_frame, read_frame_blocking
 
 VOCABULARY_MESSAGES = ("tokenize", "detokenize")
-_PR_SET_PDEATHSIG = 1
 # A message whose texts (characters, or ids) are longer than this is tokenized on the backlog's
 # thread, not the reader's: a few milliseconds of llama.cpp's tokenizer at most hold up the reader.
 INLINE_TOKENIZE_CHARS = 16 * 1024
@@ -491,8 +490,7 @@ def _leave_stopping_to_the_daemon(parent_pid: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
     if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.die_with_parent(signal.SIGKILL)
         if os.getppid() != parent_pid:  # the daemon died before prctl took effect
             os._exit(1)
 
