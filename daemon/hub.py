@@ -2,7 +2,8 @@
 
 Resolution policy (aliases, tag -> file) is pure and table-tested; `HubClient` does the blocking
 HTTP through huggingface_hub (daemon.hub_http, imported at the first pull: it costs the daemon about
-9 MiB of memory), which honours HF_TOKEN for gated repos and resumes cut transfers.
+9 MiB of memory), which honours HF_TOKEN for gated repos and resumes cut transfers. The import goes
+one way: hub_http knows nothing of this module, and is handed the words its errors end with.
 """
 
 from __future__ import annotations
@@ -28,10 +29,6 @@ PREFERRED_QUANTS = ("F16", "FP16", "BF16", "Q8_0", "F32", "FP32")
 _QUANT_ALIASES = {"FP16": "F16", "FP32": "F32"}
 _SPLIT_FILE = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 OFFLINE_HINT = "copy the model here and register it with `emberd create NAME --from PATH`"
-# Bytes read between two cancellation checks and progress reports.
-DOWNLOAD_CHUNK_BYTES = 1024 * 1024
-# A stalled transfer fails after this long without a byte (and is resumed by the next attempt).
-READ_TIMEOUT_S = 10.0
 # Attempts per download: a cut connection resumes from the bytes already on disk.
 TRANSFER_ATTEMPTS = 4
 # The wait before attempt n + 1 is drawn between 0 and min(cap, first x 2^(n - 1)) ("full jitter"): a
@@ -160,7 +157,7 @@ class HubClient:
             repo_id, revision, filename, tag = hub_name.repo_id, None, None, hub_name.tag
         from daemon import hub_http  # huggingface_hub: imported at the first pull, not at start-up
 
-        with hub_http.translated_errors(repo_id):
+        with hub_http.translated_errors(repo_id, OFFLINE_MESSAGE, OFFLINE_HINT):
             info = hub_http.model_info(self._endpoint, repo_id, revision)
         siblings = {sibling.rfilename: sibling for sibling in info.siblings or []}
         filename = filename or pick_gguf_file(list(siblings), tag, repo_id)
@@ -195,7 +192,7 @@ class HubClient:
         from daemon import hub_http
 
         url = hub_http.file_url(self._endpoint, hub_file.repo_id, hub_file.filename, hub_file.revision)
-        with hub_http.translated_errors(hub_file.repo_id):
+        with hub_http.translated_errors(hub_file.repo_id, OFFLINE_MESSAGE, OFFLINE_HINT):
             for attempt in range(1, TRANSFER_ATTEMPTS + 1):
                 try:
                     hub_http.transfer(url, partial, hub_file.size_bytes, report, token)

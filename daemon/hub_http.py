@@ -1,4 +1,7 @@
-"""The Hub's HTTP, through huggingface_hub: imported at the first pull (see daemon.hub)."""
+"""The Hub's HTTP, through huggingface_hub: imported at the first pull (see daemon.hub).
+
+It imports nothing of daemon.hub (which imports it): the words its errors end with are handed in.
+"""
 
 from __future__ import annotations
 
@@ -23,10 +26,13 @@ from huggingface_hub.utils._headers import build_hf_headers
 from huggingface_hub.utils._http import get_session, hf_raise_for_status
 
 from daemon.errors import DownloadFailed, HubUnavailable, InsufficientDisk, UnknownModel
-from daemon.hub import DOWNLOAD_CHUNK_BYTES, OFFLINE_HINT, OFFLINE_MESSAGE, READ_TIMEOUT_S
 from daemon.jobs import CancelToken
 
 TransportError = httpx2.TransportError
+# Bytes read between two cancellation checks and progress reports.
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+# A stalled transfer fails after this long without a byte (and is resumed by the next attempt).
+READ_TIMEOUT_S = 10.0
 
 
 def model_info(endpoint: str | None, repo_id: str, revision: str | None) -> Any:
@@ -69,8 +75,10 @@ def transfer(url: str, partial: Path, size_bytes: int, report: Callable[[int, in
 
 
 @contextlib.contextmanager
-def translated_errors(repo_id: str) -> Iterator[None]:
-    """huggingface_hub's exceptions as the daemon's domain errors, each with a message to act on."""
+def translated_errors(repo_id: str, offline_message: str, offline_hint: str) -> Iterator[None]:
+    """huggingface_hub's exceptions as the daemon's domain errors, each with a message to act on:
+    `offline_message` for huggingface_hub's offline mode, and a Hub out of reach ends with
+    `offline_hint` (what to do without the Hub)."""
     repo = f"hf.co/{repo_id}"
     try:
         yield
@@ -83,7 +91,7 @@ def translated_errors(repo_id: str) -> Iterator[None]:
     except RepositoryNotFoundError:
         raise UnknownModel(f"{repo} not found on the Hugging Face Hub (or private: set HF_TOKEN)") from None
     except OfflineModeIsEnabled:
-        raise HubUnavailable(OFFLINE_MESSAGE) from None
+        raise HubUnavailable(offline_message) from None
     except HfHubHTTPError as error:
         raise DownloadFailed(f"{repo}: the Hub answered {error}") from None
     except Exception as error:
@@ -91,7 +99,7 @@ def translated_errors(repo_id: str) -> Iterator[None]:
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:  # our disk, not the Hub
             raise InsufficientDisk(f"no space left on device while downloading from {repo}") from None
         if type(error).__name__ in ("ConnectError", "ConnectTimeout") or isinstance(error, ConnectionError):
-            raise HubUnavailable(f"cannot reach the Hugging Face Hub ({error}); {OFFLINE_HINT}") from None
+            raise HubUnavailable(f"cannot reach the Hugging Face Hub ({error}); {offline_hint}") from None
         if isinstance(error, OSError | ValueError) or type(error).__module__.startswith("httpx"):
             raise DownloadFailed(f"{repo}: download failed: {error}") from None
         raise

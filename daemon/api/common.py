@@ -242,6 +242,15 @@ def parse_keep_alive_s(raw: Any) -> float | None:
     return -1.0 if seconds < 0 or seconds > MAX_KEEP_ALIVE_S else seconds
 
 
+# The one rule for the store's reads: they read files (a manifest; the manifests folder's walk),
+# so they block, and a handler never makes them on the loop, where a slow disk would hold every
+# request. Handlers read through these two, which run them on the loop's default executor (its
+# threads are started and counted by daemon.service.start_io_threads).
+async def stored_model(app: web.Application, name: str) -> StoredModel:
+    """The stored model for a name; UnknownModel if there is none."""
+    return await asyncio.to_thread(app[STORE].get, name)
+
+
 async def list_stored_models(app: web.Application) -> list[StoredModel]:
     """The store's models, for /api/tags and /v1/models."""
     return await asyncio.to_thread(app[STORE].list)

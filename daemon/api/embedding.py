@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,15 +19,16 @@ from daemon.api.common import (
     REQUEST_STATS,
     SCHEDULER,
     SETTINGS,
-    STORE,
     RequestStats,
     check_request_tokens,
+    stored_model,
 )
 from daemon.errors import InvalidInput, UnknownModel
 from daemon.memory import input_tokens_bound
 from daemon.options import context_limit, resolve_load_options
 from daemon.prompts import apply_prompt, choose_prompt
 from daemon.runner.client import RunnerInput
+from daemon.store import StoredModel
 
 MAX_LOGGED_NAME_CHARS = 200
 
@@ -43,16 +43,25 @@ class Embedded:
     windows: list[int]  # per input: 1, or the windows a long input was split into
 
 
-async def pull_if_allowed(app: web.Application, name: str) -> None:
-    """With auto_pull on, fetch a model that is not local but that the Hub can provide."""
-    if not app[SETTINGS].auto_pull:
-        return
+async def stored_or_pulled(app: web.Application, name: str) -> StoredModel:
+    """The stored model for a name; with auto_pull on, one that is not local but that the Hub can
+    provide is pulled first."""
     try:
-        await asyncio.to_thread(app[STORE].get, name)
+        return await stored_model(app, name)
     except UnknownModel:
-        if not app[HUB].knows(name):
+        if not app[SETTINGS].auto_pull or not app[HUB].knows(name):
             raise
-        await app[PULLS].pull(name)
+    await app[PULLS].pull(name)
+    return await stored_model(app, name)
+
+
+def check_model_kind(model: StoredModel, pairs: bool) -> None:
+    """A reranker takes query/document pairs (/api/rerank), an embedding model texts (/api/embed):
+    asked for the other, InvalidInput names the route to use."""
+    if model.facts.is_reranker and not pairs:
+        raise InvalidInput(f"{model.name} is a reranker: use /api/rerank")
+    if pairs and not model.facts.is_reranker:
+        raise InvalidInput(f"{model.name} is an embedding model, not a reranker: use /api/embed")
 
 
 def request_tokens_bound(inputs: Sequence[RunnerInput], limit_tokens: int, split_long_inputs: bool) -> int:
@@ -87,15 +96,9 @@ async def embed_inputs(
     scheduler = app[SCHEDULER]
     # The handler admitted the request (admitted(queue_slot=True)) before its body was read: an
     # auto-pull counts against the queue bound and the shutdown drain too.
-    await pull_if_allowed(app, model)
-    stored = app[STORE].get(model)
-    pairs = any(isinstance(item, dict) for item in inputs)
-    if inputs and stored.facts.is_reranker != pairs:
-        raise InvalidInput(
-            f"{stored.name} is a reranker: use /api/rerank"
-            if stored.facts.is_reranker
-            else f"{stored.name} is an embedding model, not a reranker: use /api/embed"
-        )
+    stored = await stored_or_pulled(app, model)
+    if inputs:
+        check_model_kind(stored, pairs=any(isinstance(item, dict) for item in inputs))
     prompt = choose_prompt(stored.prompts, prompt_name, input_type)
     inputs = apply_prompt(prompt, inputs)
     # Bounded before tokenizing: the request's tokens against max_request_tokens, and memory for the

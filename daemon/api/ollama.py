@@ -28,6 +28,7 @@ from daemon.api.common import (
     list_stored_models,
     parse_keep_alive_s,
     read_model,
+    stored_model,
 )
 from daemon.api.embedding import embed_inputs
 from daemon.api.models import (
@@ -68,7 +69,8 @@ async def embed(request: web.Request) -> web.Response:
     check_input_count(len(texts), request.app[SETTINGS])
     empty_answer = {"model": name, "embeddings": []}
     if not texts and keep_alive_s == 0:
-        await request.app[SCHEDULER].unload(name)  # the unload idiom: never load to unload
+        stored = await stored_model(request.app, name)
+        await request.app[SCHEDULER].unload_canonical(stored.name)  # the unload idiom: never load to unload
         return json_response(empty_answer)
     embedded = await embed_inputs(
         request,
@@ -127,7 +129,7 @@ async def generate(request: web.Request) -> web.Response:
     name = body.model_name
     if not name.strip():
         raise UnknownModel(f"model '{name}' not found")
-    model = await asyncio.to_thread(request.app[STORE].get, name)
+    model = await stored_model(request.app, name)
     keep_alive_s = parse_keep_alive_s(body.keep_alive)
     if keep_alive_s == 0 and not body.prompt:
         await request.app[SCHEDULER].unload_canonical(model.name)
@@ -288,7 +290,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
 @admitted(queue_slot=False)
 async def show(request: web.Request) -> web.Response:
     name = (await read_model(request, NamedModel)).model_name
-    model = await asyncio.to_thread(request.app[STORE].get, name)
+    model = await stored_model(request.app, name)
     facts = await asyncio.to_thread(cached_gguf_facts, model.blob_path)  # read again only if the file changed
     model_info = {**facts.metadata, "general.parameter_count": facts.parameter_count}
     return json_response(
@@ -310,7 +312,7 @@ async def show(request: web.Request) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     name = (await read_model(request, NamedModel)).model_name
     store = request.app[STORE]
-    model = await asyncio.to_thread(store.get, name)
+    model = await stored_model(request.app, name)
     await request.app[SCHEDULER].unload_canonical(model.name, "deleted")  # a loaded model is unloaded first
     await asyncio.to_thread(store.delete, model.name)  # UnknownModel if another delete came first
     return web.Response(status=200)

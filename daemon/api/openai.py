@@ -13,12 +13,12 @@ from aiohttp import web
 
 from daemon.api.common import (
     SETTINGS,
-    STORE,
     admitted,
     check_input_count,
     json_response,
     list_stored_models,
     read_model,
+    stored_model,
 )
 from daemon.api.embedding import embed_inputs
 from daemon.api.models import ENCODING_FORMATS, OpenAIEmbedRequest
@@ -106,7 +106,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    model = await asyncio.to_thread(request.app[STORE].get, request.match_info["model"])
+    model = await stored_model(request.app, request.match_info["model"])
     return json_response(_model_object(model))
 
 

@@ -17,13 +17,13 @@ from aiohttp import web
 
 from daemon.api.common import (
     SETTINGS,
-    STORE,
     admitted,
     check_input_count,
     json_response,
     read_model,
+    stored_model,
 )
-from daemon.api.embedding import embed_inputs
+from daemon.api.embedding import check_model_kind, embed_inputs
 from daemon.api.models import RerankRequest
 from daemon.errors import InvalidInput
 
@@ -61,9 +61,7 @@ def rank(scores: np.ndarray, top_n: int | None) -> list[int]:
 async def rerank(request: web.Request) -> web.Response:
     body = check_rerank_request(await read_model(request, RerankRequest))
     check_input_count(len(body.documents), request.app[SETTINGS])
-    stored = request.app[STORE].get(body.model)
-    if not stored.facts.is_reranker:
-        raise InvalidInput(f"{stored.name} is an embedding model, not a reranker: use /api/embed")
+    check_model_kind(await stored_model(request.app, body.model), pairs=True)
     usage = {"prompt_tokens": 0, "total_tokens": 0}
     answer: dict[str, Any] = {"id": str(uuid.uuid4()), "model": body.model, "results": [], "usage": usage}
     if not body.documents:
