@@ -9,7 +9,6 @@ like any embedding input.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,29 +27,6 @@ from daemon.api.models import RerankRequest
 from daemon.errors import InvalidInput
 
 
-@dataclass(frozen=True)
-class Rerank:
-    """A checked rerank request."""
-
-    model: str
-    query: str
-    documents: list[str]
-    top_n: int | None
-    return_documents: bool
-
-
-def check_rerank_request(body: RerankRequest) -> Rerank:
-    """What the model's types cannot say: the fields a request must have."""
-    name = body.model_name
-    if not name.strip():
-        raise InvalidInput("model is required")
-    if body.query is None:
-        raise InvalidInput("query is required")
-    if body.documents is None:
-        raise InvalidInput("documents must be an array")
-    return Rerank(name, body.query, body.texts, body.top_n, bool(body.return_documents))
-
-
 def rank(scores: np.ndarray, top_n: int | None) -> list[int]:
     """Document indexes, best score first (ties keep the documents' order), at most top_n."""
     order = np.argsort(-scores, kind="stable")
@@ -59,21 +35,29 @@ def rank(scores: np.ndarray, top_n: int | None) -> list[int]:
 
 @admitted(queue_slot=True)
 async def rerank(request: web.Request) -> web.Response:
-    body = check_rerank_request(await read_model(request, RerankRequest))
-    check_input_count(len(body.documents), request.app[SETTINGS])
-    check_model_kind(await stored_model(request.app, body.model), pairs=True)
+    body = await read_model(request, RerankRequest)
+    name, query = body.model_name, body.query
+    if not name.strip():
+        raise InvalidInput("model is required")
+    if query is None:
+        raise InvalidInput("query is required")
+    if body.documents is None:
+        raise InvalidInput("documents must be an array")
+    documents = body.texts
+    check_input_count(len(documents), request.app[SETTINGS])
+    check_model_kind(await stored_model(request.app, name), pairs=True)
     usage = {"prompt_tokens": 0, "total_tokens": 0}
-    answer: dict[str, Any] = {"id": str(uuid.uuid4()), "model": body.model, "results": [], "usage": usage}
-    if not body.documents:
+    answer: dict[str, Any] = {"id": str(uuid.uuid4()), "model": name, "results": [], "usage": usage}
+    if not documents:
         return json_response(answer)
-    pairs = [{"query": body.query, "document": text} for text in body.documents]
-    embedded = await embed_inputs(request, body.model, pairs, True, {}, None)
+    pairs = [{"query": query, "document": text} for text in documents]
+    embedded = await embed_inputs(request, name, pairs, True, {}, None)
     scores = embedded.vectors[:, 0]
     answer["results"] = [
         {
             "index": index,
             "relevance_score": float(scores[index]),
-            **({"document": {"text": body.documents[index]}} if body.return_documents else {}),
+            **({"document": {"text": documents[index]}} if body.return_documents else {}),
         }
         for index in rank(scores, body.top_n)
     ]
