@@ -92,9 +92,9 @@ class Scheduler:
         `longest_input_tokens` tokens can cause."""
         return self._leases.lease(name, options, keep_alive_s, longest_input_tokens)
 
-    def lease_if_loaded(self, name: str) -> AbstractAsyncContextManager[RunnerProcess | None]:
-        """Hold `name`'s runner if it is loaded and serving, without ever loading it; else None."""
-        return self._leases.lease_if_loaded(name)
+    def lease_if_loaded(self, model: StoredModel) -> AbstractAsyncContextManager[RunnerProcess | None]:
+        """Hold the model's runner if it is loaded and serving, without ever loading it; else None."""
+        return self._leases.lease_if_loaded(model)
 
     # -- unloading and the stop ------------------------------------------------------------------
 

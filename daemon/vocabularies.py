@@ -18,7 +18,7 @@ from daemon.config import Settings
 from daemon.options import llama_params, resolve_load_options
 from daemon.runner.client import RunnerProcess
 from daemon.scheduler import RunnerFactory, Scheduler
-from daemon.store import ModelStore, StoredModel
+from daemon.store import StoredModel
 
 log = logging.getLogger(__name__)
 VOCABULARY_KEEP_S = 60.0
@@ -26,11 +26,8 @@ MAX_VOCABULARY_RUNNERS = 4
 
 
 class Vocabularies:
-    def __init__(
-        self, settings: Settings, store: ModelStore, scheduler: Scheduler, runner_factory: RunnerFactory
-    ) -> None:
+    def __init__(self, settings: Settings, scheduler: Scheduler, runner_factory: RunnerFactory) -> None:
         self._settings = settings
-        self._store = store
         self._scheduler = scheduler
         self._runner_factory = runner_factory
         self._runners: OrderedDict[str, RunnerProcess] = OrderedDict()  # by model digest, oldest first
@@ -38,21 +35,20 @@ class Vocabularies:
         self._starting: dict[str, asyncio.Lock] = {}
         self._stopping: set[asyncio.Task[None]] = set()
 
-    async def tokenize(self, name: str, text: str, add_special: bool) -> list[int]:
-        async with self._runner(name) as runner:
+    async def tokenize(self, model: StoredModel, text: str, add_special: bool) -> list[int]:
+        async with self._runner(model) as runner:
             return await runner.tokenize(text, add_special)
 
-    async def detokenize(self, name: str, tokens: list[int]) -> str:
-        async with self._runner(name) as runner:
+    async def detokenize(self, model: StoredModel, tokens: list[int]) -> str:
+        async with self._runner(model) as runner:
             return await runner.detokenize(tokens)
 
     @contextlib.asynccontextmanager
-    async def _runner(self, name: str) -> AsyncIterator[RunnerProcess]:
-        async with self._scheduler.lease_if_loaded(name) as loaded:
+    async def _runner(self, model: StoredModel) -> AsyncIterator[RunnerProcess]:
+        async with self._scheduler.lease_if_loaded(model) as loaded:
             if loaded is not None:
                 yield loaded
                 return
-        model = self._store.get(name)
         yield await self._vocabulary_runner(model)
 
     async def _vocabulary_runner(self, model: StoredModel) -> RunnerProcess:

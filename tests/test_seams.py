@@ -127,6 +127,8 @@ ROUTES_THAT_READ: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/api/rerank", {"model": "reranker", "query": "q", "documents": ["d"]}),
     ("POST", "/api/rerank", {"model": "reranker", "query": "q", "documents": []}),
     ("POST", "/api/show", {"model": "tiny"}),
+    ("POST", "/api/tokenize", {"model": "tiny", "content": "x"}),  # the model is loaded: its runner answers
+    ("POST", "/api/detokenize", {"model": "reranker", "tokens": [5]}),  # not loaded: a vocabulary runner
     ("POST", "/api/generate", {"model": "tiny", "keep_alive": 0}),
     ("GET", "/api/tags", None),
     ("GET", "/v1/models", None),

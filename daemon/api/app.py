@@ -264,7 +264,7 @@ def build_app(
         jobs = JobExecutor(settings.max_jobs)
         app[SCHEDULER] = scheduler
         app[VOCABULARIES] = vocabularies = Vocabularies(
-            settings, store, scheduler, runner_factory or default_runner_factory(settings)
+            settings, scheduler, runner_factory or default_runner_factory(settings)
         )
         app[JOBS] = jobs
         app[PULLS] = PullManager(store, hub, jobs, disk_free_bytes or disk_free, metrics.pulled)

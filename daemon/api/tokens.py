@@ -15,6 +15,7 @@ from daemon.api.common import (
     check_request_tokens,
     json_response,
     read_model,
+    stored_model,
 )
 from daemon.api.models import DetokenizeRequest, Named, TokenizeRequest
 from daemon.errors import InvalidInput
@@ -41,7 +42,8 @@ async def tokenize(request: web.Request) -> web.Response:
     check_request_tokens(
         input_tokens_bound([content]), request.app[SETTINGS], "content (UTF-8 bytes and special tokens)"
     )
-    tokens = await request.app[VOCABULARIES].tokenize(name, content, add_special is not False)
+    model = await stored_model(request.app, name)
+    tokens = await request.app[VOCABULARIES].tokenize(model, content, add_special is not False)
     return json_response({"model": name, "tokens": tokens})
 
 
@@ -54,7 +56,7 @@ async def detokenize(request: web.Request) -> web.Response:
     if tokens is None:  # types and bounds are checked by the model
         raise InvalidInput("tokens must be an array of integers")
     check_request_tokens(len(tokens), request.app[SETTINGS], "the ids")
-    content = await request.app[VOCABULARIES].detokenize(name, tokens)
+    content = await request.app[VOCABULARIES].detokenize(await stored_model(request.app, name), tokens)
     return json_response({"model": name, "content": content})
 
 

@@ -160,9 +160,8 @@ class Leases:
         return await self._lifecycle.start(model, load, params, shape, allowance, estimated, keep_alive_s, deadline_s)
 
     @contextlib.asynccontextmanager
-    async def lease_if_loaded(self, name: str) -> AsyncIterator[RunnerProcess | None]:
-        """Hold `name`'s runner if it is loaded and serving, without ever loading it; else None."""
-        model = self._store.get(name)
+    async def lease_if_loaded(self, model: StoredModel) -> AsyncIterator[RunnerProcess | None]:
+        """Hold the model's runner if it is loaded and serving, without ever loading it; else None."""
         entry = self._runners.loaded.get(model.name)
         if entry is None or entry.model.digest != model.digest or not entry.runner.alive:
             yield None
