@@ -1,11 +1,15 @@
 """emberd against raw in-process llama-cpp-python, same GGUF, same texts, same threads, one run.
 
-    .venv/bin/python benchmarks/bench_core.py [--rounds 3] [--seconds 4]
+    .venv/bin/python benchmarks/bench_core.py [--rounds 3] [--seconds 4] [--against REV]
 
 Phases alternate (raw, emberd, raw, emberd, ...) so both see the same machine; the table reports
 medians over rounds and the ratios the core issue targets:
   - single short request p50: emberd within 3 ms of the raw call;
   - one client sending 32-text batches: emberd >= 0.9x raw throughput.
+
+`--against REV` also starts emberd as it was at git revision REV (a worktree, this venv) and puts
+its single-request phase between the others in every round: a change's cost to one request's
+latency, measured on the same machine in the same run (the ratio new/old is printed).
 """
 
 from __future__ import annotations
@@ -92,10 +96,13 @@ def start_daemon(
     threads: int,
     extra_models: dict[str, Path] | None = None,
     environ: dict[str, str] | None = None,
+    source_dir: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """emberd with all-minilm (and `extra_models`); `threads` 0 leaves the thread count automatic;
-    `environ` adds settings (EMBERD_*)."""
+    `environ` adds settings (EMBERD_*); `source_dir` runs the daemon package found there instead."""
     environ = {**os.environ, **(environ or {}), "EMBERD_HOST": f"127.0.0.1:{port}", "EMBERD_HOME": str(home)}
+    if source_dir is not None:
+        environ["PYTHONPATH"] = str(source_dir)
     if threads:
         environ["EMBERD_NUM_THREAD"] = str(threads)
     command = [sys.executable, "-m", "daemon", "serve", "--ensure-model", f"all-minilm={model_dir}"]
@@ -104,6 +111,7 @@ def start_daemon(
     process = subprocess.Popen(
         command,
         env=environ,
+        cwd=source_dir,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -127,6 +135,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--singles", type=int, default=200)
     parser.add_argument("--threads", type=int, default=available_cpu_count())
+    parser.add_argument("--against", help="a git revision whose daemon's single requests alternate with this one's")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="emberd-bench-"))
@@ -136,6 +145,16 @@ def main() -> None:
     port = free_port()
     daemon = start_daemon(workdir / "home", port, model_dir, args.threads)
     client = EmberdClient(port)
+    old_daemon, old_client = None, None
+    if args.against:
+        old_source = workdir / "old"
+        repo = Path(__file__).resolve().parents[1]
+        subprocess.run(
+            ["git", "-C", str(repo), "worktree", "add", "--detach", str(old_source), args.against], check=True
+        )
+        old_port = free_port()
+        old_daemon = start_daemon(workdir / "old-home", old_port, model_dir, args.threads, source_dir=old_source)
+        old_client = EmberdClient(old_port)
     # The raw baseline at the n_batch values the peers' notes found best and the daemon's default.
     raws = {
         n_batch: Llama(
@@ -152,6 +171,8 @@ def main() -> None:
     try:
         for _ in range(3):  # warm both sides
             client.embed(BATCH_SHORT)
+            if old_client is not None:
+                old_client.embed(BATCH_SHORT)
             for raw in raws.values():
                 raw.embed(BATCH_SHORT)
         for round_index in range(args.rounds):
@@ -160,12 +181,20 @@ def main() -> None:
                 record(f"raw{n_batch} short32", texts_per_s(raw.embed, BATCH_SHORT, args.seconds))
                 record(f"raw{n_batch} passage32", texts_per_s(raw.embed, BATCH_PASSAGES, args.seconds))
             record("emberd single", p50_ms(client.embed, args.singles))
+            if old_client is not None:
+                record("old single", p50_ms(old_client.embed, args.singles))
+                record("emberd single (after old)", p50_ms(client.embed, args.singles))
             record("emberd short32", texts_per_s(client.embed, BATCH_SHORT, args.seconds))
             record("emberd passage32", texts_per_s(client.embed, BATCH_PASSAGES, args.seconds))
             print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
     finally:
-        daemon.terminate()
-        daemon.wait()
+        for process in (daemon, old_daemon):
+            if process is not None:
+                process.terminate()
+                process.wait()
+        if args.against:
+            repo = Path(__file__).resolve().parents[1]
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(workdir / "old")], check=False)
 
     median = {name: statistics.median(values) for name, values in results.items()}
     best_raw_single = min(median[f"raw{n} single"] for n in raws)
@@ -176,6 +205,13 @@ def main() -> None:
         f"| single short request p50 | {median['raw128 single']:.2f} / {median['raw512 single']:.2f} ms "
         f"| {median['emberd single']:.2f} ms | {median['emberd single'] - best_raw_single:+.2f} ms (target <= +3 ms) |"
     )
+    if args.against:
+        new_p50 = statistics.median(results["emberd single"] + results["emberd single (after old)"])
+        old_p50 = median["old single"]
+        print(
+            f"| single short request p50, this tree vs {args.against} (alternating) | {old_p50:.2f} ms (old) "
+            f"| {new_p50:.2f} ms | {new_p50 / old_p50:.3f}x (target <= 1.10x) |"
+        )
     for key, label in (
         ("short32", "32 short texts per request"),
         ("passage32", "32 passages (~60 tokens) per request"),
