@@ -163,9 +163,15 @@ def test_sigterm_during_a_pull_stops_it_in_time_and_the_next_run_resumes_it(
         hub.stop()
 
 
-def test_short_requests_keep_their_speed_while_pulls_and_a_conversion_run(
+def test_short_requests_never_wait_for_the_pulls_and_the_conversion_holding_the_job_threads(
     tmp_path: Path, tiny_dir: Path, big_ggufs: list[bytes]
 ) -> None:
+    # Each pull moves about 8 MB at 256 KiB/s: about 30 s. Before, the pulls' threads took every
+    # worker of the default pool, and a store read behind them waited for a pull to end: seconds.
+    # The bound is for liveness (over ten times the slowest answer seen on a loaded machine, 123 ms;
+    # a fifteenth of a pull), not speed, which is the benchmarks' job. That jobs keep to threads of
+    # their own is test_service_parts' test_the_job_executor_runs_at_most_max_jobs_at_once.
+    bound_ms = 2000.0
     hub = FakeHub()
     for index, data in enumerate(big_ggufs):
         hub.add_repo(f"Owner/Slow-{index}", {f"slow-{index}-F32.gguf": data})
@@ -174,22 +180,23 @@ def test_short_requests_keep_their_speed_while_pulls_and_a_conversion_run(
     try:
         with running_daemon(tmp_path / "home", {"tiny": tiny_dir}, {"HF_ENDPOINT": hub.url}) as daemon:
             post_json(daemon.url + "/api/embed", {"model": "tiny"})
-            route_medians_ms(daemon.url, rounds=5)  # warm-up
-            idle = route_medians_ms(daemon.url)
+            idle = route_latencies_ms(daemon.url)
             with ThreadPoolExecutor(5) as pool:
                 pool.submit(post_json, daemon.url + "/api/create", {"model": "minilm", "from": str(MINILM_DIR)})
                 wait_for(lambda: jobs_running(daemon.url) == 1)  # the conversion holds a job thread
                 for index in range(4):
                     pool.submit(post_json, daemon.url + "/api/pull", {"model": f"hf.co/Owner/Slow-{index}"})
                 wait_for(lambda: jobs_running(daemon.url) == 5)
-                busy = route_medians_ms(daemon.url)
-                assert jobs_running(daemon.url) >= 4  # the load lasted through the measurement
+                busy = route_latencies_ms(daemon.url)
+                assert jobs_running(daemon.url) >= 4  # every pull was still running when the last answer came
                 daemon.process.send_signal(signal.SIGTERM)  # ends the pulls, so the pool can close
                 assert daemon.process.wait(timeout=60) == 0
-        for route, idle_ms in idle.items():
-            print(f"{route}: idle {idle_ms:.2f} ms, during 4 pulls and a conversion {busy[route]:.2f} ms")
-            # Before, the pulls' threads took every worker of the default pool: these took seconds.
-            assert busy[route] <= 3 * idle_ms, route
+        for route, samples in busy.items():
+            print(
+                f"{route}: idle median {statistics.median(idle[route]):.2f} ms; during 4 pulls and a conversion"
+                f" median {statistics.median(samples):.2f} ms, slowest {max(samples):.2f} ms"
+            )
+            assert max(samples) < bound_ms, route
     finally:
         hub.stop()
 
@@ -198,8 +205,8 @@ def jobs_running(url: str) -> float:
     return read_metrics(url).get(("emberd_jobs_running", ()), 0.0)
 
 
-def route_medians_ms(url: str, rounds: int = 20) -> dict[str, float]:
-    """Median latency of /api/tags, /api/ps and /api/embed, interleaved so both see the same load."""
+def route_latencies_ms(url: str, rounds: int = 20) -> dict[str, list[float]]:
+    """Latencies of /api/tags, /api/ps and /api/embed, interleaved so each sees the same load."""
     samples: dict[str, list[float]] = {"/api/tags": [], "/api/ps": [], "/api/embed": []}
     for _ in range(rounds):
         for route in samples:
@@ -210,7 +217,7 @@ def route_medians_ms(url: str, rounds: int = 20) -> dict[str, float]:
                 with urllib.request.urlopen(url + route, timeout=30) as response:
                     response.read()
             samples[route].append((time.perf_counter() - started_s) * 1e3)
-    return {route: statistics.median(values) for route, values in samples.items()}
+    return samples
 
 
 def test_a_request_the_budget_cannot_cover_gets_a_503_and_the_exit_stays_in_budget(
