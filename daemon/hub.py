@@ -20,7 +20,7 @@ from pathlib import Path
 from daemon.errors import DownloadFailed, HubUnavailable, InvalidConfig, InvalidInput, UnknownModel
 from daemon.jobs import NEVER_CANCELLED, CancelToken
 from daemon.names import canonical_name, parse_hub_name
-from daemon.prompts import ModelPrompts, check_prompts
+from daemon.prompts import ModelPrompts, check_card_conventions, check_prompts
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,19 @@ OFFLINE_MESSAGE = (
 )
 
 
+# The fields an alias may have (configs/models.toml).
+ALIAS_FIELDS = (
+    "repo", "file", "revision", "sha256", "prompts", "default_prompt_name", "append_eos", "pooling", "normalize",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class AliasEntry:
     repo_id: str
     filename: str | None  # None: picked from the repo like an hf.co name without a tag
     revision: str
     sha256: str | None
-    prompts: ModelPrompts = field(default_factory=ModelPrompts)  # the model card's query/document prompts
+    prompts: ModelPrompts = field(default_factory=ModelPrompts)  # the model card's prompts and conventions
 
 
 @dataclass(frozen=True)
@@ -67,17 +73,28 @@ class HubFile:
 
 def load_aliases(path: Path) -> dict[str, AliasEntry]:
     """configs/models.toml: one table per model name, e.g. ["all-minilm:latest"], with repo, revision,
-    and optionally file, sha256, prompts (a table of name = text) and default_prompt_name."""
+    and optionally file, sha256, prompts (a table of name = text), default_prompt_name, and the model
+    card's append_eos, pooling and normalize (see daemon.prompts). A field it does not know is an
+    error, so a misspelt one is not silently ignored."""
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise InvalidConfig(f"cannot read aliases file {path}: {error}") from None
     aliases: dict[str, AliasEntry] = {}
     for name, entry in document.items():
+        unknown = sorted(set(entry) - set(ALIAS_FIELDS)) if isinstance(entry, dict) else []
+        if unknown:
+            raise InvalidConfig(
+                f"{path}: alias {name!r} has an unknown field {unknown[0]!r}; its fields: {', '.join(ALIAS_FIELDS)}"
+            )
         try:
             sha256 = entry.get("sha256") or None
             filename = entry.get("file") or None
-            prompts = check_prompts(entry.get("prompts", {}), entry.get("default_prompt_name"), f"alias {name!r}")
+            where = f"alias {name!r}"
+            prompts = check_prompts(entry.get("prompts", {}), entry.get("default_prompt_name"), where)
+            prompts = check_card_conventions(
+                prompts, entry.get("append_eos", False), entry.get("pooling"), entry.get("normalize"), where
+            )
             aliases[canonical_name(name)] = AliasEntry(entry["repo"], filename, entry["revision"], sha256, prompts)
         except (KeyError, AttributeError, TypeError):
             raise InvalidConfig(f"{path}: alias {name!r} needs repo and revision") from None

@@ -152,6 +152,9 @@ class LlamaParams:
     batch_tokens: int  # token budget of one decode
     quick_lane_tokens: int = 0  # the quick lane's context (see QUICK_LANE_TOKENS); 0: no quick lane
     vocab_only: bool = False  # the tokenizer alone: no weights, no context (tokenize/detokenize)
+    append_eos: bool = (
+        False  # the card ends inputs with EOS (see daemon.prompts); the runner adds it if the GGUF does not
+    )
 
 
 # gguf.PoolingType.LAST (options stays free of the gguf package).

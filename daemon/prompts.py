@@ -5,19 +5,27 @@ instruction); clients forget them and lose quality. A model's prompts come from 
 (configs/models.toml), `emberd create --prompt NAME=TEXT`, or a sentence-transformers directory's
 config_sentence_transformers.json. None is applied unless asked (`prompt_name`, or OpenAI-side
 `input_type`), so default vectors stay Ollama's, unless the model sets a `default_prompt_name`.
+
+An alias also carries the model card's other input conventions (check_card_conventions):
+`append_eos` (the card's inputs end with EOS, as Qwen3-Embedding's do), which the runner acts on
+where the GGUF's tokenizer does not add it itself; and the card's `pooling` and `normalize`,
+recorded to compare against, since llama.cpp pools as the GGUF's `<arch>.pooling_type` says and
+emberd normalises every vector (Ollama's rule).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from daemon.errors import InvalidInput, InvalidModelFile
 
 MAX_PROMPT_CHARS = 4096
+# llama.cpp's pooling types (enum llama_pooling_type), as an alias names the card's.
+POOLING_NAMES = ("none", "mean", "cls", "last", "rank")
 # A text, token ids, or a reranker's query/document pair (the runner's inputs).
 PromptInput = str | list[int] | dict[str, str]
 # Cohere's and Voyage's names for the two sides of retrieval, as prompt names.
@@ -31,15 +39,30 @@ INPUT_TYPE_PROMPTS = {
 
 @dataclass(frozen=True)
 class ModelPrompts:
+    """What a model's card says to do with its inputs: named prompts, and its other conventions."""
+
     prompts: Mapping[str, str] = field(default_factory=dict)
     default_name: str | None = None  # applied when a request names none
+    append_eos: bool = False  # every input ends with EOS: appended where the GGUF's tokenizer adds none
+    pooling: str | None = None  # the card's pooling (recorded; the GGUF's pooling_type decides)
+    normalize: bool | None = None  # whether the card normalises (recorded; emberd always does)
 
     def as_manifest(self) -> dict[str, Any]:
         return {"prompts": dict(self.prompts), "default_prompt_name": self.default_name}
 
+    def conventions_as_manifest(self) -> dict[str, Any]:
+        return {"append_eos": self.append_eos, "card_pooling": self.pooling, "card_normalize": self.normalize}
+
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> ModelPrompts:
-        return cls(dict(manifest.get("prompts") or {}), manifest.get("default_prompt_name"))
+        # A manifest written before the conventions were kept has none: the defaults.
+        return cls(
+            dict(manifest.get("prompts") or {}),
+            manifest.get("default_prompt_name"),
+            manifest.get("append_eos") is True,
+            manifest.get("card_pooling"),
+            manifest.get("card_normalize"),
+        )
 
 
 def check_prompts(prompts: Any, default_name: Any, where: str) -> ModelPrompts:
@@ -52,6 +75,20 @@ def check_prompts(prompts: Any, default_name: Any, where: str) -> ModelPrompts:
     if default_name is not None and (not isinstance(default_name, str) or default_name not in prompts):
         raise InvalidInput(f"{where}: default_prompt_name {default_name!r:.80} is not one of its prompts")
     return ModelPrompts(dict(prompts), default_name)
+
+
+def check_card_conventions(
+    prompts: ModelPrompts, append_eos: Any, pooling: Any, normalize: Any, where: str
+) -> ModelPrompts:
+    """`prompts` with a model card's conventions from a config file, each checked; `where` names
+    the alias, each message the field."""
+    if not isinstance(append_eos, bool):
+        raise InvalidInput(f"{where}: append_eos must be true or false, got {append_eos!r:.80}")
+    if pooling is not None and pooling not in POOLING_NAMES:
+        raise InvalidInput(f"{where}: pooling must be one of {', '.join(POOLING_NAMES)}, got {pooling!r:.80}")
+    if normalize is not None and not isinstance(normalize, bool):
+        raise InvalidInput(f"{where}: normalize must be true or false, got {normalize!r:.80}")
+    return replace(prompts, append_eos=append_eos, pooling=pooling, normalize=normalize)
 
 
 def parse_prompt_option(text: str) -> tuple[str, str]:

@@ -205,6 +205,7 @@ class ModelStore:
             "source": source,
             "facts": {k: v for k, v in dataclasses.asdict(facts).items() if k != "metadata"},
             **prompts.as_manifest(),
+            **prompts.conventions_as_manifest(),  # the alias's append_eos (acted on), card pooling/normalize
         }
         path = self._manifest_path(name)
         try:

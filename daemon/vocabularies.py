@@ -30,7 +30,7 @@ class Vocabularies:
         self._settings = settings
         self._scheduler = scheduler
         self._runner_factory = runner_factory
-        self._runners: OrderedDict[str, RunnerProcess] = OrderedDict()  # by model digest, oldest first
+        self._runners: OrderedDict[str, RunnerProcess] = OrderedDict()  # by key (_vocabulary_runner), oldest first
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._starting: dict[str, asyncio.Lock] = {}
         self._stopping: set[asyncio.Task[None]] = set()
@@ -52,22 +52,26 @@ class Vocabularies:
         yield await self._vocabulary_runner(model)
 
     async def _vocabulary_runner(self, model: StoredModel) -> RunnerProcess:
-        async with self._starting.setdefault(model.digest, asyncio.Lock()):
-            runner = self._runners.get(model.digest)
+        # By the file, and by whether the card appends EOS: two names of one file may tokenize apart.
+        key = model.digest + (" append_eos" if model.prompts.append_eos else "")
+        async with self._starting.setdefault(key, asyncio.Lock()):
+            runner = self._runners.get(key)
             if runner is None or not runner.alive:
                 load = resolve_load_options(self._settings, {})
                 params = replace(
-                    llama_params(load, model.facts.context_length, model.facts.block_count), vocab_only=True
+                    llama_params(load, model.facts.context_length, model.facts.block_count),
+                    vocab_only=True,
+                    append_eos=model.prompts.append_eos,
                 )
                 runner = await self._runner_factory(model, params)
-                self._runners[model.digest] = runner
+                self._runners[key] = runner
                 while len(self._runners) > MAX_VOCABULARY_RUNNERS:
                     self._stop(next(iter(self._runners)))
-            self._runners.move_to_end(model.digest)
-            if (timer := self._timers.pop(model.digest, None)) is not None:
+            self._runners.move_to_end(key)
+            if (timer := self._timers.pop(key, None)) is not None:
                 timer.cancel()
             loop = asyncio.get_running_loop()
-            self._timers[model.digest] = loop.call_later(VOCABULARY_KEEP_S, self._stop, model.digest)
+            self._timers[key] = loop.call_later(VOCABULARY_KEEP_S, self._stop, key)
             return runner
 
     def _stop(self, digest: str) -> None:

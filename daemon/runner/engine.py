@@ -64,7 +64,7 @@ _LOG_CALLBACK = llama_cpp.llama_log_callback(_log_errors_only)
 class Vocabulary:
     """A model's own tokenizer (llama.cpp's), from a full load or a vocabulary-only one."""
 
-    def __init__(self, model: internals.LlamaModel) -> None:
+    def __init__(self, model: internals.LlamaModel, append_eos: bool = False) -> None:
         self._model = model
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(model.vocab)
         self._word_piece = llama_cpp.llama_vocab_type(model.vocab) == llama_cpp.LLAMA_VOCAB_TYPE_WPM
@@ -83,10 +83,17 @@ class Vocabulary:
             [token for token in (eos, sep) if token >= 0],
             [eos] if eos >= 0 else [sep] if sep >= 0 else [],
         )
+        # A card whose inputs end with EOS (Qwen3-Embedding pools the EOS) on a GGUF whose tokenizer
+        # does not add it (converted before its tokenizer.json said so): the EOS goes after each text.
+        # Where the tokenizer adds it, llama.cpp already did, and a second one would be wrong.
+        end = llama_cpp.llama_vocab_eos(vocab)
+        self._appended_eos = end if append_eos and eos < 0 and end >= 0 else None
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         # special=False: text that spells "[SEP]" is text, not a control token.
         tokens = list(self._model.tokenize(text.encode("utf-8"), add_special, False))
+        if add_special and self._appended_eos is not None:
+            tokens.append(self._appended_eos)
         if tokens and min(tokens) < 0:
             # A vocabulary without an unknown token gives what it cannot spell the id -1, which
             # fails llama.cpp's whole decode (other requests' inputs with it): refuse this one alone.
@@ -190,7 +197,7 @@ def load_vocabulary(model_path: str, params: LlamaParams) -> tuple[Vocabulary, R
         pid=os.getpid(),
         llama_version=llama_version(),
     )
-    return Vocabulary(model), facts, model
+    return Vocabulary(model, params.append_eos), facts, model
 
 
 def _whole_pages(address: int, length: int) -> tuple[int, int]:
@@ -323,7 +330,7 @@ class EmbeddingEngine:
         model_params.main_gpu = params.main_gpu
         model_params.use_mmap = params.use_mmap
         self._model = internals.LlamaModel(path_model=model_path, params=model_params, verbose=False)
-        self.vocabulary = Vocabulary(self._model)
+        self.vocabulary = Vocabulary(self._model, params.append_eos)
 
         max_sequences = min(params.n_batch, MAX_SEQUENCES_PER_DECODE, llama_cpp.llama_max_parallel_sequences())
         # On a GPU a second context would take its memory for little: a GPU decode is quick anyway.

@@ -150,7 +150,10 @@ class Leases:
         if facts.vocab_size == 0:  # a manifest written before the estimate needed the vocabulary's size
             facts = await asyncio.to_thread(read_gguf_facts, model.blob_path)
         splits = splits_across_ubatches(facts.causal_attention, facts.pooling_type)
-        params = llama_params(load, facts.context_length, facts.block_count, splits, facts.vocab_size)
+        params = replace(
+            llama_params(load, facts.context_length, facts.block_count, splits, facts.vocab_size),
+            append_eos=model.prompts.append_eos,
+        )
         shape = ModelShape.of(facts, model.size_bytes)
         # Set aside what the first request's largest decode needs, not the model's longest input: a
         # 32k-context model serving short queries must not reserve its worst case up front.
