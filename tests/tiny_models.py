@@ -312,3 +312,166 @@ def make_transformers_cross_encoder_dir(directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     BertTokenizer(vocab={token: index for index, token in enumerate(vocab)}).save_pretrained(directory)
     return directory
+
+
+# Text to train the tiny tokenizers on: several scripts, digits, punctuation, so that the tests'
+# texts split into many pieces of several kinds.
+TRAINING_TEXT = [
+    "the sky is blue and the grass is green",
+    "why is the sky blue? because of Rayleigh scattering.",
+    "hello world, hello everyone; how are you today?",
+    "Les élèves étudient à l'école depuis le matin.",
+    "Der schnelle braune Fuchs springt über den faulen Hund.",
+    "El niño come manzanas y naranjas en la mañana.",
+    "東京は日本の首都です。京都は古い都です。",
+    "Москва — столица России, большой город.",
+    "numbers like 1234, 2024 and 3.14159 appear in text",
+    "I'll say it's fine; they've done what we'd asked.",
+    "search query: what is the capital of France? passage: Paris is the capital.",
+]
+
+
+def make_unigram_sentencepiece(path: Path, vocab_size: int = 400) -> Path:
+    """A SentencePiece unigram model trained on TRAINING_TEXT, with its NFKC normaliser (a
+    precompiled charsmap) as XLM-RoBERTa's sentencepiece.bpe.model has."""
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(TRAINING_TEXT * 30),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def _save_sentence_transformer(directory: Path, pooling: str) -> None:
+    """Turn a saved transformers model folder into a sentence-transformers one (modules.json,
+    1_Pooling) with the given pooling, written by sentence-transformers itself."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    transformer = Transformer(str(directory))
+    pooling_module = Pooling(transformer.get_embedding_dimension(), pooling)
+    SentenceTransformer(modules=[transformer, pooling_module], device="cpu").save(str(directory))
+
+
+def make_transformers_xlm_roberta_dir(
+    directory: Path, pooling: str = "cls", classifier: bool = False, seed: int = 0
+) -> Path:
+    """A random XLM-RoBERTa with a SentencePiece unigram tokenizer, saved by transformers: a
+    sentence-transformers embedder with `pooling` ("cls" as bge-m3, "mean" as multilingual-e5), or
+    with `classifier` a cross-encoder (XLMRobertaForSequenceClassification, as bge-reranker-v2-m3).
+    Positions start at pad_token_id + 1 = 2, as RoBERTa numbers them."""
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification, XLMRobertaModel, XLMRobertaTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    spm_dir = directory.parent / f"{directory.name}-sentencepiece"
+    spm_dir.mkdir(exist_ok=True)
+    make_unigram_sentencepiece(spm_dir / "sentencepiece.bpe.model")
+    tokenizer = XLMRobertaTokenizer.from_pretrained(str(spm_dir))  # converted to tokenizer.json as transformers does
+    torch.manual_seed(seed)
+    config = XLMRobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=66,  # 64 positions past the pad offset, as 514 gives bge-m3 512
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        num_labels=1,
+        initializer_range=0.2,  # wide enough that the vectors and scores are far apart
+    )
+    model = (XLMRobertaForSequenceClassification if classifier else XLMRobertaModel)(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    if not classifier:
+        _save_sentence_transformer(directory, pooling)
+    return directory
+
+
+# Qwen2's pre-tokenizer split (Qwen3's tokenizer.json spells it so).
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def make_qwen_bpe_tokenizer(directory: Path, vocab_size: int = 600) -> Path:
+    """A byte-level BPE tokenizer.json trained on TRAINING_TEXT with Qwen2's pre-tokenizer and
+    Qwen3-Embedding's special tokens: its post-processor appends <|endoftext|> to every text while
+    tokenizer_config.json names <|im_end|> as the EOS."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(TRAINING_TEXT * 10, trainer)
+    end_of_text = tokenizer.token_to_id("<|endoftext|>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>",
+        pair="$A <|endoftext|> $B:1 <|endoftext|>:1",
+        special_tokens=[("<|endoftext|>", end_of_text)],
+    )
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "add_prefix_space": False,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def make_transformers_qwen3_dir(directory: Path, seed: int = 0) -> Path:
+    """A random Qwen3Model with the tiny Qwen BPE tokenizer, as a sentence-transformers embedder
+    with last-token pooling (Qwen3-Embedding's layout: 4 query heads sharing 2 key/value heads,
+    q/k norms, RoPE)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+
+    make_qwen_bpe_tokenizer(directory)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer) + 8,  # spare rows, as Qwen3's embedding has past its tokens
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
+    Qwen3Model(config).eval().save_pretrained(directory)
+    _save_sentence_transformer(directory, "lasttoken")
+    return directory
