@@ -476,6 +476,7 @@ def test_the_shipped_aliases_cover_the_documented_models() -> None:
         "snowflake-arctic-embed", "snowflake-arctic-embed2", "granite-embedding", "embeddinggemma",
         "qwen3-embedding", "paraphrase-multilingual",
         "bge-reranker-v2-m3", "jina-reranker-v1-tiny-en", "jina-reranker-v2-base-multilingual",
+        "nomic-embed-text-v2-moe", "qwen3-reranker",
     ]  # fmt: skip
     for name in wanted:
         entry = aliases[f"{name}:latest"]

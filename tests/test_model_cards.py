@@ -3,6 +3,9 @@ carries: checked when the file is read, kept in the manifest, and acted on (appe
 
 from __future__ import annotations
 
+import json
+import re
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,3 +157,70 @@ async def test_append_eos_is_kept_in_the_manifest(card_client: Client, tmp_path:
 
 
 # -- the shipped aliases against docs/models.md ("Aliases and their model cards") ----------------------
+
+
+def documented_cards() -> dict[str, dict[str, Any]]:
+    """What docs/models.md says of each alias, parsed from the page alone (not through the loader):
+    "### `name`, `name`" headings, then "- Prompt `NAME`: `JSON string`", "- Pooling: `x`" (or "not
+    recorded"), "- Normalize: `true`", "- append_eos: `false`" and "- Status: ..." lines."""
+    text = MODELS_DOC.read_text(encoding="utf-8")
+    section = text.split("\n## Aliases and their model cards\n", 1)[1].split("\n## ", 1)[0]
+    cards: dict[str, dict[str, Any]] = {}
+    for block in section.split("\n### ")[1:]:
+        heading, _, body = block.partition("\n")
+        if heading.strip() == "Not added":
+            continue
+        lines = [line for line in body.splitlines() if line.startswith("- ")]
+        card: dict[str, Any] = {"prompts": {}}
+        for line in lines:
+            if prompt := re.fullmatch(r"- Prompt `([^`]+)`: `(\".*\")`", line):
+                card["prompts"][prompt.group(1)] = json.loads(prompt.group(2))
+            elif line.startswith("- Prompts: none"):
+                card["no_prompts"] = True
+            elif field := re.match(r"- (Pooling|Normalize|append_eos|Status): (.*)", line):
+                key, value = field.group(1).lower(), field.group(2)
+                if key == "status":
+                    card[key] = value
+                elif value.startswith("not recorded"):
+                    card[key] = None
+                else:
+                    quoted = re.match(r"`([^`]+)`", value)
+                    assert quoted, f"{heading}: {line!r} quotes no value"
+                    card[key] = json.loads(quoted.group(1)) if key != "pooling" else quoted.group(1)
+        for name in re.findall(r"`([^`]+)`", heading):
+            assert name not in cards, f"{name} is documented twice"
+            cards[name] = card
+    return cards
+
+
+def configured_aliases() -> dict[str, dict[str, Any]]:
+    """configs/models.toml as TOML, without the loader."""
+    return tomllib.loads(MODELS_FILE.read_text(encoding="utf-8"))
+
+
+def test_every_alias_is_documented_and_every_documented_alias_exists() -> None:
+    assert sorted(documented_cards()) == sorted(configured_aliases())
+
+
+@pytest.mark.parametrize("name", sorted(configured_aliases()))
+def test_an_alias_carries_what_its_card_section_quotes(name: str) -> None:
+    card = documented_cards()[name]
+    alias = configured_aliases()[name]
+    assert card.get("status", "").startswith(("card read", "card not read")), f"{name}: no status"
+    assert set(card) >= {"pooling", "normalize", "append_eos"}, f"{name}: a field is not documented"
+    assert bool(card["prompts"]) != bool(card.get("no_prompts")), f"{name}: prompts, or 'Prompts: none'"
+    # Byte for byte: the page's JSON-quoted strings against the file's.
+    assert {key: text.encode() for key, text in alias.get("prompts", {}).items()} == {
+        key: text.encode() for key, text in card["prompts"].items()
+    }
+    assert alias.get("pooling") == card["pooling"]
+    assert alias.get("normalize") == card["normalize"]
+    assert alias.get("append_eos", False) == card["append_eos"]
+
+
+def test_the_shipped_aliases_load_with_their_conventions() -> None:
+    aliases = load_aliases(MODELS_FILE)
+    qwen = aliases["qwen3-embedding:latest"].prompts
+    assert (qwen.append_eos, qwen.pooling, qwen.normalize) == (True, "last", True)
+    assert qwen.prompts["query"].endswith("\nQuery:")
+    assert all(alias.prompts.append_eos == name.startswith("qwen3-embedding") for name, alias in aliases.items())
