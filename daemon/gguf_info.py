@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -163,6 +164,9 @@ class _Cursor:
 class _SkippedArray:
     count: int
     item_type: int
+    # A boolean array of at most _MAX_LAYERS items (a per-layer flag, as the sliding-window
+    # pattern): read, as it is a few bytes.
+    flags: tuple[bool, ...] | None = None
 
 
 def _read_value(cursor: _Cursor, value_type: int) -> Any:
@@ -180,6 +184,8 @@ def _read_value(cursor: _Cursor, value_type: int) -> Any:
         if item_type == GGUFValueType.STRING:
             for _ in range(count):
                 cursor.skip(cursor.unpack("<Q"))
+        elif item_type == GGUFValueType.BOOL and count <= _MAX_LAYERS:
+            return _SkippedArray(count, item_type, tuple(byte != 0 for byte in cursor.take(count)))
         elif item_type in _SCALAR_FORMATS:
             cursor.skip(count * struct.calcsize(_SCALAR_FORMATS[GGUFValueType(item_type)]))
         else:
@@ -229,6 +235,7 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
                 raise InvalidModelFile(f"{path.name}: implausible GGUF header counts")
             metadata: dict[str, Any] = {}
             array_lengths: dict[str, int] = {}
+            flag_arrays: dict[str, tuple[bool, ...]] = {}
             for _ in range(kv_count):
                 key = cursor.string()
                 value = _read_value(cursor, cursor.unpack("<I"))
@@ -236,6 +243,8 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
                     expected = _ARRAY_ITEM_TYPES.get(key)
                     if expected is not None and value.item_type != expected:
                         raise InvalidModelFile(f"{path.name}: {key} must be an array of {expected.name.lower()}")
+                    if value.flags is not None:
+                        flag_arrays[key] = value.flags
                     # Arrays are left out of the metadata, as Ollama's /api/show leaves them out.
                     array_lengths[key], value = value.count, None
                 metadata[key] = value
@@ -279,6 +288,7 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
         return int(value) if isinstance(value, (int, float)) else default
 
     _check_what_llama_cpp_asserts(path, architecture, metadata, array_lengths)
+    _check_sliding_window_layers(path, architecture, metadata, flag_arrays)
     causal = metadata.get(f"{architecture}.attention.causal", True)
     return GGUFFacts(
         architecture=architecture,
@@ -329,6 +339,66 @@ def _check_what_llama_cpp_asserts(
                 f"{path.name}: its {tokenizer} tokenizer adds a {token.label} token to every text, but "
                 f"has no id for it inside its vocabulary of {vocab_size} tokens ({found})"
             )
+
+
+@dataclass(frozen=True)
+class _SlidingWindowRule:
+    """How llama.cpp lays out an encoder's local (sliding-window) and global attention layers
+    (llama_model_base::load_swa_pattern, llama_hparams::set_swa_pattern)."""
+
+    default_pattern: int  # used when the GGUF has no {arch}.attention.sliding_window_pattern
+    dense_first: bool  # a pattern's global layer is its first (else its last)
+    only_with_window: bool  # the layout applies only when {arch}.attention.sliding_window > 0
+
+
+# The encoders llama.cpp builds with both attention masks and no KV cache: its attention input
+# asserts that each mask has a buffer (GGML_ASSERT(buffer), an abort at the first decode), and a
+# mask no layer uses gets none. So such a model needs a local layer and a global layer.
+_SLIDING_WINDOW_RULES = {
+    "gemma-embedding": _SlidingWindowRule(6, dense_first=False, only_with_window=False),
+    "modern-bert": _SlidingWindowRule(3, dense_first=True, only_with_window=True),
+}
+
+
+def sliding_window_layers(block_count: int, pattern: int | Sequence[bool], dense_first: bool) -> list[bool]:
+    """Which layers attend through a sliding window, as llama.cpp derives them: a per-layer array as
+    it is; a pattern n makes every n-th layer global (the first of each n when `dense_first`, else
+    the last), 0 makes every layer local."""
+    if not isinstance(pattern, int):
+        return [bool(flag) for flag in pattern[:block_count]] + [False] * max(0, block_count - len(pattern))
+    if pattern == 0:
+        return [True] * block_count
+    if dense_first:
+        return [layer % pattern != 0 for layer in range(block_count)]
+    return [layer % pattern < pattern - 1 for layer in range(block_count)]
+
+
+def _check_sliding_window_layers(
+    path: Path, architecture: str, metadata: dict[str, Any], flag_arrays: dict[str, tuple[bool, ...]]
+) -> None:
+    """Refuse an encoder whose layers are all local or all global where llama.cpp needs both (see
+    _SLIDING_WINDOW_RULES): it loads, then aborts the process at its first decode."""
+    rule = _SLIDING_WINDOW_RULES.get(architecture)
+    blocks = metadata.get(f"{architecture}.block_count")
+    if rule is None or not isinstance(blocks, int):
+        return
+    window = metadata.get(f"{architecture}.attention.sliding_window")
+    if rule.only_with_window and not (isinstance(window, int) and window > 0):
+        return
+    key = f"{architecture}.attention.sliding_window_pattern"
+    scalar = metadata.get(key)
+    pattern: int | Sequence[bool] = flag_arrays.get(key, scalar if isinstance(scalar, int) else rule.default_pattern)
+    local = sliding_window_layers(blocks, pattern, rule.dense_first)
+    if all(local) or not any(local):
+        which = "local (sliding-window)" if all(local) else "global"
+        given = f"{key} = {scalar if key not in flag_arrays else list(flag_arrays[key])}"
+        if key not in flag_arrays and scalar is None:
+            given = f"no {key}: every {rule.default_pattern}th layer is global"
+        layers = "its one layer is" if blocks == 1 else f"all {blocks} of its layers are"
+        raise InvalidModelFile(
+            f"{path.name}: {layers} {which} ({given}); llama.cpp needs a local and a global layer in a "
+            f"{architecture} model, and would abort at its first decode"
+        )
 
 
 # Headers read for /api/show, by the file's identity: a blob is never rewritten in place, and one
