@@ -1,10 +1,14 @@
-"""Post-processing of pooled vectors: L2 normalisation, Matryoshka `dimensions`, finiteness."""
+"""Post-processing of pooled vectors: L2 normalisation, Matryoshka `dimensions`, finiteness, and how
+the windows of a long input make its one vector."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from daemon.errors import InvalidEmbedding, InvalidInput
+
+# llama.cpp's LLAMA_POOLING_TYPE_MEAN (gguf's PoolingType.MEAN).
+MEAN_POOLING = 1
 
 NON_FINITE_MESSAGE = "embedding contains NaN or Inf values"
 
@@ -33,3 +37,19 @@ def finish_embeddings(pooled: np.ndarray, dimensions: int | None) -> np.ndarray:
     if dimensions is not None and 0 < dimensions < width:
         vectors = normalize_rows(np.ascontiguousarray(vectors[:, :dimensions]))
     return vectors
+
+
+def window_share(vector: np.ndarray, window_tokens: int, pooling_type: int) -> tuple[np.ndarray, float]:
+    """A window's part in the vector of the long input it came from (split_long_inputs): what is added
+    to the input's sum, and the weight added to its total (the input's vector is the sum over the
+    total, normalised as every vector is).
+
+    Mean pooling: the window's vector weighted by its tokens, so the input's vector is the mean of
+    every token's (a token two windows share counts twice). CLS, last-token and other pooling: the
+    window's vector is one token's, which says nothing of the window's length, so every window counts
+    the same: the plain mean of the windows' unit vectors (normalised first, so that no window
+    weighs more for the length of its raw vector)."""
+    if pooling_type == MEAN_POOLING:
+        return vector * window_tokens, float(window_tokens)
+    norm = float(np.linalg.norm(vector))
+    return (vector / norm if norm > 0 else vector), 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import mmap
@@ -36,6 +37,9 @@ class TokenizedInput:
 # llama.cpp's log lines about the buffers it allocates ("... buffer size = N MiB"), kept for the ready
 # frame: what llama.cpp says it holds, beside what the daemon measures.
 _BUFFER_LOG: list[str] = []
+# llama.cpp's last error lines: a load that fails says why only there ("unknown model architecture"),
+# and llama-cpp-python sends stderr to /dev/null while it loads.
+_ERROR_LOG: collections.deque[str] = collections.deque(maxlen=4)
 
 
 def _log_errors_only(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
@@ -43,8 +47,14 @@ def _log_errors_only(level: int, text: bytes, _user_data: ctypes.c_void_p) -> No
     line = text.decode("utf-8", errors="replace")
     if level >= 4:  # GGML_LOG_LEVEL_ERROR
         sys.stderr.write(line)
+        _ERROR_LOG.append(line.strip())
     elif "buffer size" in line:
         _BUFFER_LOG.append(line)
+
+
+def llama_errors() -> list[str]:
+    """llama.cpp's last error lines (for a failed load's message)."""
+    return list(_ERROR_LOG)
 
 
 def llama_version() -> str:

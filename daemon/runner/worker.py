@@ -34,6 +34,7 @@ from daemon.errors import ContextExceeded, InvalidInput
 from daemon.options import QUICK_LANE_SEQUENCES, LlamaParams
 from daemon.runner.batching import OVERDUE_AFTER_DECODES, QueuedRequest, is_short, quick_lane_opens, take_batch
 from daemon.runner.protocol import GROUP_SIGNALS, encode_frame, read_frame_blocking
+from daemon.vectors import MEAN_POOLING, window_share
 
 VOCABULARY_MESSAGES = ("tokenize", "detokenize")
 # A message whose texts (characters, or ids) are longer than this is tokenized on the backlog's
@@ -127,17 +128,20 @@ class _Request:
     truncated: int = 0
     first_decode_s: float | None = None  # perf_counter at the start of its first decode
     windows: list[int] = field(default_factory=list)  # per input: 1, or the windows a long one took
-    weights: np.ndarray | None = None  # tokens of the windows pooled so far, per input (split inputs)
+    weights: np.ndarray | None = None  # the windows' weights summed so far, per input (split inputs)
+    pooling_type: int = MEAN_POOLING  # the model's: how windows make an input's vector (window_share)
 
     def add(self, sequence: _Sequence, vector: np.ndarray) -> None:
-        """A sequence's vector into its input's row: as it is, or weighted by its tokens when the
-        input was split into windows (the mean is taken in finish_rows)."""
+        """A sequence's vector into its input's row: as it is, or its window's share (see
+        vectors.window_share) when the input was split into windows (the mean is taken in
+        finish_rows)."""
         if self.windows[sequence.row] == 1:
             self.output[sequence.row] = vector
             return
         assert self.weights is not None
-        self.output[sequence.row] += vector * len(sequence.tokens)
-        self.weights[sequence.row] += len(sequence.tokens)
+        share, weight = window_share(vector, len(sequence.tokens), self.pooling_type)
+        self.output[sequence.row] += share
+        self.weights[sequence.row] += weight
 
     def finish_rows(self) -> None:
         if self.weights is not None:
@@ -296,6 +300,7 @@ class _Work:
         engine = self.engine
         limit, split = message.get("limit_tokens"), message.get("split", False)
         request = _Request(message["id"], np.zeros((len(texts), engine.facts.n_embd), dtype=np.float32), 0)
+        request.pooling_type = engine.facts.pooling_type
         for row, item in enumerate(texts):
             tokenized = (
                 engine.tokenize_pair(item["query"], item["document"], message["truncate"], limit)
@@ -512,7 +517,12 @@ def main() -> int:
             engine = EmbeddingEngine(config["model_path"], params)
             facts = engine.facts
     except Exception as error:
-        writer.send({"type": "load_failed", "message": f"{type(error).__name__}: {error}"})
+        message = f"{type(error).__name__}: {error}"
+        engine_module = sys.modules.get("daemon.runner.engine")  # absent if importing it failed
+        said = engine_module.llama_errors() if engine_module is not None else []
+        if said:  # llama-cpp-python's exception does not say why; llama.cpp's log does
+            message += f" (llama.cpp: {'; '.join(said)})"
+        writer.send({"type": "load_failed", "message": message})
         return 1
     writer.send({"type": "ready", "facts": dataclasses.asdict(facts)})
     if params.vocab_only:
