@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 from tests.conftest import MakeClient
 from tests.tiny_models import (
     make_transformers_qwen3_dir,
+    make_transformers_qwen3_reranker_dir,
     make_transformers_xlm_roberta_dir,
 )
 
@@ -56,7 +57,9 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def reranker_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_transformers_xlm_roberta_dir(tmp_path_factory.mktemp("rerank") / "bge-reranker-like", classifier=True)
+    return make_transformers_xlm_roberta_dir(
+        tmp_path_factory.mktemp("rerank") / "bge-reranker-like", classifier=True, seed=6
+    )
 
 
 async def post(client: Client, path: str, body: dict[str, Any]) -> tuple[int, Any]:
@@ -186,3 +189,37 @@ async def test_folders_that_cannot_be_converted_get_a_clear_400(
     status, body = await create(client, "bad", folder)
     assert status == 400
     assert message in body["error"]
+
+
+# Qwen3-Reranker's prompt, as its model card lays out a pair; the score is P("yes") against "no".
+QWEN3_RERANK_PROMPT = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct"
+    ' provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+    "<Instruct>: Given a web search query, retrieve relevant passages that answer the query\n"
+    "<Query>: {query}\n<Document>: {document}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+)
+
+
+async def test_a_qwen3_reranker_scores_as_transformers(make_client: MakeClient, tmp_path: Path) -> None:
+    from transformers import Qwen3ForCausalLM
+
+    folder = make_transformers_qwen3_reranker_dir(tmp_path / "qwen3-reranker-tiny", seed=5)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = Qwen3ForCausalLM.from_pretrained(str(folder)).eval()
+    yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
+    expected = []
+    for document in DOCUMENTS:
+        prompt = QWEN3_RERANK_PROMPT.format(query=QUERY, document=document)
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        expected.append(float(torch.softmax(logits[[yes, no]], dim=0)[0]))
+    assert max(expected) - min(expected) > 0.1  # the documents' scores differ: a wrong head would show
+    client = await make_client({})
+    assert (await create(client, "qwen3-reranker", folder))[0] == 200
+    status, body = await post(
+        client, "/api/rerank", {"model": "qwen3-reranker", "query": QUERY, "documents": DOCUMENTS}
+    )
+    assert status == 200
+    scores = {result["index"]: result["relevance_score"] for result in body["results"]}
+    assert [scores[index] for index in range(len(DOCUMENTS))] == pytest.approx(expected, abs=1e-3)

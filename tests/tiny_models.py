@@ -328,6 +328,8 @@ TRAINING_TEXT = [
     "numbers like 1234, 2024 and 3.14159 appear in text",
     "I'll say it's fine; they've done what we'd asked.",
     "search query: what is the capital of France? passage: Paris is the capital.",
+    "yes, the answer is yes.",  # a reranker's two answers, each a token of the Qwen BPE vocabulary
+    "no, the answer is no.",
 ]
 
 
@@ -346,6 +348,7 @@ def make_unigram_sentencepiece(path: Path, vocab_size: int = 400) -> Path:
         model_type="unigram",
         character_coverage=1.0,
         hard_vocab_limit=False,
+        num_threads=1,  # the same model every run
         minloglevel=2,
     )
     path.write_bytes(model.getvalue())
@@ -474,4 +477,31 @@ def make_transformers_qwen3_dir(directory: Path, seed: int = 0) -> Path:
     )
     Qwen3Model(config).eval().save_pretrained(directory)
     _save_sentence_transformer(directory, "lasttoken")
+    return directory
+
+
+def make_transformers_qwen3_reranker_dir(directory: Path, seed: int = 0) -> Path:
+    """A random Qwen3ForCausalLM with the tiny Qwen BPE tokenizer, in a folder named as
+    Qwen3-Reranker's is (the name tells a Qwen3 reranker from a chat model, as for llama.cpp's
+    converter): its score is the probability of "yes" against "no" after the rerank prompt."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    make_qwen_bpe_tokenizer(directory)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rope_theta=1_000_000.0,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
+    Qwen3ForCausalLM(config).eval().save_pretrained(directory)
     return directory
