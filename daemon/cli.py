@@ -61,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
         help='a named prompt requests can pick with prompt_name, e.g. --prompt "query=search_query: "',
     )
     create_parser.add_argument("--default-prompt", metavar="NAME", help="the prompt applied when a request names none")
+    create_parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="[TASK=]PATH",
+        help="a task adapter (LoRA GGUF, e.g. lora-retrieval.query-*.gguf); its task from its header unless named",
+    )
+    create_parser.add_argument("--default-task", metavar="TASK", help="the task applied when a request names none")
 
     embed_parser = command("embed", help="embed texts and print the JSON answer")
     embed_parser.add_argument("name")
@@ -121,6 +129,15 @@ class _Client:
                 sys.stdout.flush()
 
 
+def parse_adapter_option(text: str) -> tuple[str | None, str]:
+    """`--adapter PATH` or `--adapter TASK=PATH` as (TASK or None, PATH); a path with '=' in a folder
+    name before it is a path."""
+    task, separator, path = text.partition("=")
+    if separator and task and "/" not in task:
+        return task, path
+    return None, text
+
+
 def progress_line(status: str, completed: int, total: int, width: int = 30) -> str:
     fraction = completed / total if total else 1.0
     filled = int(fraction * width)
@@ -179,6 +196,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"Error: {error.message}") from None
         if args.default_prompt:
             body["default_prompt_name"] = args.default_prompt
+        if args.adapter:
+            sources = [parse_adapter_option(option) for option in args.adapter]
+            if all(task is None for task, _path in sources):
+                body["adapters"] = [str(Path(path).resolve()) for _task, path in sources]
+            elif all(task is not None for task, _path in sources):
+                body["adapters"] = {task: str(Path(path).resolve()) for task, path in sources}
+            else:
+                raise SystemExit("Error: name the task of every --adapter (TASK=PATH), or of none")
+        if args.default_task:
+            body["default_task"] = args.default_task
         client.stream("/api/create", body)
     elif args.command == "pull":
         client.stream("/api/pull", {"model": args.name})

@@ -2,7 +2,8 @@
 
 Layout:
     models/blobs/sha256-<hex>              GGUF files, named by their content
-    models/manifests/<name>/<tag>.json     one per model name, pointing at a blob
+    models/manifests/<name>/<tag>.json     one per model name, pointing at a blob (and at the blobs of
+                                           its task adapters, if it has any: see daemon.adapters)
     tmp/                                   partial files; same filesystem, so publishing is a rename
 
 Nothing is ever written in place: a blob or manifest appears under its final name by an atomic
@@ -21,12 +22,13 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from daemon.adapters import AdapterHeader, check_adapters, read_adapter_header
 from daemon.errors import (
     BlobMissing,
     InsufficientDisk,
@@ -57,6 +59,22 @@ def _remove(path: Path) -> None:
 
 
 @dataclass(frozen=True)
+class StoredAdapter:
+    """A task adapter a model carries (a LoRA GGUF blob, see daemon.adapters)."""
+
+    task: str
+    digest: str  # "sha256:<hex>"
+    size_bytes: int
+    blob_path: Path
+    prompt_prefix: str = ""  # put before each input of this task
+    alpha: float = 0.0  # adapter.lora.alpha, as its header says (llama.cpp applies it)
+
+
+# An adapter to store: a GGUF file, and its task where its header names none (or to check it).
+AdapterSource = tuple[Path, str | None]
+
+
+@dataclass(frozen=True)
 class StoredModel:
     name: str  # canonical, "all-minilm:latest"
     digest: str  # "sha256:<hex>"
@@ -65,6 +83,17 @@ class StoredModel:
     blob_path: Path
     facts: GGUFFacts
     prompts: ModelPrompts = field(default_factory=ModelPrompts)
+    adapters: tuple[StoredAdapter, ...] = ()
+    default_task: str | None = None  # the adapter a request that names no task gets (None: the base model)
+
+    @property
+    def adapter_bytes(self) -> int:
+        """What its adapters' files hold: llama.cpp reads them into buffers of about that size."""
+        return sum(adapter.size_bytes for adapter in self.adapters)
+
+    @property
+    def task_prefixes(self) -> dict[str, str]:
+        return {adapter.task: adapter.prompt_prefix for adapter in self.adapters}
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -133,6 +162,18 @@ class ModelStore:
             blob_path=self.blobs_dir / digest.replace(":", "-"),
             facts=GGUFFacts(**{**facts, "metadata": {}}),
             prompts=ModelPrompts.from_manifest(manifest),
+            adapters=tuple(
+                StoredAdapter(
+                    entry["task"],
+                    entry["digest"],
+                    entry["size"],
+                    self.blobs_dir / entry["digest"].replace(":", "-"),
+                    entry.get("prompt_prefix") or "",
+                    float(entry.get("alpha") or 0.0),
+                )
+                for entry in manifest.get("adapters") or []
+            ),
+            default_task=manifest.get("default_task"),
         )
 
     def _named_blobs(self) -> set[str] | None:
@@ -143,16 +184,19 @@ class ModelStore:
         for folder, _subfolders, files in os.walk(self.manifests_dir):
             for path in (Path(folder) / file for file in files if file.endswith(".json")):
                 try:
-                    digest = json.loads(path.read_bytes()).get("digest")
+                    manifest = json.loads(path.read_bytes())
+                    # The model's blob, and its task adapters' (see daemon.adapters).
+                    digests = [manifest.get("digest"), *(entry["digest"] for entry in manifest.get("adapters") or [])]
                 except FileNotFoundError:
                     continue
-                except (OSError, ValueError, AttributeError) as error:
+                except (OSError, ValueError, AttributeError, TypeError, KeyError) as error:
                     log.warning("cannot parse the manifest %s (%s): it may name any blob", path, error)
                     return None
-                if not isinstance(digest, str) or not digest.startswith("sha256:"):
-                    log.warning("the manifest %s names no sha256 digest: it may name any blob", path)
-                    return None
-                named.add(digest.replace(":", "-"))
+                for digest in digests:
+                    if not isinstance(digest, str) or not digest.startswith("sha256:"):
+                        log.warning("the manifest %s names no sha256 digest: it may name any blob", path)
+                        return None
+                    named.add(digest.replace(":", "-"))
         return named
 
     def get(self, name: str) -> StoredModel:
@@ -192,7 +236,14 @@ class ModelStore:
         return blob
 
     def _write_manifest(
-        self, name: str, blob: Path, facts: GGUFFacts, source: str, prompts: ModelPrompts
+        self,
+        name: str,
+        blob: Path,
+        facts: GGUFFacts,
+        source: str,
+        prompts: ModelPrompts,
+        adapters: Sequence[StoredAdapter] = (),
+        default_task: str | None = None,
     ) -> StoredModel:
         digest = "sha256:" + blob.name.removeprefix("sha256-")
         modified_at = datetime.now(UTC).isoformat()
@@ -207,6 +258,18 @@ class ModelStore:
             **prompts.as_manifest(),
             **prompts.conventions_as_manifest(),  # the alias's append_eos (acted on), card pooling/normalize
         }
+        if adapters:  # only then: a manifest without them reads as it always did
+            manifest["adapters"] = [
+                {
+                    "task": adapter.task,
+                    "digest": adapter.digest,
+                    "size": adapter.size_bytes,
+                    "prompt_prefix": adapter.prompt_prefix,
+                    "alpha": adapter.alpha,
+                }
+                for adapter in adapters
+            ]
+            manifest["default_task"] = default_task
         path = self._manifest_path(name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,6 +324,38 @@ class ModelStore:
         else:
             raise InvalidModelFile(f"{source}: no such file or directory")
 
+    @staticmethod
+    def check_adapter_sources(
+        adapters: Sequence[AdapterSource], source: Path | None = None, default_task: str | None = None
+    ) -> Sequence[AdapterHeader]:
+        """Fail fast when task adapters cannot go with a model: each a LoRA GGUF, one per task, of
+        the architecture of `source` (when it is a GGUF file; a directory's is known once converted),
+        and `default_task` one of their tasks."""
+        headers = [read_adapter_header(path, task) for path, task in adapters]
+        architecture = read_gguf_facts(source).architecture if source is not None and source.is_file() else None
+        check_adapters(headers, [path.name for path, _task in adapters], architecture)
+        if default_task is not None and default_task not in {header.task for header in headers}:
+            tasks = ", ".join(sorted(header.task for header in headers)) or "none"
+            raise InvalidModelFile(f"default_task {default_task!r} is not one of the adapters' tasks: {tasks}")
+        return headers
+
+    def _store_adapters(
+        self, adapters: Sequence[AdapterSource], token: CancelToken
+    ) -> Sequence[tuple[str, str | None]]:
+        """Each adapter file copied into the blobs: (digest hex, task) of each."""
+        stored = []
+        for path, task in adapters:
+            fd, partial_name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".partial")
+            os.close(fd)
+            partial = Path(partial_name)
+            try:
+                digest_hex = self._hash_copy(path, partial, token)
+                self.adopt_blob(partial, digest_hex)
+            finally:
+                partial.unlink(missing_ok=True)
+            stored.append((digest_hex, task))
+        return stored
+
     def create(
         self,
         name: str,
@@ -269,13 +364,17 @@ class ModelStore:
         progress: Callable[[str], None] = lambda _status: None,
         token: CancelToken = NEVER_CANCELLED,
         prompts: ModelPrompts | None = None,
+        adapters: Sequence[AdapterSource] = (),
+        default_task: str | None = None,
     ) -> StoredModel:
         """Register a GGUF file, or convert a Hugging Face directory, under `name`. Blocking; a
         cancelled `token` stops it at the next chunk or tensor, leaving nothing behind. `prompts`
-        add to (and override) those a sentence-transformers directory carries."""
+        add to (and override) those a sentence-transformers directory carries. `adapters`: task
+        adapters (LoRA GGUFs) stored beside it, see daemon.adapters."""
         prompts = prompts or ModelPrompts()
         canonical = canonical_name(name)
         self.check_source(source)
+        self.check_adapter_sources(adapters, source, default_task)
         fd, partial_name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".partial")
         os.close(fd)
         partial = Path(partial_name)
@@ -294,8 +393,13 @@ class ModelStore:
                 progress("copying gguf into the store")
                 digest_hex = self._hash_copy(source, partial, token)
             require_embedding_model(read_gguf_facts(partial), source.name)
+            stored_adapters: Sequence[tuple[str, str | None]] = ()
+            if adapters:
+                self.check_adapter_sources(adapters, partial, default_task)  # a directory's architecture now
+                progress("copying adapters into the store")
+                stored_adapters = self._store_adapters(adapters, token)
             progress("writing manifest")
-            return self.publish(canonical, partial, digest_hex, str(source), prompts)
+            return self.publish(canonical, partial, digest_hex, str(source), prompts, stored_adapters, default_task)
         except OSError as error:
             if error.errno == errno.ENOSPC:
                 raise InsufficientDisk(f"no space left in {self.models_dir} to create {canonical}") from None
@@ -304,11 +408,18 @@ class ModelStore:
             partial.unlink(missing_ok=True)
 
     def publish(
-        self, name: str, partial: Path, digest_hex: str, source: str, prompts: ModelPrompts | None = None
+        self,
+        name: str,
+        partial: Path,
+        digest_hex: str,
+        source: str,
+        prompts: ModelPrompts | None = None,
+        adapters: Sequence[tuple[str, str | None]] = (),
+        default_task: str | None = None,
     ) -> StoredModel:
-        """Make a complete, fsynced file the blob of `name`."""
+        """Make a complete, fsynced file the blob of `name` (with the adapter blobs `adapters` names)."""
         self.adopt_blob(partial, digest_hex)
-        return self.publish_blob(name, digest_hex, source, prompts)
+        return self.publish_blob(name, digest_hex, source, prompts, adapters, default_task)
 
     def adopt_blob(self, complete: Path, digest_hex: str) -> None:
         """Move a complete file, whose sha256 was checked, into the blobs (same filesystem)."""
@@ -317,18 +428,45 @@ class ModelStore:
         with self._lock:
             self._publish_blob(complete, digest_hex)
 
-    def publish_blob(self, name: str, digest_hex: str, source: str, prompts: ModelPrompts | None = None) -> StoredModel:
-        """Point `name` at an existing blob. Any GGUF is accepted: a download may bring a model
+    def publish_blob(
+        self,
+        name: str,
+        digest_hex: str,
+        source: str,
+        prompts: ModelPrompts | None = None,
+        adapters: Sequence[tuple[str, str | None]] = (),
+        default_task: str | None = None,
+    ) -> StoredModel:
+        """Point `name` at an existing blob (and its task adapters at theirs: (digest hex, task),
+        each header checked against the model). Any GGUF is accepted: a download may bring a model
         without pooling, which /api/embed then refuses with its own error."""
         canonical = canonical_name(name)
         blob = self.blobs_dir / f"sha256-{digest_hex}"
         # Under the lock a delete takes too: a delete that came first removed the blob (this fails,
         # and no manifest names a missing blob); one that comes after sees this manifest and keeps it.
         with self._lock:
-            if not blob.is_file():
-                raise BlobMissing(f"the blob sha256:{digest_hex} was deleted before {canonical} could name it")
+            for needed in [digest_hex, *(adapter_hex for adapter_hex, _task in adapters)]:
+                if not (self.blobs_dir / f"sha256-{needed}").is_file():
+                    raise BlobMissing(f"the blob sha256:{needed} was deleted before {canonical} could name it")
             facts = read_gguf_facts(blob)
-            return self._write_manifest(canonical, blob, facts, source, prompts or ModelPrompts())
+            stored_adapters = self._adapters_of(facts, adapters, default_task)
+            return self._write_manifest(
+                canonical, blob, facts, source, prompts or ModelPrompts(), stored_adapters, default_task
+            )
+
+    def _adapters_of(
+        self, facts: GGUFFacts, adapters: Sequence[tuple[str, str | None]], default_task: str | None
+    ) -> Sequence[StoredAdapter]:
+        """The adapter blobs `adapters` names, their headers checked against the model's `facts`."""
+        paths = [(self.blobs_dir / f"sha256-{adapter_hex}", task) for adapter_hex, task in adapters]
+        headers = self.check_adapter_sources(paths, None, default_task)
+        check_adapters(headers, [header.task for header in headers], facts.architecture)
+        return [
+            StoredAdapter(
+                header.task, f"sha256:{adapter_hex}", path.stat().st_size, path, header.prompt_prefix, header.alpha
+            )
+            for header, (adapter_hex, _task), (path, _same) in zip(headers, adapters, paths, strict=True)
+        ]
 
     def has_blob(self, digest_hex: str) -> bool:
         return (self.blobs_dir / f"sha256-{digest_hex}").is_file()
@@ -350,8 +488,9 @@ class ModelStore:
                     break
                 parent.rmdir()
             named = self._named_blobs()
-            if named is not None and model.blob_path.name not in named:
-                model.blob_path.unlink(missing_ok=True)
+            for blob in [model.blob_path, *(adapter.blob_path for adapter in model.adapters)]:
+                if named is not None and blob.name not in named:
+                    blob.unlink(missing_ok=True)
         return model
 
 

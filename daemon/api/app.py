@@ -193,7 +193,10 @@ def default_runner_factory(settings: Settings) -> RunnerFactory:
         except FileNotFoundError:
             raise gone from None
         try:
-            return await RunnerProcess.start(model.blob_path, params, model.name, settings.load_timeout_s)
+            adapters = [(adapter.task, adapter.blob_path) for adapter in model.adapters]
+            return await RunnerProcess.start(
+                model.blob_path, params, model.name, settings.load_timeout_s, adapters=adapters
+            )
         except ModelLoadFailed:
             # Deleted (emberd rm) after its manifest was read and before the runner opened the file,
             # perhaps created again since (another file): the model this request found is gone, as

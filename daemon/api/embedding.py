@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from daemon.adapters import choose_input_prefix
 from daemon.api.common import (
     HUB,
     LLAMA_VERSION_HEADER,
@@ -26,7 +27,7 @@ from daemon.api.common import (
 from daemon.errors import InvalidInput, UnknownModel
 from daemon.memory import input_tokens_bound
 from daemon.options import context_limit, resolve_load_options
-from daemon.prompts import apply_prompt, choose_prompt
+from daemon.prompts import apply_prompt
 from daemon.runner.client import RunnerInput
 from daemon.store import StoredModel
 
@@ -85,10 +86,12 @@ async def embed_inputs(
     prompt_name: str | None = None,
     input_type: str | None = None,
     split_long_inputs: bool = False,
+    task: str | None = None,
 ) -> Embedded:
     """Embed texts (or token-id lists of the model's vocabulary), after the model's prompt that
-    `prompt_name` or `input_type` picks (see daemon.prompts). With no inputs, the model is only
-    loaded: the preload idiom. What happened is left in request[REQUEST_STATS] for the log."""
+    `prompt_name` or `input_type` picks (see daemon.prompts), or with the task adapter and its
+    prefix that `task`, `prompt_name` or `input_type` picks (daemon.adapters). With no inputs, the
+    model is only loaded: the preload idiom. What happened is left in request[REQUEST_STATS] for the log."""
     app = request.app
     started_s = time.perf_counter()
     # The name as sent, until the lease gives the canonical one (cut: it is echoed into a log line).
@@ -99,8 +102,10 @@ async def embed_inputs(
     stored = await stored_or_pulled(app, model)
     if inputs:
         check_model_kind(stored, pairs=any(isinstance(item, dict) for item in inputs))
-    prompt = choose_prompt(stored.prompts, prompt_name, input_type)
-    inputs = apply_prompt(prompt, inputs)
+    chosen = choose_input_prefix(
+        stored.prompts, stored.task_prefixes, stored.default_task, task, prompt_name, input_type
+    )
+    inputs = apply_prompt(chosen.prefix, inputs)
     # Bounded before tokenizing: the request's tokens against max_request_tokens, and memory for the
     # largest decode set aside before it is sent.
     limit_tokens = context_limit(resolve_load_options(app[SETTINGS], options).num_ctx, stored.facts.context_length)
@@ -119,7 +124,7 @@ async def embed_inputs(
         }
         if not inputs:
             return Embedded(np.empty((0, 0), np.float32), 0, 0, lease.load_duration_ns, provenance, [])
-        result = await lease.loaded.runner.embed(inputs, truncate, lease.limit_tokens, split_long_inputs)
+        result = await lease.loaded.runner.embed(inputs, truncate, lease.limit_tokens, split_long_inputs, chosen.task)
     # Queue time is everything but the runner's decoding: admission, loading, the runner's queue.
     queue_s = max(0.0, time.perf_counter() - started_s - result.inference_s)
     stats.tokens, stats.queue_ms, stats.inference_ms = result.token_count, queue_s * 1e3, result.inference_s * 1e3

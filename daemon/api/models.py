@@ -20,9 +20,10 @@ from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from daemon.adapters import INPUT_TYPE_TASKS, MAX_TASK_NAME_CHARS
 from daemon.errors import InvalidInput, MissingBody
 from daemon.names import MAX_NAME_LENGTH
-from daemon.prompts import INPUT_TYPE_PROMPTS, MAX_PROMPT_CHARS
+from daemon.prompts import MAX_PROMPT_CHARS
 
 # What /v1/embeddings may send vectors as (encoding_format).
 ENCODING_FORMATS: Final = ("float", "base64")
@@ -65,7 +66,22 @@ KeepAlive = Annotated[
         "negative = forever, 0 = unload when idle; absent leaves it as it is"
     ),
 ]
-PromptName = Annotated[str, Meta(description="one of the model's prompts, put before every input (see /api/show)")]
+PromptName = Annotated[
+    str,
+    Meta(
+        description="one of the model's prompts, put before every input, or one of its tasks (then as `task`); "
+        "see /api/show"
+    ),
+]
+Task = Annotated[
+    str,
+    Meta(
+        description="one of the model's task adapters (jina-embeddings-v3: retrieval.query, retrieval.passage, "
+        "separation, classification, text-matching): its LoRA adapter is applied and its prompt_prefix put before "
+        "every input; absent: the model's default task, else the base model (see /api/show's adapters)",
+        extra_json_schema={"maxLength": MAX_TASK_NAME_CHARS, "examples": ["retrieval.query"]},
+    ),
+]
 SplitLongInputs = Annotated[
     bool,
     Meta(description="inputs over the context are embedded in overlapping windows and pooled, not cut (default false)"),
@@ -205,10 +221,12 @@ class EmbedRequest(Named, kw_only=True):
     keep_alive: KeepAlive | None = None
     options: RunnerOptions | None = None
     prompt_name: PromptName | None = None
+    task: Task | None = None
     split_long_inputs: SplitLongInputs | None = None
     problems: ClassVar[dict[str, str]] = {
         **NAMED_PROBLEMS,
         "input": "invalid input type",
+        "task": "task must be a string",
         "truncate": "truncate must be true or false",
         "dimensions": "dimensions must be an integer",
         "keep_alive": "keep_alive must be a duration string or a number of seconds",
@@ -271,16 +289,20 @@ class OpenAIEmbedRequest(Named, kw_only=True):
         Annotated[
             str,
             Meta(
-                description="picks the model's query or document prompt",
-                extra_json_schema={"enum": list(INPUT_TYPE_PROMPTS)},
+                description="picks the model's query or document prompt, or its task adapter: query and "
+                "search_query retrieval.query, document and search_document retrieval.passage, classification "
+                "classification, clustering separation (a model without it: the text as it is)",
+                extra_json_schema={"enum": list(INPUT_TYPE_TASKS)},
             ),
         ]
         | None
     ) = None
+    task: Task | None = None
     split_long_inputs: SplitLongInputs | None = None
     problems: ClassVar[dict[str, str]] = {
         **NAMED_PROBLEMS,
         "input": "invalid input",
+        "task": "task must be a string",
         "encoding_format": "encoding_format must be float or base64",
         "dimensions": "dimensions must be an integer",
         "user": "user must be a string",
@@ -387,8 +409,24 @@ class CreateRequest(Named, kw_only=True):
     default_prompt_name: (
         Annotated[str, Meta(description="one of prompts, applied when a request names none")] | None
     ) = None
+    adapters: (
+        Annotated[
+            dict[str, str] | list[str],
+            Meta(
+                description="task adapters (LoRA GGUFs on the daemon's machine, such as llama.cpp writes for "
+                "jina-embeddings-v3): task name -> path, or paths whose headers name their tasks "
+                "(adapter.lora.task_name); each of the model's architecture"
+            ),
+        ]
+        | None
+    ) = None
+    default_task: (
+        Annotated[str, Meta(description="one of the adapters' tasks, applied when a request names none")] | None
+    ) = None
     problems: ClassVar[dict[str, str]] = {
         **NAMED_PROBLEMS,
+        "adapters": "create: adapters must map task names to paths, or list paths",
+        "default_task": "create: default_task must be a string",
         "from": "from must be a path on the daemon's machine",
         "quantize": "quantize must be a string",
         "stream": "stream must be true or false",
@@ -570,6 +608,14 @@ class OpenAIModelList(Answer, kw_only=True):
     data: list[OpenAIModel] | UnsetType = UNSET
 
 
+class AdapterEntry(Answer, kw_only=True):
+    task: str
+    prompt_prefix: Annotated[str, Meta(description="put before each input of this task")]
+    alpha: Annotated[float, Meta(description="adapter.lora.alpha (0: none)")]
+    digest: Annotated[str, Meta(description="sha256 of the adapter's GGUF file, hex")]
+    size: Annotated[int, Meta(ge=0, description="bytes")]
+
+
 class ShowAnswer(Answer, kw_only=True):
     license: str | UnsetType = UNSET
     modelfile: str | UnsetType = UNSET
@@ -583,6 +629,8 @@ class ShowAnswer(Answer, kw_only=True):
     modified_at: Timestamp
     prompts: dict[str, str]
     default_prompt_name: str | None
+    adapters: Annotated[list[AdapterEntry], Meta(description="its task adapters, if it has any")] | UnsetType = UNSET
+    default_task: str | UnsetType | None = UNSET
 
 
 class StatusLine(Answer, kw_only=True):

@@ -45,7 +45,7 @@ from daemon.names import canonical_name
 from daemon.options import parse_options
 from daemon.prompts import check_prompts
 from daemon.scheduler import LoadedModel
-from daemon.store import StoredModel
+from daemon.store import AdapterSource, StoredModel
 from daemon.vectors import check_finite, finish_embeddings
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ async def embed(request: web.Request) -> web.Response:
         keep_alive_s,
         body.prompt_name,
         split_long_inputs=bool(body.split_long_inputs),
+        task=body.task,
     )
     if not texts:
         return json_response(empty_answer)  # the preload idiom
@@ -214,8 +215,13 @@ async def create(request: web.Request) -> web.StreamResponse:
     prompts = check_prompts(body.prompts or {}, body.default_prompt_name, "create")
     source = Path(source_text).expanduser()
     store = request.app[STORE]
+    adapters = _adapter_sources(body.adapters)
+    default_task = body.default_task
+    if default_task is not None and not adapters:
+        raise InvalidInput("default_task names one of the adapters' tasks, and there are no adapters")
     try:
         await asyncio.to_thread(store.check_source, source)
+        await asyncio.to_thread(store.check_adapter_sources, adapters, source, default_task)
     except NotEmbeddingModel as error:
         raise InvalidModelFile(error.message) from None
     if source.is_file() and body.quantize is not UNSET:
@@ -223,7 +229,11 @@ async def create(request: web.Request) -> web.StreamResponse:
 
     jobs = request.app[JOBS]  # a conversion is a long job: its own bounded threads, cancelled at shutdown
     if stream is False:
-        await jobs.run(lambda token: store.create(name, source, output_type, token=token, prompts=prompts))
+        await jobs.run(
+            lambda token: store.create(
+                name, source, output_type, token=token, prompts=prompts, adapters=adapters, default_task=default_task
+            )
+        )
         return json_response({"status": "success"})
 
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -235,7 +245,9 @@ async def create(request: web.Request) -> web.StreamResponse:
         loop.call_soon_threadsafe(statuses.put_nowait, status)
 
     work = asyncio.ensure_future(
-        jobs.run(lambda token: store.create(name, source, output_type, progress, token, prompts))
+        jobs.run(
+            lambda token: store.create(name, source, output_type, progress, token, prompts, adapters, default_task)
+        )
     )
 
     # Progress lines are queued from the thread before the work's own completion, so the end marker
@@ -259,6 +271,15 @@ async def create(request: web.Request) -> web.StreamResponse:
     await response.write(orjson.dumps(final) + b"\n")
     await response.write_eof()
     return response
+
+
+def _adapter_sources(adapters: dict[str, str] | list[str] | None) -> list[AdapterSource]:
+    """CreateRequest.adapters as (path, task): a task named by the request, or by the file's header."""
+    if adapters is None:
+        return []
+    if isinstance(adapters, dict):
+        return [(Path(path).expanduser(), task) for task, path in adapters.items()]
+    return [(Path(path).expanduser(), None) for path in adapters]
 
 
 # -- pull, show, delete -----------------------------------------------------------------------------
@@ -304,8 +325,26 @@ async def show(request: web.Request) -> web.Response:
             "capabilities": facts.capabilities,
             "modified_at": model.modified_at,
             **model.prompts.as_manifest(),  # "prompts": {name: text}, "default_prompt_name"
+            **_adapters_shown(model),
         }
     )
+
+
+def _adapters_shown(model: StoredModel) -> dict[str, Any]:
+    """A model's task adapters for /api/show (nothing for a model without them)."""
+    if not model.adapters:
+        return {}
+    adapters = [
+        {
+            "task": adapter.task,
+            "prompt_prefix": adapter.prompt_prefix,
+            "alpha": adapter.alpha,
+            "digest": adapter.digest.removeprefix("sha256:"),
+            "size": adapter.size_bytes,
+        }
+        for adapter in model.adapters
+    ]
+    return {"adapters": adapters, "default_task": model.default_task}
 
 
 @admitted(queue_slot=False)

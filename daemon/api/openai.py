@@ -75,7 +75,16 @@ async def embeddings(request: web.Request) -> web.Response:
         else:
             inputs = list(token_lists)
     embedded = await embed_inputs(
-        request, name, inputs, True, {}, None, body.prompt_name, body.input_type, bool(body.split_long_inputs)
+        request,
+        name,
+        inputs,
+        True,
+        {},
+        None,
+        body.prompt_name,
+        body.input_type,
+        bool(body.split_long_inputs),
+        body.task,
     )
     vectors = finish_embeddings(embedded.vectors, body.dimensions)
     data = [

@@ -45,6 +45,9 @@ class QueuedRequest:
 
     lengths: Sequence[int]  # tokens of its sequences not decoded yet, shortest first
     passed_over: int = 0  # decodes run in a row without any of its sequences
+    # Its task adapter (None: the base model): one decode runs with one adapter set on its context,
+    # so only requests of one task share a decode.
+    task: str | None = None
 
 
 def same_bucket(first: int, length: int) -> bool:
@@ -108,9 +111,10 @@ def take_batch(
     Requests take turns, one sequence a turn, so one request of 4,096 inputs cannot hold a 1-input
     request back for its whole length. Turns go to overdue requests first (when `overdue_first`:
     the runner alternates, so that overdue long inputs do not run back to back while short ones
-    wait), then to the shortest next sequence, then by arrival. Sequences are taken while they fit
-    the token budget and the first one's bucket; the first is always taken, alone if longer than
-    the budget (the context was sized so that any single input fits).
+    wait), then to the shortest next sequence, then by arrival. Only requests of the first turn's
+    task take turns (the others are passed over, and so become overdue in time). Sequences are
+    taken while they fit the token budget and the first one's bucket; the first is always taken,
+    alone if longer than the budget (the context was sized so that any single input fits).
     """
     counts = [0] * len(requests)
 
@@ -121,6 +125,8 @@ def take_batch(
     turns = sorted((index for index, request in enumerate(requests) if request.lengths), key=turn_order)
     if not turns:
         return counts
+    task = requests[turns[0]].task
+    turns = [index for index in turns if requests[index].task == task]
     first = requests[turns[0]].lengths[0]
     total = taken = 0
     while turns and taken < max_sequences:

@@ -140,9 +140,16 @@ class RunnerProcess:
         label: str,
         load_timeout_s: float,
         environment: Mapping[str, str] | None = None,
+        adapters: Sequence[tuple[str, Path]] = (),
     ) -> RunnerProcess:
+        """A runner of the model, with its task adapters (task, path) loaded (daemon.adapters)."""
         config = orjson.dumps(
-            {"model_path": str(model_path), "params": params.__dict__, "parent_pid": os.getpid()}
+            {
+                "model_path": str(model_path),
+                "params": params.__dict__,
+                "parent_pid": os.getpid(),
+                "adapters": [(task, str(path)) for task, path in adapters],
+            }
         ).decode()
         # The child inherits a signal mask that blocks the group's signals until it ignores them,
         # so a Ctrl-C or a systemd stop that arrives while it starts cannot kill it (see worker).
@@ -207,9 +214,10 @@ class RunnerProcess:
         truncate: bool,
         limit_tokens: int | None = None,
         split: bool = False,
+        task: str | None = None,
     ) -> EmbedResult:
         """Embed texts, or token-id lists of the model's own vocabulary, cut at `limit_tokens` (at
-        most the runner's own limit)."""
+        most the runner's own limit), with the task's adapter (None: the base model)."""
         if not self.alive or self._stopping:
             raise ShuttingDown(f"runner for {self.label} is stopping")
         request_id = next(self._ids)
@@ -226,6 +234,7 @@ class RunnerProcess:
                         "truncate": truncate,
                         "limit_tokens": limit_tokens,
                         "split": split,
+                        "task": task,
                     }
                 )
             )

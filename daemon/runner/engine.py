@@ -9,9 +9,10 @@ import mmap
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -259,6 +260,7 @@ class _Lane:
         self._params = params
         self.n_embd = 0  # set once the pooling type is known (see EmbeddingEngine)
         self.threads = params.n_threads
+        self.task: str | None = None  # the task adapter applied on this context (None: the base model)
         self._logits_unused = logits_unused
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(model.vocab)
         self._open_context()
@@ -266,6 +268,7 @@ class _Lane:
 
     def _open_context(self) -> None:
         self.context = internals.LlamaContext(model=self._model, params=self._params, verbose=False)
+        self.task = None  # a fresh context has no adapter
         self.logits_pages_given_back = 0  # this context's, over all its decodes
         self._give_back_logits(0)  # the rows llama.cpp zeroed as it made the context
 
@@ -285,6 +288,19 @@ class _Lane:
         if resident:
             libc.give_back_pages(start, length)
             self.logits_pages_given_back += resident
+
+    def use_adapter(self, task: str | None, adapters: Mapping[str, Any]) -> None:
+        """The task's adapter on this context, alone (None: none), if another is on it. llama.cpp
+        re-reserves its compute graph at the next decode after a change, so a decode of the same
+        task as the last one changes nothing."""
+        if task == self.task:
+            return
+        if task is None:
+            llama_cpp.llama_set_adapters_lora(self.context.ctx, None, 0, None)
+        else:
+            chosen = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapters[task])
+            llama_cpp.llama_set_adapters_lora(self.context.ctx, chosen, 1, (ctypes.c_float * 1)(ADAPTER_SCALE))
+        self.task = task
 
     def use_threads(self, threads: int) -> None:
         if threads != self.threads:
@@ -317,6 +333,25 @@ class _Lane:
         self.context.close()
 
 
+# An adapter's scale, as llama.cpp's tools apply one (--lora): it multiplies alpha / rank, which
+# makes the update PEFT's (jina-embeddings-v3's own scaling).
+ADAPTER_SCALE = 1.0
+
+
+def load_adapters(model: internals.LlamaModel, adapters: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """Each (task, path) adapter loaded onto the model, once: its llama_adapter_lora pointer by task.
+    llama.cpp frees them with the model. A file it refuses (tensors the model lacks, shapes that do
+    not fit) fails the load with its reason."""
+    loaded: dict[str, Any] = {}
+    for task, path in adapters:
+        pointer = llama_cpp.llama_adapter_lora_init(model.model, path.encode("utf-8"))
+        if not pointer:
+            said = "; ".join(llama_errors()) or "no reason given"
+            raise RuntimeError(f"llama.cpp refused the adapter of task {task!r} ({Path(path).name}): {said}")
+        loaded[task] = pointer
+    return loaded
+
+
 def _context_params(n_tokens: int, n_ubatch: int, threads: int, max_sequences: int) -> llama_cpp.llama_context_params:
     params: llama_cpp.llama_context_params = llama_cpp.llama_context_default_params()
     params.n_ctx = params.n_batch = n_tokens
@@ -332,7 +367,7 @@ class EmbeddingEngine:
     """One model, its main context, and the quick lane's context when it has one. The main context
     and the quick lane's may decode at the same time, each from its own thread."""
 
-    def __init__(self, model_path: str, params: LlamaParams) -> None:
+    def __init__(self, model_path: str, params: LlamaParams, adapters: Sequence[tuple[str, str]] = ()) -> None:
         llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
@@ -341,6 +376,8 @@ class EmbeddingEngine:
         model_params.use_mmap = params.use_mmap
         self._model = internals.LlamaModel(path_model=model_path, params=model_params, verbose=False)
         self.vocabulary = Vocabulary(self._model, params.append_eos)
+        # Task adapters (daemon.adapters), before the contexts: their buffers are in the main log.
+        self._adapters = load_adapters(self._model, adapters)
 
         max_sequences = min(params.n_batch, MAX_SEQUENCES_PER_DECODE, llama_cpp.llama_max_parallel_sequences())
         # On a GPU a second context would take its memory for little: a GPU decode is quick anyway.
@@ -380,6 +417,7 @@ class EmbeddingEngine:
             quick_lane_tokens=quick_tokens,
             logits_given_back=logits_unused,
             llama_version=llama_version(),
+            adapter_tasks=list(self._adapters),
         )
         probe_with_specials = self.vocabulary.tokenize(_PROBE_TEXT, add_special=True)
         self._head_specials, self._tail_specials = special_token_split(
@@ -430,15 +468,17 @@ class EmbeddingEngine:
         The weights stay mapped. (The quick lane's context is small and never grows.)"""
         self._main.renew()
 
-    def embed_batch(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    def embed_batch(self, sequences: Sequence[Sequence[int]], task: str | None = None) -> np.ndarray:
         """Pooled embeddings (not normalised) of sequences that fit one decode together, on the main
-        context (its threads as set_threads last said)."""
+        context (its threads as set_threads last said), with the task's adapter (None: none)."""
         self._main.use_threads(self._threads)
+        self._main.use_adapter(task, self._adapters)
         return self._main.embed(sequences)
 
-    def embed_quick(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    def embed_quick(self, sequences: Sequence[Sequence[int]], task: str | None = None) -> np.ndarray:
         """embed_batch on the quick lane's context: short sequences, on one thread."""
         assert self._quick is not None, "this engine has no quick lane"
+        self._quick.use_adapter(task, self._adapters)
         return self._quick.embed(sequences)
 
     def close(self) -> None:

@@ -19,8 +19,9 @@ Child -> parent headers:
 Parent -> child headers:
     {"type": "embed", "id": N, "texts": [text, [token ids] or {"query", "document"}, ...], "truncate": bool,
      "limit_tokens": L,
-     "split": bool}                                   L: this request's context, at most the runner's;
-                                                      split: long inputs in windows, pooled
+     "split": bool, "task": T}                        L: this request's context, at most the runner's;
+                                                      split: long inputs in windows, pooled; T: its task
+                                                      adapter (absent or null: the base model)
     {"type": "set_threads", "threads": N}             no answer; applies from the next decode
     {"type": "set_batch_tokens", "tokens": N}         no answer; the decode budget, capped at capacity
     {"type": "cancel", "id": N}                        no answer; drop request N's sequences not decoded yet
@@ -66,6 +67,7 @@ class RunnerFacts:
     llama_version: str = ""  # "llama-cpp-python 0.3.36, ggml 0.25.3 (0c1e570)"
     quick_lane_tokens: int = 0  # the quick lane's context; 0: none (see batching.quick_lane_opens)
     logits_given_back: bool = False  # see engine.writes_no_logits
+    adapter_tasks: list[str] = field(default_factory=list)  # the task adapters loaded (daemon.adapters)
 
 
 MAX_HEADER_BYTES = 256 * 1024 * 1024

@@ -130,6 +130,7 @@ class _Request:
     windows: list[int] = field(default_factory=list)  # per input: 1, or the windows a long one took
     weights: np.ndarray | None = None  # the windows' weights summed so far, per input (split inputs)
     pooling_type: int = MEAN_POOLING  # the model's: how windows make an input's vector (window_share)
+    task: str | None = None  # its task adapter (None: the base model); one per request
 
     def add(self, sequence: _Sequence, vector: np.ndarray) -> None:
         """A sequence's vector into its input's row: as it is, or its window's share (see
@@ -149,7 +150,7 @@ class _Request:
             self.output[split] /= self.weights[split, None]
 
     def queued(self) -> QueuedRequest:
-        return QueuedRequest(_PendingLengths(self.pending, self.next_pending), self.passed_over)
+        return QueuedRequest(_PendingLengths(self.pending, self.next_pending), self.passed_over, self.task)
 
     def take(self, count: int) -> list[_Sequence]:
         taken = self.pending[self.next_pending : self.next_pending + count]
@@ -301,6 +302,10 @@ class _Work:
         limit, split = message.get("limit_tokens"), message.get("split", False)
         request = _Request(message["id"], np.zeros((len(texts), engine.facts.n_embd), dtype=np.float32), 0)
         request.pooling_type = engine.facts.pooling_type
+        request.task = message.get("task")
+        if request.task is not None and request.task not in engine.facts.adapter_tasks:
+            known = ", ".join(engine.facts.adapter_tasks) or "none"
+            raise InvalidInput(f"this runner has no adapter of task {request.task!r}; its tasks: {known}")
         for row, item in enumerate(texts):
             tokenized = (
                 engine.tokenize_pair(item["query"], item["document"], message["truncate"], limit)
@@ -415,8 +420,10 @@ def _decode(work: _Work, batch: Batch, quick: bool = False) -> None:
     answers sent. If llama.cpp fails a decode that packed several requests, each is decoded again
     on its own, so only a request that fails alone is failed."""
     sequences = [sequence.tokens.tolist() for _request, sequence in batch]  # one decode's: ctypes takes ints
+    task = batch[0][0].task  # one task a decode (see take_batch)
+    embed = work.engine.embed_quick if quick else work.engine.embed_batch
     try:
-        vectors = work.engine.embed_quick(sequences) if quick else work.engine.embed_batch(sequences)
+        vectors = embed(sequences) if task is None else embed(sequences, task)  # None: the base model
     except Exception as error:  # a llama.cpp failure fails the requests it touched, not the runner
         by_request: dict[int, Batch] = {}
         for request, sequence in batch:
@@ -514,7 +521,8 @@ def main() -> int:
         if params.vocab_only:
             vocabulary, facts, _model = load_vocabulary(config["model_path"], params)
         else:
-            engine = EmbeddingEngine(config["model_path"], params)
+            adapters = [(task, path) for task, path in config.get("adapters", [])]
+            engine = EmbeddingEngine(config["model_path"], params, adapters)
             facts = engine.facts
     except Exception as error:
         message = f"{type(error).__name__}: {error}"

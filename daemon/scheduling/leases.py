@@ -154,7 +154,8 @@ class Leases:
             llama_params(load, facts.context_length, facts.block_count, splits, facts.vocab_size),
             append_eos=model.prompts.append_eos,
         )
-        shape = ModelShape.of(facts, model.size_bytes)
+        # Task adapters are read into llama.cpp's buffers: their bytes count as the weights' do.
+        shape = ModelShape.of(facts, model.size_bytes + model.adapter_bytes)
         # Set aside what the first request's largest decode needs, not the model's longest input: a
         # 32k-context model serving short queries must not reserve its worst case up front.
         allowance = decode_tokens_for(params, load, limit_tokens, longest_input_tokens)
@@ -181,6 +182,7 @@ class Leases:
         new context or weights (see needs_new_runner)."""
         return (
             entry.model.digest == model.digest
+            and entry.model.adapters == model.adapters  # created again with other task adapters
             and entry.runner.alive
             and not needs_new_runner(entry.load, entry.params.limit_tokens, load, limit_tokens)
         )

@@ -1,0 +1,325 @@
+"""Task adapters (jina-embeddings-v3's LoRA per task): stored beside a model by /api/create, loaded
+once by its runner, picked per request by `task`, `prompt_name` or `input_type`; each request's
+vector is llama.cpp's own with that adapter applied (llama-cpp-python's Llama(lora_path=...))."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestClient
+from gguf import GGUFType, GGUFWriter, Keys
+
+from daemon.adapters import InputPrefix, choose_input_prefix
+from daemon.errors import InvalidInput
+from daemon.prompts import ModelPrompts
+from daemon.runner.batching import QueuedRequest, take_batch
+from daemon.store import ModelStore
+from tests.conftest import MakeClient
+from tests.family_ggufs import make_family_gguf
+
+Client = TestClient[Any, Any]
+CONTEXT = 128
+HIDDEN, FF, LAYERS, RANK = 32, 64, 2, 4
+QUERY, SEPARATION = "retrieval.query", "separation"
+# Task prefixes as llama.cpp's converter writes them from jina's task_instructions (shortened: the
+# tiny vocabulary spells them letter by letter); separation's is empty, as jina's is.
+PREFIXES = {QUERY: "query: ", SEPARATION: ""}
+TEXTS = ["why is the sky blue?", "the grass is green", "hello world", "a harbour turns grey at dusk"]
+
+
+def write_lora(path: Path, task: str | None, seed: int, architecture: str = "jina-bert-v3") -> Path:
+    """A tiny random LoRA adapter GGUF as llama.cpp's loader reads it (src/llama-adapter.cpp):
+    `<base tensor>.lora_a` (ne {in, rank}) and `.lora_b` (ne {rank, out}) for each layer's fused
+    QKV, attention output and feed-forward, with the metadata llama.cpp's converter writes for
+    jina-embeddings-v3 (conversion/bert.py)."""
+    writer = GGUFWriter(path, architecture)
+    writer.add_type(GGUFType.ADAPTER)
+    writer.add_string(Keys.Adapter.TYPE, "lora")
+    writer.add_float32(Keys.Adapter.LORA_ALPHA, 8.0)
+    if task is not None:
+        writer.add_string(Keys.Adapter.LORA_TASK_NAME, task)
+        writer.add_string(Keys.Adapter.LORA_PROMPT_PREFIX, PREFIXES.get(task, ""))
+    rng = np.random.default_rng(seed)
+    for layer in range(LAYERS):
+        for name, n_in, n_out in (
+            ("attn_qkv", HIDDEN, 3 * HIDDEN),
+            ("attn_output", HIDDEN, HIDDEN),
+            ("ffn_up", HIDDEN, FF),
+            ("ffn_down", FF, HIDDEN),
+        ):
+            base = f"blk.{layer}.{name}.weight"
+            writer.add_tensor(f"{base}.lora_a", (rng.standard_normal((RANK, n_in)) * 0.3).astype(np.float32))
+            writer.add_tensor(f"{base}.lora_b", (rng.standard_normal((n_out, RANK)) * 0.3).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("adapters")
+    return {
+        "model": make_family_gguf("jina-bert-v3", directory / "jina.gguf", CONTEXT),
+        QUERY: write_lora(directory / f"lora-{QUERY}-jina.gguf", QUERY, seed=1),
+        SEPARATION: write_lora(directory / f"lora-{SEPARATION}-jina.gguf", SEPARATION, seed=2),
+        "untitled": write_lora(directory / "lora-untitled.gguf", None, seed=3),
+        "bert": write_lora(directory / "lora-bert.gguf", QUERY, seed=4, architecture="bert"),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(files: dict[str, Path]) -> Iterator[dict[str | None, dict[str, np.ndarray]]]:
+    """llama.cpp's own normalised vector of each text after the task's prefix, with the task's
+    adapter applied (None: the base model), one text a decode."""
+    vectors: dict[str | None, dict[str, np.ndarray]] = {}
+    for task in (None, QUERY, SEPARATION, "untitled"):
+        model = llama_cpp.Llama(
+            str(files["model"]),
+            embedding=True,
+            n_ctx=CONTEXT,
+            n_batch=CONTEXT,
+            n_ubatch=CONTEXT,
+            n_threads=1,
+            verbose=False,
+            lora_path=None if task is None else str(files[task]),
+        )
+        prefix = PREFIXES.get(task or "", "")
+        vectors[task] = {text: np.asarray(model.embed(prefix + text), dtype=np.float64) for text in TEXTS}
+        model.close()
+    yield vectors
+
+
+def cosine(a: Any, b: Any) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+async def create(client: Client, body: dict[str, Any]) -> tuple[int, Any]:
+    response = await client.post("/api/create", json={"stream": False, **body})
+    return response.status, await response.json()
+
+
+async def embed(client: Client, texts: list[str], **fields: Any) -> list[list[float]]:
+    response = await client.post("/api/embed", json={"model": "jina", "input": texts, **fields})
+    answer = await response.json()
+    assert response.status == 200, answer
+    vectors: list[list[float]] = answer["embeddings"]
+    return vectors
+
+
+@pytest.fixture
+async def jina(make_client: MakeClient, files: dict[str, Path]) -> Client:
+    """A daemon with "jina" created through /api/create with two task adapters (tasks from headers)."""
+    client = await make_client({})
+    status, answer = await create(
+        client, {"model": "jina", "from": str(files["model"]), "adapters": [str(files[QUERY]), str(files[SEPARATION])]}
+    )
+    assert status == 200, answer
+    return client
+
+
+# -- through the daemon -----------------------------------------------------------------------------
+
+
+async def test_a_task_gets_llama_cpps_vector_with_its_adapter(
+    jina: Client, reference: dict[str | None, dict[str, np.ndarray]]
+) -> None:
+    for task in (QUERY, SEPARATION, None):
+        fields = {"task": task} if task else {}
+        vectors = await embed(jina, TEXTS, **fields)
+        for text, vector in zip(TEXTS, vectors, strict=True):
+            assert cosine(vector, reference[task][text]) >= 0.9999, (task, text)
+    # The adapters change the vectors: a task differs from the other and from the base model.
+    for text in TEXTS:
+        assert cosine(reference[QUERY][text], reference[SEPARATION][text]) < 0.99
+        assert cosine(reference[SEPARATION][text], reference[None][text]) < 0.99
+    # OpenAI's route takes `task` too; input_type and prompt_name pick a task by its name.
+    for fields, task in (
+        ({"task": QUERY}, QUERY),
+        ({"input_type": "search_query"}, QUERY),
+        ({"input_type": "clustering"}, SEPARATION),
+        ({"prompt_name": SEPARATION}, SEPARATION),
+        ({"input_type": "document"}, None),  # no retrieval.passage adapter, no document prompt
+    ):
+        response = await jina.post("/v1/embeddings", json={"model": "jina", "input": TEXTS[0], **fields})
+        answer = await response.json()
+        assert response.status == 200, answer
+        assert cosine(answer["data"][0]["embedding"], reference[task][TEXTS[0]]) >= 0.9999, fields
+    show = await (await jina.post("/api/show", json={"model": "jina"})).json()
+    assert [(a["task"], a["prompt_prefix"], a["alpha"]) for a in show["adapters"]] == [
+        (QUERY, "query: ", 8.0),
+        (SEPARATION, "", 8.0),
+    ]
+    assert show["default_task"] is None
+
+
+async def test_concurrent_requests_of_mixed_tasks_each_get_their_adapter(
+    jina: Client, reference: dict[str | None, dict[str, np.ndarray]]
+) -> None:
+    await embed(jina, [TEXTS[0]])  # loaded, so that the requests below meet in the runner's queue
+    asks = [(task, TEXTS[index % len(TEXTS)]) for index in range(24) for task in [(QUERY, SEPARATION, None)[index % 3]]]
+    answers = await asyncio.gather(*(embed(jina, [text], **({"task": task} if task else {})) for task, text in asks))
+    for (task, text), [vector] in zip(asks, answers, strict=True):
+        assert cosine(vector, reference[task][text]) >= 0.9999, (task, text)
+
+
+async def test_unknown_task_is_a_400_naming_the_models_tasks(jina: Client, make_client: MakeClient) -> None:
+    for route, body in (
+        ("/api/embed", {"model": "jina", "input": "sky", "task": "retrieval.passage"}),
+        ("/v1/embeddings", {"model": "jina", "input": "sky", "task": "retrieval.passage"}),
+    ):
+        response = await jina.post(route, json=body)
+        assert response.status == 400
+        text = await response.text()
+        assert "unknown task 'retrieval.passage'; this model's tasks: retrieval.query, separation" in text
+    response = await jina.post("/api/embed", json={"model": "jina", "input": "sky", "prompt_name": "passage"})
+    assert response.status == 400
+    assert "its tasks: retrieval.query, separation" in (await response.json())["error"]
+    response = await jina.post("/api/embed", json={"model": "jina", "input": "sky", "task": 3})
+    assert (response.status, (await response.json())["error"]) == (400, "task must be a string")
+
+
+async def test_bad_adapters_are_a_400_at_create(jina: Client, files: dict[str, Path]) -> None:
+    model = str(files["model"])
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"adapters": [model]}, "jina.gguf is not a LoRA adapter: general.type is None"),
+        ({"adapters": [str(files["bert"])]}, "lora-bert.gguf is an adapter of a bert model, and this model is jina"),
+        ({"adapters": [str(files[QUERY]), str(files[QUERY])]}, "are both adapters of task 'retrieval.query'"),
+        ({"adapters": {SEPARATION: str(files[QUERY])}}, "is the adapter of task 'retrieval.query', not 'separation'"),
+        ({"adapters": [str(files["untitled"])]}, "names no task (adapter.lora.task_name)"),
+        ({"adapters": [str(files[QUERY])], "default_task": "classification"}, "default_task 'classification'"),
+        ({"adapters": [str(files["model"].parent / "missing.gguf")]}, "missing.gguf"),
+        ({"adapters": "lora.gguf"}, "create: adapters must map task names to paths, or list paths"),
+    ]
+    for fields, message in cases:
+        status, answer = await create(jina, {"model": "other", "from": model, **fields})
+        assert status == 400, (fields, answer)
+        assert message in answer["error"], (fields, answer)
+    tags = await (await jina.get("/api/tags")).json()
+    assert [entry["name"] for entry in tags["models"]] == ["jina:latest"]  # none of them was created
+
+
+async def test_adapters_survive_a_restart_and_go_with_their_model(
+    make_client: MakeClient, files: dict[str, Path], reference: dict[str | None, dict[str, np.ndarray]]
+) -> None:
+    first = await make_client({})
+    body = {
+        "model": "jina",
+        "from": str(files["model"]),
+        "adapters": {"untitled": str(files["untitled"]), SEPARATION: str(files[SEPARATION])},
+        "default_task": "untitled",
+    }
+    status, answer = await create(first, body)
+    assert status == 200, answer
+    await first.close()
+    # A restart: the store opens again (its garbage collection runs) and a new daemon serves it.
+    second = await make_client({})
+    vectors = await embed(second, [TEXTS[1]])  # no task: the model's default task, "untitled"
+    assert cosine(vectors[0], reference["untitled"][TEXTS[1]]) >= 0.9999
+    vectors = await embed(second, [TEXTS[1]], task=SEPARATION)
+    assert cosine(vectors[0], reference[SEPARATION][TEXTS[1]]) >= 0.9999
+
+
+def test_store_keeps_adapter_blobs_and_removes_them_with_their_model(tmp_path: Path, files: dict[str, Path]) -> None:
+    store = ModelStore(tmp_path / "home")
+    store.open()
+    model = store.create("jina", files["model"], adapters=[(files[QUERY], None), (files[SEPARATION], None)])
+    store.create("other", files["model"], adapters=[(files[QUERY], None)])
+    blobs = {adapter.task: adapter.blob_path for adapter in model.adapters}
+    assert blobs[QUERY].read_bytes() == files[QUERY].read_bytes()
+    assert blobs[SEPARATION].read_bytes() == files[SEPARATION].read_bytes()
+    manifest = json.loads(store._manifest_path("jina:latest").read_text())
+    assert [entry["task"] for entry in manifest["adapters"]] == [QUERY, SEPARATION]
+    store.open()  # start-up's garbage collection: every adapter blob is named
+    assert all(path.is_file() for path in blobs.values())
+    assert store.get("jina").adapters == model.adapters
+    store.delete("jina")  # its separation adapter goes; "other" still names the query adapter
+    assert (blobs[QUERY].is_file(), blobs[SEPARATION].is_file(), model.blob_path.is_file()) == (True, False, True)
+    store.delete("other")
+    assert not blobs[QUERY].is_file() and not model.blob_path.is_file()
+
+
+async def test_created_again_with_adapters_while_loaded_gets_a_runner_with_them(
+    make_client: MakeClient, files: dict[str, Path], reference: dict[str | None, dict[str, np.ndarray]]
+) -> None:
+    client = await make_client({"jina": files["model"]})
+    vectors = await embed(client, [TEXTS[2]])
+    assert cosine(vectors[0], reference[None][TEXTS[2]]) >= 0.9999
+    status, answer = await create(
+        client, {"model": "jina", "from": str(files["model"]), "adapters": [str(files[QUERY])]}
+    )
+    assert status == 200, answer
+    vectors = await embed(client, [TEXTS[2]], task=QUERY)  # same GGUF, other adapters: a new runner
+    assert cosine(vectors[0], reference[QUERY][TEXTS[2]]) >= 0.9999
+
+
+# -- policy -----------------------------------------------------------------------------------------
+
+TASKS = {QUERY: "query: ", SEPARATION: "", "retrieval.passage": "passage: "}
+PROMPTS = ModelPrompts({"query": "q: ", "document": "d: "})
+
+
+@pytest.mark.parametrize(
+    ("prompts", "tasks", "default_task", "fields", "expected"),
+    [
+        (PROMPTS, TASKS, None, {}, InputPrefix(None, "")),  # no task: the base model
+        (PROMPTS, TASKS, SEPARATION, {}, InputPrefix(SEPARATION, "")),  # the model's default task
+        (PROMPTS, TASKS, None, {"task": QUERY}, InputPrefix(QUERY, "query: ")),
+        (PROMPTS, TASKS, None, {"task": QUERY, "prompt_name": QUERY}, InputPrefix(QUERY, "query: ")),
+        (PROMPTS, TASKS, None, {"prompt_name": "retrieval.passage"}, InputPrefix("retrieval.passage", "passage: ")),
+        (PROMPTS, TASKS, None, {"prompt_name": "query"}, InputPrefix(None, "q: ")),  # a prompt, no adapter
+        (PROMPTS, TASKS, SEPARATION, {"input_type": "search_document"}, InputPrefix("retrieval.passage", "passage: ")),
+        (PROMPTS, TASKS, None, {"input_type": "query"}, InputPrefix(QUERY, "query: ")),
+        (PROMPTS, TASKS, None, {"input_type": "classification"}, InputPrefix(None, "")),  # no such adapter
+        (PROMPTS, {}, None, {"input_type": "query"}, InputPrefix(None, "q: ")),  # no adapters: prompts as before
+        (PROMPTS, {}, None, {"input_type": "clustering"}, InputPrefix(None, "")),
+        (ModelPrompts({"query": "q: "}, "query"), {}, None, {}, InputPrefix(None, "q: ")),
+    ],
+)
+def test_choose_input_prefix(
+    prompts: ModelPrompts,
+    tasks: dict[str, str],
+    default_task: str | None,
+    fields: dict[str, str],
+    expected: InputPrefix,
+) -> None:
+    assert choose_input_prefix(prompts, tasks, default_task, **fields) == expected
+
+
+@pytest.mark.parametrize(
+    ("tasks", "fields", "message"),
+    [
+        (TASKS, {"task": "text-matching"}, "unknown task 'text-matching'; this model's tasks: retrieval.passage, "),
+        ({}, {"task": QUERY}, "unknown task 'retrieval.query'; this model's tasks: none"),
+        (TASKS, {"task": QUERY, "prompt_name": "query"}, "task 'retrieval.query' and prompt_name 'query': name one"),
+        (TASKS, {"prompt_name": "passage"}, "unknown prompt_name 'passage'; this model's prompts: document, query;"),
+        (TASKS, {"input_type": "question"}, "input_type must be one of query, search_query, document"),
+    ],
+)
+def test_choose_input_prefix_refuses(tasks: dict[str, str], fields: dict[str, str], message: str) -> None:
+    with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)")):
+        choose_input_prefix(PROMPTS, tasks, None, **fields)
+
+
+@pytest.mark.parametrize(
+    ("requests", "expected"),
+    [
+        # The first turn (shortest next sequence) decides the decode's task; others wait.
+        ([QueuedRequest([5, 5], 0, "a"), QueuedRequest([3], 0, "b"), QueuedRequest([4], 0, "b")], [0, 1, 1]),
+        ([QueuedRequest([5], 0, None), QueuedRequest([3], 0, "a"), QueuedRequest([6], 0, None)], [0, 1, 0]),
+        # An overdue request goes first, and its task with it.
+        ([QueuedRequest([5], 8, "a"), QueuedRequest([3], 0, "b"), QueuedRequest([4], 0, "a")], [1, 0, 1]),
+        ([QueuedRequest([5, 6], 0, None), QueuedRequest([7], 0, None)], [2, 1]),  # one task: as before
+    ],
+)
+def test_take_batch_puts_one_task_in_a_decode(requests: list[QueuedRequest], expected: list[int]) -> None:
+    assert take_batch(requests, 512, 16) == expected
