@@ -108,6 +108,9 @@ class GGUFFacts:
     head_count_kv: int = 0
     key_length: int = 0  # per head
     value_length: int = 0  # per head
+    # What sizes llama.cpp's compute buffer beyond the widths above (0: none, or not known).
+    expert_used_count: int = 0  # experts each token goes through in a mixture-of-experts layer
+    sliding_window: int = 0  # tokens a local (sliding-window) attention layer sees
 
     @property
     def is_embedding_model(self) -> bool:
@@ -308,6 +311,8 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
         head_count_kv=arch_int("attention.head_count_kv"),
         key_length=arch_int("attention.key_length"),
         value_length=arch_int("attention.value_length"),
+        expert_used_count=arch_int("expert_used_count"),
+        sliding_window=arch_int("attention.sliding_window"),
     )
 
 

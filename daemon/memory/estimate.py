@@ -34,20 +34,43 @@ class ModelShape:
     n_ff: int  # feed-forward width
     n_vocab: int
     # A causal model's attention, for its KV cache and compute buffer (0: an encoder, which has no
-    # KV cache: llama.cpp runs it without one).
+    # KV cache: llama.cpp runs most without one; see kv_unread for those it gives one).
     n_layer: int = 0
     q_width: int = 0  # query width of a layer: heads x key length
     kv_width: int = 0  # key + value width of a layer, for each cached token
-    mean_pooling: bool = False  # pooled through a ubatch_tokens x n_seq_max matrix (a causal model's)
+    mean_pooling: bool = False  # pooled through a ubatch_tokens x n_seq_max matrix
     # The runner hands the logits part of llama.cpp's output buffer back after each decode that grew
     # it (an encoder on a CPU, see runner.engine.writes_no_logits): known from its ready frame.
     gives_back_logits: bool = False
+    # The family's graph (general.architecture, a key of ENCODER_GRAPHS; "": BERT's), and what of its
+    # header sizes that graph beyond the widths above.
+    architecture: str = ""
+    # An encoder that llama.cpp still gives a KV cache (of n_layer x kv_width), which its graph
+    # never reads: it decodes like an encoder, in one ubatch (llama-embed, t5encoder).
+    kv_unread: bool = False
+    attention_masks: int = 1  # 2 with local (sliding-window) layers beside global ones
+    n_head: int = 0  # attention heads (T5's relative position bias is per head)
+    n_expert_used: int = 0  # a mixture-of-experts layer's experts per token
 
     @classmethod
     def of(cls, facts: GGUFFacts, file_bytes: int) -> ModelShape:
         n_ff = facts.feed_forward_length or 4 * facts.embedding_length  # BERT's usual width, if unknown
-        if not facts.causal_attention:
-            return cls(file_bytes, facts.embedding_length, n_ff, facts.vocab_size)
+        architecture = facts.architecture
+        masks = 2 if _has_local_layers(architecture, facts.sliding_window) else 1
+        # A manifest from before the experts' count was kept: nomic-embed-text-v2-moe's 2.
+        experts = facts.expert_used_count or (2 if architecture in _MOE_ENCODERS else 0)
+        if not (facts.causal_attention or architecture in ENCODERS_WITH_KV_CACHE):
+            return cls(
+                file_bytes,
+                facts.embedding_length,
+                n_ff,
+                facts.vocab_size,
+                mean_pooling=facts.pooling_type == PoolingType.MEAN,
+                architecture=architecture,
+                attention_masks=masks,
+                n_head=facts.head_count,
+                n_expert_used=experts,
+            )
         # A manifest written before the attention's shape was kept: plain multi-head attention (no
         # grouped keys), which is the widest cache the model could have.
         heads = facts.head_count or 1
@@ -64,7 +87,84 @@ class ModelShape:
             q_width=heads * key_length,
             kv_width=kv_heads * (key_length + value_length),
             mean_pooling=facts.pooling_type == PoolingType.MEAN,
+            architecture=architecture,
+            kv_unread=not facts.causal_attention,
+            attention_masks=masks,
+            n_head=facts.head_count,
+            n_expert_used=experts,
         )
+
+    @property
+    def splits(self) -> bool:
+        """Whether the model attends causally over its KV cache: its decodes may span ubatches."""
+        return self.kv_width > 0 and not self.kv_unread
+
+
+# Non-causal architectures llama.cpp still makes a KV cache for (llama_model::create_memory gives
+# none only to the encoders it lists: BERT and its kin, modern-bert, gemma-embedding, ...). It is
+# allocated and zeroed with the context, so it counts from load on, though the graph never reads it.
+ENCODERS_WITH_KV_CACHE = frozenset({"llama-embed", "t5encoder"})
+_MOE_ENCODERS = frozenset({"nomic-bert-moe"})
+
+
+def _has_local_layers(architecture: str, sliding_window: int) -> bool:
+    """Whether llama.cpp builds a second attention mask (its sliding window's) beside the global
+    one: gemma-embedding always (llama.cpp sets its window type whatever the header says),
+    modern-bert when its header gives a window."""
+    return architecture == "gemma-embedding" or (architecture == "modern-bert" and sliding_window > 0)
+
+
+@dataclass(frozen=True)
+class EncoderGraph:
+    """What llama.cpp's graph of an encoder family holds at once, per token of a ubatch, in floats
+    (f32): the widest of its attention stage (attention_embd x n_embd) and its feed-forward stage
+    (ffn_widths x n_ff + ffn_embd x n_embd). Measured by loading tiny GGUFs of each family
+    (tests/family_ggufs.py) over hidden 64 to 512 and n_ff of 1 to 8 x hidden, four layers or more
+    (with two, llama.cpp's allocator reuses a mask that its last layer no longer reads): the
+    logged compute buffer, less the masks and the pooling matrix, is this within 1%, except where
+    the two stages are about as wide (n_ff about n_embd), where it is up to 9% less."""
+
+    attention_embd: float
+    ffn_widths: int  # n_ff-wide activations held together at the feed-forward stage (0: n_expert_used)
+    ffn_embd: int = 3  # the residual stream, the stage's input and its output beside them
+
+
+# Why each family's figures are what they are (what llama.cpp's src/models/<arch>.cpp builds):
+ENCODER_GRAPHS: dict[str, EncoderGraph] = {
+    # Separate Q, K and V projections, learned positions: 5.5 x n_embd measured, 6 counted (the
+    # figure all-MiniLM's estimate was checked with). A GELU feed-forward: its up projection, then
+    # the activation in place.
+    "bert": EncoderGraph(6, 1),
+    # Like BERT with ALiBi (a bias the attention kernel applies: no tensor of its own) and GEGLU:
+    # the up projection is 2 x n_ff wide (up and gate in one), then the n_ff product.
+    "jina-bert-v2": EncoderGraph(5.5, 3),
+    # One fused QKV projection (3 x n_embd), its Q, K and V views made contiguous and rotated
+    # (RoPE): 7.5 x n_embd at the attention stage. A plain GELU feed-forward.
+    "jina-bert-v3": EncoderGraph(7.5, 1),
+    # Fused QKV and RoPE; SwiGLU with separate up and gate projections and their product: 3 x n_ff.
+    "nomic-bert": EncoderGraph(7.5, 3),
+    "neo-bert": EncoderGraph(7.5, 3),  # fused QKV, RoPE; SwiGLU from one 2 x n_ff projection
+    "modern-bert": EncoderGraph(7.5, 3),  # fused QKV, RoPE; GEGLU from one 2 x n_ff projection
+    # Every other layer a mixture of experts: each token's n_expert_used experts' up projections
+    # (n_expert_used x n_ff), their outputs and weights (5 x n_embd with the stream); the dense
+    # layers between are plain GELU (n_ff + 3 x n_embd), never the widest.
+    "nomic-bert-moe": EncoderGraph(7.5, 0, 5),
+    # Separate Q, K, V projections with RoPE (and gemma's Q/K norms): 6 x n_embd; gated
+    # feed-forwards (SwiGLU, gemma's GELU-gated): gate, up and product, 3 x n_ff.
+    "eurobert": EncoderGraph(6, 3),
+    "llama-embed": EncoderGraph(6, 3),
+    "gemma-embedding": EncoderGraph(6, 3),
+    # T5's attention is not flash attention (llama.cpp's kernel takes no position bias): see
+    # _relative_attention_floats. Its feed-forward is gated GELU.
+    "t5encoder": EncoderGraph(5, 3),
+}
+
+
+def _relative_attention_floats(shape: ModelShape, ubatch_tokens: int) -> int:
+    """Per token, what T5's attention holds: the position bias looked up for every pair of tokens
+    and head (n_head x n_tokens floats, kept for every layer: the first layer's table serves all),
+    the scores of the layer (as many) and their soft-max output (as many)."""
+    return 3 * max(shape.n_head, 1) * ubatch_tokens
 
 
 @dataclass(frozen=True)
@@ -92,22 +192,35 @@ def kv_cache_bytes(shape: ModelShape, n_ctx: int) -> int:
 def compute_buffer_bytes(shape: ModelShape, ubatch_tokens: int, n_seq_max: int, n_kv: int = 0) -> int:
     """llama.cpp's CPU compute buffer (flash attention) for a ubatch of `ubatch_tokens`.
 
-    An encoder (no KV cache): the f16 attention mask (ubatch_tokens x ubatch_tokens padded to 64),
-    the pooling matrix (ubatch_tokens x n_seq_max f32) and the activations of the widest stage
-    (attention about 6 x n_embd floats a token; feed-forward n_ff + 3 x n_embd). It matched
-    llama.cpp's logged size within 0.1%.
+    An encoder (no KV cache, or one its graph never reads): the f16 attention mask (ubatch_tokens x
+    ubatch_tokens padded to 64; a second one for a family with local layers, see
+    _has_local_layers), MEAN pooling's matrix (ubatch_tokens x n_seq_max f32) and the activations of
+    the widest stage, by family (ENCODER_GRAPHS). T5 adds its relative positions' bucket of every
+    pair of tokens (int32) and its per-head bias and scores (_relative_attention_floats). Within
+    10% of llama.cpp's logged size for every family tests/test_family_memory.py loads.
 
     A causal model: the f16 mask over the n_kv cached tokens the ubatch attends to, and the widest
-    stage: feed-forward, attention (query, keys and values of the ubatch), or the output projection
-    (n_vocab floats a token: llama.cpp computes logits even for embeddings); MEAN pooling adds its
-    matrix, as for an encoder. Fitted to llama.cpp's
-    logged sizes for qwen3 shapes: within 20%, the vocabulary-bound case within 0.1%; 43% over for
-    attention sixteen times wider than the model."""
+    stage: the gated feed-forward (gate, up and product, 3 x n_ff, beside 4 x n_embd), attention
+    (query, keys and values of the ubatch), or the output projection (n_vocab floats a token:
+    llama.cpp computes logits even for embeddings); MEAN pooling adds its matrix, as for an
+    encoder. Fitted to llama.cpp's logged sizes for qwen3 shapes: within 1% for n_ff of 3 x n_embd
+    and more, up to 25% over for n_ff of 2 x n_embd or less (llama.cpp's allocator fits part of that
+    stage in freed blocks); the vocabulary-bound case within 0.1%; 43% over for attention sixteen
+    times wider than the model."""
     padded = _pad(ubatch_tokens, UBATCH_PAD)
-    if shape.kv_width == 0:
-        widest = max(6 * shape.n_embd, shape.n_ff + 3 * shape.n_embd)
-        return 2 * padded * ubatch_tokens + 4 * ubatch_tokens * n_seq_max + 4 * ubatch_tokens * widest
-    widest = max(2 * shape.n_ff + 5 * shape.n_embd, 2 * (shape.q_width + shape.kv_width), shape.n_vocab + shape.n_embd)
+    if not shape.splits:
+        graph = ENCODER_GRAPHS.get(shape.architecture, ENCODER_GRAPHS["bert"])
+        ffn_widths = graph.ffn_widths or shape.n_expert_used
+        widest = max(graph.attention_embd * shape.n_embd, ffn_widths * shape.n_ff + graph.ffn_embd * shape.n_embd)
+        masks = 2 * padded * ubatch_tokens * shape.attention_masks
+        if shape.architecture == "t5encoder":
+            # The bucket of each pair of tokens (int32), and the bias and scores beside the stage.
+            masks += 4 * padded * ubatch_tokens
+            widest = max(_relative_attention_floats(shape, ubatch_tokens) + graph.attention_embd * shape.n_embd, widest)
+        # MEAN pooling's matrix; a shape made without its architecture is counted with it (BERT's).
+        pooling = 4 * ubatch_tokens * n_seq_max if shape.mean_pooling or not shape.architecture else 0
+        return masks + pooling + int(4 * ubatch_tokens * widest)
+    widest = max(3 * shape.n_ff + 4 * shape.n_embd, 2 * (shape.q_width + shape.kv_width), shape.n_vocab + shape.n_embd)
     pooling = 4 * ubatch_tokens * n_seq_max if shape.mean_pooling else 0
     return 2 * n_kv * padded + pooling + 4 * ubatch_tokens * widest
 
@@ -187,7 +300,7 @@ def estimate_runner(shape: ModelShape, n_batch: int, n_ubatch: int) -> RunnerEst
     model, all-MiniLM f16 and q8_0, and generated BERTs of 8k and 32k context. An encoder's largest
     decode is one ubatch; a causal model's is a whole batch, split into ubatches. Both are peaks
     (peak_bytes): what the runner holds as its decodes run."""
-    largest = n_batch if shape.kv_width else n_ubatch
+    largest = n_batch if shape.splits else n_ubatch
     return RunnerEstimate(peak_bytes(shape, n_batch, 0), peak_bytes(shape, n_batch, largest, n_ubatch))
 
 
