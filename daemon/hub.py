@@ -43,6 +43,7 @@ OFFLINE_MESSAGE = (
 # The fields an alias may have (configs/models.toml).
 ALIAS_FIELDS = (
     "repo", "file", "revision", "sha256", "prompts", "default_prompt_name", "append_eos", "pooling", "normalize",
+    "adapters", "default_task",
 )  # fmt: skip
 
 
@@ -53,6 +54,9 @@ class AliasEntry:
     revision: str
     sha256: str | None
     prompts: ModelPrompts = field(default_factory=ModelPrompts)  # the model card's prompts and conventions
+    # Task adapters: files of the same repo and revision (daemon.adapters), their tasks from their headers.
+    adapters: tuple[str, ...] = ()
+    default_task: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class HubFile:
     sha256: str  # the Hub's LFS hash, checked before the blob is published
     size_bytes: int
     prompts: ModelPrompts = field(default_factory=ModelPrompts)  # from the alias, if any
+    adapters: tuple[HubFile, ...] = ()  # the alias's task adapters, pulled with the model
+    default_task: str | None = None
 
     @property
     def source(self) -> str:
@@ -74,8 +80,9 @@ class HubFile:
 def load_aliases(path: Path) -> dict[str, AliasEntry]:
     """configs/models.toml: one table per model name, e.g. ["all-minilm:latest"], with repo, revision,
     and optionally file, sha256, prompts (a table of name = text), default_prompt_name, and the model
-    card's append_eos, pooling and normalize (see daemon.prompts). A field it does not know is an
-    error, so a misspelt one is not silently ignored."""
+    card's append_eos, pooling and normalize (see daemon.prompts), and adapters (task adapter files
+    of the repo, see daemon.adapters) with default_task. A field it does not know is an error, so a
+    misspelt one is not silently ignored."""
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as error:
@@ -95,7 +102,14 @@ def load_aliases(path: Path) -> dict[str, AliasEntry]:
             prompts = check_card_conventions(
                 prompts, entry.get("append_eos", False), entry.get("pooling"), entry.get("normalize"), where
             )
-            aliases[canonical_name(name)] = AliasEntry(entry["repo"], filename, entry["revision"], sha256, prompts)
+            adapters, default_task = entry.get("adapters", []), entry.get("default_task")
+            if not isinstance(adapters, list) or not all(isinstance(file, str) and file for file in adapters):
+                raise InvalidInput(f"{where}: adapters must be a list of the repo's file names")
+            if default_task is not None and not isinstance(default_task, str):
+                raise InvalidInput(f"{where}: default_task must be a task name")
+            aliases[canonical_name(name)] = AliasEntry(
+                entry["repo"], filename, entry["revision"], sha256, prompts, tuple(adapters), default_task
+            )
         except (KeyError, AttributeError, TypeError):
             raise InvalidConfig(f"{path}: alias {name!r} needs repo and revision") from None
         except InvalidInput as error:
@@ -188,7 +202,16 @@ class HubClient:
                 f"{filename}: the Hub's sha256 {sibling.lfs.sha256} differs from the pinned {alias.sha256}"
             )
         prompts = alias.prompts if alias is not None else ModelPrompts()
-        return HubFile(repo_id, filename, info.sha, sibling.lfs.sha256, sibling.lfs.size, prompts)
+        adapters = []
+        for adapter_name in alias.adapters if alias is not None else ():
+            adapter = siblings.get(adapter_name)
+            if adapter is None or adapter.lfs is None:
+                raise UnknownModel(f"hf.co/{repo_id} has no adapter file {adapter_name} with a sha256 to verify")
+            adapters.append(HubFile(repo_id, adapter_name, info.sha, adapter.lfs.sha256, adapter.lfs.size))
+        default_task = alias.default_task if alias is not None else None
+        return HubFile(
+            repo_id, filename, info.sha, sibling.lfs.sha256, sibling.lfs.size, prompts, tuple(adapters), default_task
+        )
 
     def download(
         self,

@@ -167,12 +167,19 @@ class PullManager:
             job.add({"status": "pulling manifest"})
             hub_file = await self._executor.run(lambda _token: self._hub.resolve(name))
             for attempt in range(2):
-                if not self._store.has_blob(hub_file.sha256):
-                    await self._download_once(hub_file, job)
+                for wanted in (hub_file, *hub_file.adapters):  # the model, then its task adapters
+                    if not self._store.has_blob(wanted.sha256):
+                        await self._download_once(wanted, job)
                 job.add({"status": "writing manifest"})
                 try:
                     await asyncio.to_thread(
-                        self._store.publish_blob, canonical, hub_file.sha256, hub_file.source, hub_file.prompts
+                        self._store.publish_blob,
+                        canonical,
+                        hub_file.sha256,
+                        hub_file.source,
+                        hub_file.prompts,
+                        [(adapter.sha256, None) for adapter in hub_file.adapters],
+                        hub_file.default_task,
                     )
                     break
                 except BlobMissing:

@@ -17,16 +17,18 @@ from aiohttp.test_utils import TestClient
 from gguf import GGUFType, GGUFWriter, Keys
 
 from daemon.adapters import InputPrefix, choose_input_prefix
-from daemon.errors import InvalidInput
+from daemon.errors import InvalidConfig, InvalidInput
+from daemon.hub import load_aliases
 from daemon.prompts import ModelPrompts
 from daemon.runner.batching import QueuedRequest, take_batch
 from daemon.store import ModelStore
 from tests.conftest import MakeClient
 from tests.family_ggufs import make_family_gguf
+from tests.hub_server import FakeHub
 
 Client = TestClient[Any, Any]
 CONTEXT = 128
-HIDDEN, FF, LAYERS, RANK = 32, 64, 2, 4
+HIDDEN, LAYERS, RANK = 32, 2, 4  # make_family_gguf's defaults (its feed-forward is twice as wide)
 QUERY, SEPARATION = "retrieval.query", "separation"
 # Task prefixes as llama.cpp's converter writes them from jina's task_instructions (shortened: the
 # tiny vocabulary spells them letter by letter); separation's is empty, as jina's is.
@@ -34,11 +36,13 @@ PREFIXES = {QUERY: "query: ", SEPARATION: ""}
 TEXTS = ["why is the sky blue?", "the grass is green", "hello world", "a harbour turns grey at dusk"]
 
 
-def write_lora(path: Path, task: str | None, seed: int, architecture: str = "jina-bert-v3") -> Path:
+def write_lora(
+    path: Path, task: str | None, seed: int, architecture: str = "jina-bert-v3", hidden: int = HIDDEN
+) -> Path:
     """A tiny random LoRA adapter GGUF as llama.cpp's loader reads it (src/llama-adapter.cpp):
     `<base tensor>.lora_a` (ne {in, rank}) and `.lora_b` (ne {rank, out}) for each layer's fused
     QKV, attention output and feed-forward, with the metadata llama.cpp's converter writes for
-    jina-embeddings-v3 (conversion/bert.py)."""
+    jina-embeddings-v3 (conversion/bert.py). `hidden`: the width of the model it is for."""
     writer = GGUFWriter(path, architecture)
     writer.add_type(GGUFType.ADAPTER)
     writer.add_string(Keys.Adapter.TYPE, "lora")
@@ -49,10 +53,10 @@ def write_lora(path: Path, task: str | None, seed: int, architecture: str = "jin
     rng = np.random.default_rng(seed)
     for layer in range(LAYERS):
         for name, n_in, n_out in (
-            ("attn_qkv", HIDDEN, 3 * HIDDEN),
-            ("attn_output", HIDDEN, HIDDEN),
-            ("ffn_up", HIDDEN, FF),
-            ("ffn_down", FF, HIDDEN),
+            ("attn_qkv", hidden, 3 * hidden),
+            ("attn_output", hidden, hidden),
+            ("ffn_up", hidden, 2 * hidden),
+            ("ffn_down", 2 * hidden, hidden),
         ):
             base = f"blk.{layer}.{name}.weight"
             writer.add_tensor(f"{base}.lora_a", (rng.standard_normal((RANK, n_in)) * 0.3).astype(np.float32))
@@ -73,6 +77,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         SEPARATION: write_lora(directory / f"lora-{SEPARATION}-jina.gguf", SEPARATION, seed=2),
         "untitled": write_lora(directory / "lora-untitled.gguf", None, seed=3),
         "bert": write_lora(directory / "lora-bert.gguf", QUERY, seed=4, architecture="bert"),
+        "narrow": write_lora(directory / "lora-narrow.gguf", QUERY, seed=5, hidden=16),
     }
 
 
@@ -208,6 +213,21 @@ async def test_bad_adapters_are_a_400_at_create(jina: Client, files: dict[str, P
     assert [entry["name"] for entry in tags["models"]] == ["jina:latest"]  # none of them was created
 
 
+async def test_an_adapter_llama_cpp_refuses_fails_the_load_with_its_reason(
+    make_client: MakeClient, files: dict[str, Path]
+) -> None:
+    client = await make_client({})
+    status, answer = await create(
+        client, {"model": "jina", "from": str(files["model"]), "adapters": [str(files["narrow"])]}
+    )
+    assert status == 200, answer  # its header is a jina-bert-v3 LoRA adapter's: tensors are llama.cpp's to check
+    response = await client.post("/api/embed", json={"model": "jina", "input": "sky"})
+    assert response.status == 500
+    error = (await response.json())["error"]
+    assert "llama.cpp refused the adapter of task 'retrieval.query' (" in error
+    assert "tensor 'blk.0.attn_output.weight' has incorrect shape" in error, error
+
+
 async def test_adapters_survive_a_restart_and_go_with_their_model(
     make_client: MakeClient, files: dict[str, Path], reference: dict[str | None, dict[str, np.ndarray]]
 ) -> None:
@@ -260,6 +280,35 @@ async def test_created_again_with_adapters_while_loaded_gets_a_runner_with_them(
     assert status == 200, answer
     vectors = await embed(client, [TEXTS[2]], task=QUERY)  # same GGUF, other adapters: a new runner
     assert cosine(vectors[0], reference[QUERY][TEXTS[2]]) >= 0.9999
+
+
+async def test_an_alias_pulls_its_adapters_with_the_model(
+    make_client: MakeClient,
+    files: dict[str, Path],
+    reference: dict[str | None, dict[str, np.ndarray]],
+    tmp_path: Path,
+) -> None:
+    hub = FakeHub()
+    repo_files = {"jina-F32.gguf": files["model"], f"lora-{QUERY}-jina-F32.gguf": files[QUERY]}
+    repo_files[f"lora-{SEPARATION}-jina-F32.gguf"] = files[SEPARATION]
+    repo = hub.add_repo("Owner/Jina-Tiny-GGUF", {name: path.read_bytes() for name, path in repo_files.items()})
+    hub.start()
+    try:
+        aliases = tmp_path / "models.toml"
+        aliases.write_text(
+            f'["jina-tiny"]\nrepo = "Owner/Jina-Tiny-GGUF"\nfile = "jina-F32.gguf"\nrevision = "{repo.commit}"\n'
+            f'adapters = ["lora-{QUERY}-jina-F32.gguf", "lora-{SEPARATION}-jina-F32.gguf"]\n'
+            f'default_task = "{QUERY}"\n'
+        )
+        client = await make_client({}, models_file=str(aliases), hub_endpoint=hub.url)
+        response = await client.post("/api/pull", json={"model": "jina-tiny", "stream": False})
+        assert response.status == 200, await response.text()
+        for fields, task in (({}, QUERY), ({"task": SEPARATION}, SEPARATION)):
+            response = await client.post("/api/embed", json={"model": "jina-tiny", "input": TEXTS[3], **fields})
+            [vector] = (await response.json())["embeddings"]
+            assert cosine(vector, reference[task][TEXTS[3]]) >= 0.9999, fields
+    finally:
+        hub.stop()
 
 
 # -- policy -----------------------------------------------------------------------------------------
@@ -323,3 +372,15 @@ def test_choose_input_prefix_refuses(tasks: dict[str, str], fields: dict[str, st
 )
 def test_take_batch_puts_one_task_in_a_decode(requests: list[QueuedRequest], expected: list[int]) -> None:
     assert take_batch(requests, 512, 16) == expected
+
+
+def test_an_alias_s_adapters_are_checked_as_it_loads(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text('["jina"]\nrepo = "o/r"\nrevision = "main"\nadapters = "lora.gguf"\n')
+    with pytest.raises(InvalidConfig, match="alias 'jina': adapters must be a list of the repo's file names"):
+        load_aliases(path)
+    path.write_text('["jina"]\nrepo = "o/r"\nrevision = "main"\nadapters = ["a.gguf"]\ndefault_task = 1\n')
+    with pytest.raises(InvalidConfig, match="alias 'jina': default_task must be a task name"):
+        load_aliases(path)
+    path.write_text('["jina"]\nrepo = "o/r"\nrevision = "main"\nadapters = ["a.gguf"]\ndefault_task = "separation"\n')
+    assert load_aliases(path)["jina:latest"].adapters == ("a.gguf",)

@@ -344,10 +344,10 @@ def load_adapters(model: internals.LlamaModel, adapters: Sequence[tuple[str, str
     not fit) fails the load with its reason."""
     loaded: dict[str, Any] = {}
     for task, path in adapters:
+        _ERROR_LOG.clear()  # the model loaded: what it logged is moot, and the reason is the adapter's
         pointer = llama_cpp.llama_adapter_lora_init(model.model, path.encode("utf-8"))
-        if not pointer:
-            said = "; ".join(llama_errors()) or "no reason given"
-            raise RuntimeError(f"llama.cpp refused the adapter of task {task!r} ({Path(path).name}): {said}")
+        if not pointer:  # the worker adds llama.cpp's error lines (llama_errors) to the message
+            raise RuntimeError(f"llama.cpp refused the adapter of task {task!r} ({Path(path).name})")
         loaded[task] = pointer
     return loaded
 
