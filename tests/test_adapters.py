@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 from gguf import GGUFType, GGUFWriter, Keys
 
 from daemon.adapters import InputPrefix, choose_input_prefix
+from daemon.cli import parse_adapter_option
 from daemon.errors import InvalidConfig, InvalidInput
 from daemon.hub import load_aliases
 from daemon.prompts import ModelPrompts
@@ -384,3 +385,15 @@ def test_an_alias_s_adapters_are_checked_as_it_loads(tmp_path: Path) -> None:
         load_aliases(path)
     path.write_text('["jina"]\nrepo = "o/r"\nrevision = "main"\nadapters = ["a.gguf"]\ndefault_task = "separation"\n')
     assert load_aliases(path)["jina:latest"].adapters == ("a.gguf",)
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        ("lora-retrieval.query-jina.gguf", (None, "lora-retrieval.query-jina.gguf")),
+        ("retrieval.query=/models/lora.gguf", ("retrieval.query", "/models/lora.gguf")),
+        ("/models/a=b/lora.gguf", (None, "/models/a=b/lora.gguf")),  # '=' in a folder's name: a path
+    ],
+)
+def test_the_adapter_option(option: str, expected: tuple[str | None, str]) -> None:
+    assert parse_adapter_option(option) == expected
