@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import msgspec
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
 from gguf import GGUFType, GGUFWriter, Keys
 
 from daemon.adapters import InputPrefix, choose_input_prefix
+from daemon.api.models import ShowAnswer
 from daemon.cli import parse_adapter_option
 from daemon.errors import InvalidConfig, InvalidInput
 from daemon.hub import load_aliases
@@ -160,7 +162,9 @@ async def test_a_task_gets_llama_cpps_vector_with_its_adapter(
         answer = await response.json()
         assert response.status == 200, answer
         assert cosine(answer["data"][0]["embedding"], reference[task][TEXTS[0]]) >= 0.9999, fields
-    show = await (await jina.post("/api/show", json={"model": "jina"})).json()
+    show_bytes = await (await jina.post("/api/show", json={"model": "jina"})).read()
+    msgspec.json.decode(show_bytes, type=ShowAnswer)  # the answer's declared schema (closed) holds it
+    show = json.loads(show_bytes)
     assert [(a["task"], a["prompt_prefix"], a["alpha"]) for a in show["adapters"]] == [
         (QUERY, "query: ", 8.0),
         (SEPARATION, "", 8.0),
