@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -45,6 +46,7 @@ from daemon.prompts import ModelPrompts, merge_prompts, read_sentence_transforme
 _COPY_CHUNK_BYTES = 4 * 1024 * 1024
 # The manifest layout this version writes; it reads this one and older ones (see _read_manifest).
 SCHEMA_VERSION = 1
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _FACT_FIELDS = {f.name for f in dataclasses.fields(GGUFFacts)}
 # A download no pull has touched for this long is abandoned: removed at start-up.
 ABANDONED_DOWNLOAD_S = 7 * 86400
@@ -56,6 +58,16 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def digests_named_in(value: object) -> set[str]:
+    """Every "sha256:<64 hex>" string anywhere in a manifest's JSON: the model's blob, its adapters',
+    and those of fields a newer emberd may add, so the garbage collection of this version keeps
+    them all."""
+    if isinstance(value, str):
+        return {value} if _DIGEST.fullmatch(value) else set()
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return set().union(*(digests_named_in(item) for item in items))
 
 
 @dataclass(frozen=True)
@@ -178,25 +190,24 @@ class ModelStore:
 
     def _named_blobs(self) -> set[str] | None:
         """The blob file names that some manifest file names, readable by this version or not (one
-        from a newer emberd still owns its blob: a downgrade and an upgrade lose nothing). None when
-        a manifest cannot be parsed at all: it may name any blob, so none is garbage."""
-        named = set()
+        from a newer emberd still owns its blobs, whatever field names them: a downgrade and an
+        upgrade lose nothing). None when a manifest cannot be parsed at all, or names no model blob:
+        it may name any blob, so none is garbage."""
+        named: set[str] = set()
         for folder, _subfolders, files in os.walk(self.manifests_dir):
             for path in (Path(folder) / file for file in files if file.endswith(".json")):
                 try:
                     manifest = json.loads(path.read_bytes())
-                    # The model's blob, and its task adapters' (see daemon.adapters).
-                    digests = [manifest.get("digest"), *(entry["digest"] for entry in manifest.get("adapters") or [])]
                 except FileNotFoundError:
                     continue
-                except (OSError, ValueError, AttributeError, TypeError, KeyError) as error:
+                except (OSError, ValueError) as error:
                     log.warning("cannot parse the manifest %s (%s): it may name any blob", path, error)
                     return None
-                for digest in digests:
-                    if not isinstance(digest, str) or not digest.startswith("sha256:"):
-                        log.warning("the manifest %s names no sha256 digest: it may name any blob", path)
-                        return None
-                    named.add(digest.replace(":", "-"))
+                digests = digests_named_in(manifest)
+                if not isinstance(manifest, dict) or manifest.get("digest") not in digests:
+                    log.warning("the manifest %s names no sha256 digest: it may name any blob", path)
+                    return None
+                named.update(digest.replace(":", "-") for digest in digests)
         return named
 
     def get(self, name: str) -> StoredModel:

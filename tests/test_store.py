@@ -26,7 +26,7 @@ from daemon.errors import (
     UnreadableManifest,
 )
 from daemon.gguf_info import format_parameter_size, read_gguf_facts
-from daemon.store import ABANDONED_DOWNLOAD_S, SCHEMA_VERSION, ModelStore
+from daemon.store import ABANDONED_DOWNLOAD_S, SCHEMA_VERSION, ModelStore, digests_named_in
 from tests.conftest import MakeClient
 from tests.test_api_embed import embed
 from tests.tiny_models import make_header_only_gguf, make_tiny_bert_dir
@@ -325,6 +325,39 @@ def test_a_newer_manifest_keeps_its_blob_through_a_downgrade_and_an_upgrade(stor
     path.write_text(written_by_this_version)
     store.open()
     assert store.get("future").blob_path.read_bytes() == tiny_gguf.read_bytes()
+
+
+def test_a_blob_a_newer_field_names_is_kept(store: ModelStore, tiny_gguf: Path) -> None:
+    model = store.create("future", tiny_gguf)
+    sidecar = store.blobs_dir / f"sha256-{'ab' * 32}"
+    sidecar.write_bytes(b"a head a newer emberd stores beside the model")
+    orphan = store.blobs_dir / f"sha256-{'cd' * 32}"
+    orphan.write_bytes(b"named by nothing")
+    path = store.manifests_dir / "future" / "latest.json"
+    # A newer emberd names a second blob in a field this version has never heard of, nested.
+    newer = {**json.loads(path.read_text()), "heads": {"sparse": [{"blob": f"sha256:{'ab' * 32}"}]}}
+    write_manifest_of(store, "future", newer)
+    store.open()
+    assert sidecar.is_file() and model.blob_path.is_file()
+    assert not orphan.exists()
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ({"digest": f"sha256:{'a' * 64}"}, {f"sha256:{'a' * 64}"}),
+        (
+            {"x": [{"y": f"sha256:{'b' * 64}"}, 3, None], "z": f"sha256:{'c' * 64}"},
+            {f"sha256:{'b' * 64}", f"sha256:{'c' * 64}"},
+        ),
+        ({"digest": f"sha256:{'a' * 63}"}, set()),  # one hex digit short
+        ({"digest": f"sha256:{'A' * 64}"}, set()),  # the store writes lower case only
+        ({"note": f"copied from sha256:{'a' * 64}"}, set()),  # inside prose: not a name
+        ([], set()),
+    ],
+)
+def test_digests_named_in_a_manifest(document: object, expected: set[str]) -> None:
+    assert digests_named_in(document) == expected
 
 
 def test_a_manifest_that_cannot_be_parsed_keeps_every_blob(
