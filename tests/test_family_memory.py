@@ -164,3 +164,59 @@ def test_the_estimated_total_is_within_15_percent_of_the_runners_peak_in_its_own
         f" {measured.peak_bytes / 2**20:.0f} MiB ({estimate / measured.peak_bytes:.2f}x)"
     )
     assert 0.85 <= estimate / measured.peak_bytes <= 1.15
+
+
+def _encoder(architecture: str, n_embd: int, n_ff: int, **family: Any) -> ModelShape:
+    return ModelShape(0, n_embd, n_ff, 400, architecture=architecture, **family)
+
+
+MEAN = {"mean_pooling": True}
+
+
+@pytest.mark.parametrize(
+    ("shape", "logged_compute_mib"),
+    [
+        # llama.cpp's logged compute buffers (llama-cpp-python 0.3.36, 2026-12-03) of
+        # tests/family_ggufs.py models, a 1,024-token context and ubatch, 64 sequences: at n_ff
+        # 4 x hidden 128 the feed-forward stage is the widest, at 1.5 x hidden 512 the attention.
+        (_encoder("bert", 128, 512, **MEAN), 5.76),
+        (_encoder("bert", 512, 768, **MEAN), 13.26),  # 6 x n_embd counted, 5.5 held: 7.5% over
+        (_encoder("bert", 512, 768), 13.01),  # CLS pooling (XLM-R): no pooling matrix
+        (_encoder("nomic-bert", 128, 512, **MEAN), 9.76),
+        (_encoder("nomic-bert", 512, 768, **MEAN), 17.26),
+        (_encoder("jina-bert-v2", 128, 512, **MEAN), 9.76),
+        (_encoder("jina-bert-v3", 128, 512, **MEAN), 6.01),
+        (_encoder("jina-bert-v3", 512, 768, **MEAN), 17.26),
+        (_encoder("neo-bert", 512, 768), 17.01),
+        (_encoder("eurobert", 512, 768, **MEAN), 17.26),
+        (_encoder("llama-embed", 128, 512, **MEAN, n_layer=2, kv_width=256, kv_unread=True), 9.76),
+        # Four layers: both masks live through the graph, as in a real model.
+        (_encoder("modern-bert", 256, 1024, attention_masks=2), 19.01),
+        (_encoder("gemma-embedding", 128, 512, **MEAN, attention_masks=2), 11.76),
+        (_encoder("nomic-bert-moe", 256, 1024, **MEAN, n_expert_used=2), 15.26),
+        (_encoder("nomic-bert-moe", 512, 768, **MEAN, n_expert_used=2), 18.26),
+        # T5: 3 x 4 heads x 1,024 floats a token beside the int32 buckets, whatever n_ff.
+        (_encoder("t5encoder", 128, 512, **MEAN, n_head=4, n_layer=2, kv_width=256, kv_unread=True), 56.76),
+        (_encoder("t5encoder", 512, 768, **MEAN, n_head=4, n_layer=2, kv_width=1024, kv_unread=True), 64.26),
+    ],
+)
+def test_each_familys_compute_buffer_matches_what_llama_cpp_logged(
+    shape: ModelShape, logged_compute_mib: float
+) -> None:
+    compute = compute_buffer_bytes(shape, 1024, 64, n_kv=1024)
+    assert 0.98 <= compute / (logged_compute_mib * 2**20) <= 1.08
+
+
+def test_the_shape_of_each_family_reads_what_sizes_its_graph(tmp_path: Path) -> None:
+    shapes = {
+        family: ModelShape.of(read_gguf_facts(path), 1000)
+        for family in ("bert", "gemma-embedding", "modern-bert", "nomic-bert-moe", "t5encoder", "llama-embed", "qwen3")
+        for path in [make_family_gguf(family, tmp_path / f"{family}.gguf", layers=4)]
+    }
+    assert [shapes[family].attention_masks for family in ("bert", "gemma-embedding", "modern-bert")] == [1, 2, 2]
+    assert (shapes["nomic-bert-moe"].n_expert_used, shapes["bert"].n_expert_used) == (2, 0)
+    # Encoders with a KV cache llama.cpp makes and never reads: 4 layers of 2 heads x (16 + 16).
+    for family in ("t5encoder", "llama-embed"):
+        assert (shapes[family].n_layer, shapes[family].kv_width, shapes[family].splits) == (4, 64, False)
+    assert (shapes["qwen3"].splits, shapes["bert"].kv_width, shapes["t5encoder"].n_head) == (True, 0, 2)
+    assert (shapes["bert"].mean_pooling, shapes["modern-bert"].mean_pooling) == (True, False)
