@@ -58,10 +58,25 @@ test-fleet: $(TEST_STAMP)
 		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y haproxy)
 	$(BIN)/python -m pytest tests/fleet -m fleet -rA
 
-bench: $(TEST_STAMP)
+# The peers of benchmarks/bench_sizes.py (torch, sentence-transformers, llama.cpp's server through
+# xllamacpp) in a virtualenv of their own, apart from .venv; emberd itself runs from .venv.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+# The llama.cpp server in-process: run from the peers' tools beside this checkout (see docs/performance.md).
+XLL_SERVE ?= ../shared/tools/xll_serve.py
+
+$(BENCH_STAMP):
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet torch==2.13.0 sentence-transformers==6.3.0 \
+		xllamacpp==2026.10.11549 psutil threadpoolctl
+	touch $(BENCH_STAMP)
+
+bench: $(TEST_STAMP) $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_core.py
 	$(BIN)/python benchmarks/bench_threads.py
 	$(BIN)/python benchmarks/bench_load.py --batch-tokens 0 --quick-lane on,off
+	$(BIN)/python benchmarks/bench_sizes.py --bench-python $(BENCH_VENV)/bin/python --xll-serve $(XLL_SERVE)
 
 UNIT_DIR ?= /etc/systemd/system
 
@@ -79,4 +94,4 @@ install-service: $(STAMP)
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; else echo "systemd is not running: no daemon-reload"; fi
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
