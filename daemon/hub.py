@@ -131,12 +131,17 @@ def quant_of(filename: str) -> str:
     return _QUANT_ALIASES.get(last, last)
 
 
+# Files beside a model in its repo that are not a model: a vision projector, and the task adapters
+# llama.cpp's converter writes as lora-{task}-{model}.gguf (jina-embeddings-v3), which an alias names.
+_NOT_A_MODEL = re.compile(r"mmproj|(^|/)lora-", re.IGNORECASE)
+
+
 def pick_gguf_file(filenames: Sequence[str], tag: str | None, repo_id: str) -> str:
     """The GGUF file a tag means. With no tag: the first of PREFERRED_QUANTS present, or the only file."""
     candidates = [
         name
         for name in filenames
-        if name.lower().endswith(".gguf") and not _SPLIT_FILE.search(name) and "mmproj" not in name.lower()
+        if name.lower().endswith(".gguf") and not _SPLIT_FILE.search(name) and not _NOT_A_MODEL.search(name)
     ]
     if not candidates:
         raise UnknownModel(f"hf.co/{repo_id} has no single-file GGUF model")

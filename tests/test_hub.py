@@ -91,6 +91,10 @@ def store_of(client: Client) -> ModelStore:
         (["m-F16-00001-of-00002.gguf", "m-F16-00002-of-00002.gguf", "m-Q8_0.gguf"], None, "m-Q8_0.gguf"),
         (["mmproj-F16.gguf", "m-Q8_0.gguf"], None, "m-Q8_0.gguf"),
         (["gguf/m-f16.gguf"], None, "gguf/m-f16.gguf"),
+        # jina-embeddings-v3's task adapters sit beside the model (an alias names them as adapters).
+        (["lora-retrieval.query-jina-v3-F16.gguf", "jina-v3-Q8_0.gguf"], None, "jina-v3-Q8_0.gguf"),
+        (["adapters/lora-separation-m-F16.gguf", "m-F16.gguf"], "F16", "m-F16.gguf"),
+        (["flora-m-F16.gguf"], None, "flora-m-F16.gguf"),  # only a name that starts so is an adapter
     ],
 )
 def test_pick_gguf_file(files: list[str], tag: str | None, expected: str) -> None:
