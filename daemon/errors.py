@@ -39,6 +39,11 @@ class InvalidModelFile(InvalidInput):
     """A file or directory given to create is not a usable embedding model."""
 
 
+class UnsupportedModelFile(InvalidModelFile):
+    """A well-formed GGUF that the pinned llama.cpp cannot load, or aborts on (its architecture or
+    vocabulary: a header check or a vocabulary-only load says so)."""
+
+
 class ContextExceeded(InvalidInput):
     """An input is longer than the context and truncation was refused or impossible."""
 
@@ -61,6 +66,11 @@ class MemoryBusy(EmberdError):
 
 class ModelLoadFailed(EmberdError):
     """The runner could not load the model."""
+
+
+class ModelNotLoadable(ModelLoadFailed):
+    """A stored model the pinned llama.cpp cannot load (stored before a check that now refuses it):
+    its architecture or vocabulary, not the runner or the machine, is the reason."""
 
 
 class RunnerCrashed(EmberdError):

@@ -1,4 +1,5 @@
-"""GGUF header facts, read with bounded reads: no weights are loaded and no array is materialised.
+"""GGUF header facts, read with bounded reads: no weights are loaded and no array is materialised
+(the vocabulary's token texts are read once, as they go by, to find one spelled twice: llama.cpp aborts).
 
 gguf's GGUFReader parses every field (a 250k-token vocabulary becomes a quarter of a million Python
 objects); deciding whether a file is an embedding model needs a few scalars only, so this module walks
@@ -10,14 +11,14 @@ from __future__ import annotations
 import functools
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType, PoolingType
 
-from daemon.errors import InvalidModelFile
+from daemon.errors import InvalidModelFile, UnsupportedModelFile
 
 GGUF_MAGIC = b"GGUF"
 _MAX_KV_COUNT = 1 << 16
@@ -38,6 +39,17 @@ _ARRAY_ITEM_TYPES = {
     "tokenizer.ggml.scores": GGUFValueType.FLOAT32,
 }
 _DEFAULT_ALIGNMENT = 32
+# String arrays are walked in reads of this size, not two reads an item: a BufferedReader's tell()
+# is a system call, and a 250k-token vocabulary took 450 ms of them.
+_STRING_CHUNK_BYTES = 1 << 20
+# The vocabulary: llama.cpp maps each token's text to its id, and aborts on a text spelled twice.
+_TOKENS_KEY = "tokenizer.ggml.tokens"
+# How much of a vocabulary is checked for a text spelled twice, which bounds what the check holds
+# (about 100 bytes a token beside its text): the largest real vocabularies have 262,144 tokens and
+# 2 MiB of text. Past either bound a file is left to llama.cpp (a create's or pull's vocabulary-only
+# load refuses it by its abort).
+_MAX_CHECKED_TOKENS = 1 << 19
+_MAX_CHECKED_TEXT_BYTES = 8 << 20
 # llama.cpp's LLAMA_MAX_LAYERS: a block_count outside 1..512 fails a GGML_ASSERT as it loads (an abort).
 _MAX_LAYERS = 512
 
@@ -162,6 +174,31 @@ class _Cursor:
         self._within_header(size)
         self.handle.seek(size, 1)
 
+    def strings(self, count: int, visit: Callable[[int, bytes], None] | None = None) -> None:
+        """Walk an array of `count` strings, read in chunks; `visit` sees each (index, raw bytes)."""
+        base = self.handle.tell()  # the file position of buffer[0]
+        buffer, offset = b"", 0
+
+        def ensure(need: int) -> None:
+            nonlocal buffer, offset, base
+            if base + offset + need > MAX_HEADER_BYTES:  # every item, read ahead or not
+                raise InvalidModelFile(f"{self.path.name}: GGUF header of more than {MAX_HEADER_BYTES >> 20} MiB")
+            if len(buffer) - offset >= need:
+                return
+            base, buffer, offset = base + offset, buffer[offset:], 0
+            buffer += self.handle.read(max(need - len(buffer), _STRING_CHUNK_BYTES))
+            if len(buffer) < need:
+                raise InvalidModelFile(f"{self.path.name}: truncated GGUF header")
+
+        for index in range(count):
+            ensure(8)
+            (length,) = struct.unpack_from("<Q", buffer, offset)
+            ensure(8 + length)  # within the header's bound, as every item
+            if visit is not None:
+                visit(index, buffer[offset + 8 : offset + 8 + length])
+            offset += 8 + length
+        self.handle.seek(base + offset)
+
 
 @dataclass(frozen=True)
 class _SkippedArray:
@@ -172,7 +209,7 @@ class _SkippedArray:
     flags: tuple[bool, ...] | None = None
 
 
-def _read_value(cursor: _Cursor, value_type: int) -> Any:
+def _read_value(cursor: _Cursor, value_type: int, visit: Callable[[int, bytes], None] | None = None) -> Any:
     try:
         kind = GGUFValueType(value_type)
     except ValueError:
@@ -185,8 +222,7 @@ def _read_value(cursor: _Cursor, value_type: int) -> Any:
         if count > _MAX_ARRAY_LENGTH:
             raise InvalidModelFile(f"{cursor.path.name}: GGUF array of {count} items")
         if item_type == GGUFValueType.STRING:
-            for _ in range(count):
-                cursor.skip(cursor.unpack("<Q"))
+            cursor.strings(count, visit)
         elif item_type == GGUFValueType.BOOL and count <= _MAX_LAYERS:
             return _SkippedArray(count, item_type, tuple(byte != 0 for byte in cursor.take(count)))
         elif item_type in _SCALAR_FORMATS:
@@ -241,11 +277,12 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
             flag_arrays: dict[str, tuple[bool, ...]] = {}
             for _ in range(kv_count):
                 key = cursor.string()
-                value = _read_value(cursor, cursor.unpack("<I"))
+                visit = _UniqueTokens(path) if key == _TOKENS_KEY else None
+                value = _read_value(cursor, cursor.unpack("<I"), visit)
                 if isinstance(value, _SkippedArray):
                     expected = _ARRAY_ITEM_TYPES.get(key)
                     if expected is not None and value.item_type != expected:
-                        raise InvalidModelFile(f"{path.name}: {key} must be an array of {expected.name.lower()}")
+                        raise UnsupportedModelFile(f"{path.name}: {key} must be an array of {expected.name.lower()}")
                     if value.flags is not None:
                         flag_arrays[key] = value.flags
                     # Arrays are left out of the metadata, as Ollama's /api/show leaves them out.
@@ -324,10 +361,12 @@ def _check_what_llama_cpp_asserts(
     a missing required key cleanly."""
     blocks = metadata.get(f"{architecture}.block_count")
     if isinstance(blocks, int) and not 1 <= blocks <= _MAX_LAYERS:
-        raise InvalidModelFile(f"{path.name}: {architecture}.block_count {blocks} is not between 1 and {_MAX_LAYERS}")
+        raise UnsupportedModelFile(
+            f"{path.name}: {architecture}.block_count {blocks} is not between 1 and {_MAX_LAYERS}"
+        )
     pooling = metadata.get(f"{architecture}.pooling_type")
     if isinstance(pooling, int) and pooling not in {int(kind) for kind in PoolingType}:
-        raise InvalidModelFile(f"{path.name}: unknown pooling type {pooling} ({architecture}.pooling_type)")
+        raise UnsupportedModelFile(f"{path.name}: unknown pooling type {pooling} ({architecture}.pooling_type)")
     tokenizer = metadata.get("tokenizer.ggml.model")
     vocab_size = array_lengths.get("tokenizer.ggml.tokens")
     if not isinstance(tokenizer, str) or vocab_size is None:
@@ -340,9 +379,33 @@ def _check_what_llama_cpp_asserts(
         ids = (explicit if isinstance(explicit, int) else None, token.default_id)
         if not any(token_id is not None and 0 <= token_id < vocab_size for token_id in ids):
             found = f"{token.key} = {explicit}" if explicit is not None else f"no {token.key}"
-            raise InvalidModelFile(
+            raise UnsupportedModelFile(
                 f"{path.name}: its {tokenizer} tokenizer adds a {token.label} token to every text, but "
                 f"has no id for it inside its vocabulary of {vocab_size} tokens ({found})"
+            )
+
+
+class _UniqueTokens:
+    """Refuses a vocabulary that spells a token twice, as its texts are read: llama.cpp maps each
+    text to its id and asserts that it has as many texts as ids (GGML_ASSERT in llama_vocab's load,
+    an abort). Its loader names an empty token [EMPTY_<id>], so two empty ones are not the same."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._first_ids: dict[bytes, int] = {}
+        self._text_bytes = 0
+
+    def __call__(self, token_id: int, text: bytes) -> None:
+        if token_id >= _MAX_CHECKED_TOKENS or self._text_bytes > _MAX_CHECKED_TEXT_BYTES:
+            return
+        self._text_bytes += len(text)
+        text = text or b"[EMPTY_%d]" % token_id
+        first = self._first_ids.setdefault(text, token_id)
+        if first != token_id:
+            spelled = text.decode("utf-8", errors="replace")
+            raise UnsupportedModelFile(
+                f"{self._path.name}: its vocabulary spells the token {spelled!r} twice (ids {first} and {token_id}); "
+                "llama.cpp aborts loading a vocabulary whose token texts are not all different"
             )
 
 
@@ -400,7 +463,7 @@ def _check_sliding_window_layers(
         if key not in flag_arrays and scalar is None:
             given = f"no {key}: every {rule.default_pattern}th layer is global"
         layers = "its one layer is" if blocks == 1 else f"all {blocks} of its layers are"
-        raise InvalidModelFile(
+        raise UnsupportedModelFile(
             f"{path.name}: {layers} {which} ({given}); llama.cpp needs a local and a global layer in a "
             f"{architecture} model, and would abort at its first decode"
         )

@@ -282,7 +282,11 @@ class PullManager:
                 f"digest mismatch, file must be downloaded again: want sha256:{hub_file.sha256}, got sha256:{actual}"
             )
         try:
-            await asyncio.to_thread(read_gguf_facts, path)  # only a GGUF becomes a blob
+            facts = await asyncio.to_thread(read_gguf_facts, path)  # only a GGUF becomes a blob
+            # A model must load in llama.cpp; a task adapter has no vocabulary of its own, and is
+            # checked against its model as the manifest is written (daemon.adapters).
+            if facts.metadata.get("general.type") != "adapter":
+                await self._executor.run(lambda _token: self._store.check_loadable(path, hub_file.filename))
         except InvalidModelFile:
             shutil.rmtree(directory, ignore_errors=True)
             raise

@@ -37,6 +37,7 @@ from daemon.errors import (
     NotEmbeddingModel,
     UnknownModel,
     UnreadableManifest,
+    UnsupportedModelFile,
 )
 from daemon.gguf_info import GGUFFacts, read_gguf_facts
 from daemon.jobs import NEVER_CANCELLED, CancelToken
@@ -117,7 +118,7 @@ def _fsync_directory(directory: Path) -> None:
 
 
 class ModelStore:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, vocabulary_refusal: Callable[[Path], str | None] | None = None) -> None:
         self.models_dir = home / "models"
         self.blobs_dir = self.models_dir / "blobs"
         self.manifests_dir = self.models_dir / "manifests"
@@ -125,6 +126,9 @@ class ModelStore:
         # Downloads in progress; kept across restarts so a pull resumes where it broke off.
         self.downloads_dir = home / "downloads"
         self._lock = threading.Lock()
+        # Why llama.cpp cannot load a file's architecture or vocabulary (None: it can), asked before
+        # a file becomes a blob (the daemon's: runner.client.vocabulary_refusal); None: not asked.
+        self._vocabulary_refusal = vocabulary_refusal
 
     def open(self, now_s: float | None = None) -> None:
         """Create the layout and clean what a previous run left behind: partial files, blobs no
@@ -367,6 +371,12 @@ class ModelStore:
             stored.append((digest_hex, task))
         return stored
 
+    def check_loadable(self, path: Path, label: str) -> None:
+        """Refuse a file whose architecture or vocabulary llama.cpp cannot load, in its words."""
+        reason = self._vocabulary_refusal(path) if self._vocabulary_refusal is not None else None
+        if reason is not None:
+            raise UnsupportedModelFile(f"{label}: this emberd's llama.cpp cannot load it: {reason}")
+
     def create(
         self,
         name: str,
@@ -403,7 +413,12 @@ class ModelStore:
             else:
                 progress("copying gguf into the store")
                 digest_hex = self._hash_copy(source, partial, token)
-            require_embedding_model(read_gguf_facts(partial), source.name)
+            try:
+                facts = read_gguf_facts(partial)
+            except InvalidModelFile as refusal:  # named after the source, not the partial file
+                raise type(refusal)(f"{source.name}: {refusal.message.removeprefix(partial.name + ': ')}") from None
+            require_embedding_model(facts, source.name)
+            self.check_loadable(partial, source.name)  # the bytes stored, in a runner of their own
             stored_adapters: Sequence[tuple[str, str | None]] = ()
             if adapters:
                 self.check_adapter_sources(adapters, partial, default_task)  # a directory's architecture now

@@ -259,8 +259,9 @@ def test_a_stored_file_that_makes_llama_cpp_abort_as_it_loads_fails_its_loads_on
     tmp_path: Path, tiny_gguf: Path
 ) -> None:
     """A model stored before the header check refused its kind (an unknown pooling type: llama.cpp's
-    GGML_ABORT as it builds the context): each request to it gets a 500 that names the runner's death
-    and llama.cpp's reason; the other model keeps its runner."""
+    GGML_ABORT as it builds the context): the load applies today's header checks, so each request to
+    it gets a 409 with the check's reason and no runner starts for it; the other model keeps its
+    runner."""
     unknown_pooling = copy_gguf(tiny_gguf, tmp_path / "pooling-9.gguf", {"bert.pooling_type": 9})
     with pytest.raises(InvalidModelFile, match="unknown pooling type 9"):
         read_gguf_facts(unknown_pooling)
@@ -271,9 +272,9 @@ def test_a_stored_file_that_makes_llama_cpp_abort_as_it_loads_fails_its_loads_on
         [tiny_pid] = daemon.runner_pids()
         for attempt in range(2):
             status, body = embed(daemon, "pooling-9", "hello")
-            assert status == 500, attempt
-            assert body["error"].startswith("failed to load pooling-9:latest: runner was killed by SIGABRT"), body
-            assert "unknown pooling type" in body["error"], body  # llama.cpp's own words
+            assert status == 409, attempt
+            assert body["error"].startswith("pooling-9:latest cannot be loaded by this emberd's llama.cpp"), body
+            assert "unknown pooling type 9" in body["error"], body
             assert loaded(daemon) == ["tiny:latest"]
             assert daemon.runner_pids() == [tiny_pid]
         assert embed(daemon, "tiny", "hello")[0] == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -52,6 +53,7 @@ from daemon.errors import (
     InvalidInput,
     MemoryBusy,
     ModelLoadFailed,
+    ModelNotLoadable,
     NotEmbeddingModel,
     Overloaded,
     RunnerCrashed,
@@ -69,7 +71,7 @@ from daemon.metrics import DaemonState, Metrics, RunnerState
 from daemon.options import LlamaParams
 from daemon.pulls import PullManager
 from daemon.pulls import disk_free_bytes as disk_free
-from daemon.runner.client import RunnerProcess
+from daemon.runner.client import RunnerProcess, vocabulary_refusal
 from daemon.scheduler import RunnerFactory, Scheduler
 from daemon.store import ModelStore, StoredModel
 from daemon.vocabularies import Vocabularies
@@ -91,6 +93,7 @@ ERROR_STATUS: list[tuple[type[EmberdError], int]] = [
     (DownloadFailed, 502),
     (BlobMissing, 409),
     (UnreadableManifest, 409),
+    (ModelNotLoadable, 409),  # a stored model this llama.cpp cannot load: like a manifest this emberd cannot read
     (Overloaded, 503),
     (ShuttingDown, 503),
     (MemoryBusy, 503),
@@ -244,7 +247,7 @@ def build_app(
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares)
     app.on_response_prepare.append(add_cors_headers)
     app.on_response_prepare.append(add_server_header)
-    store = ModelStore(settings.home)
+    store = ModelStore(settings.home, functools.partial(vocabulary_refusal, timeout_s=settings.load_timeout_s))
     hub = HubClient(settings.hub_endpoint, settings.hub_offline, read_aliases(settings))
     metrics = Metrics()
     app[SETTINGS] = settings

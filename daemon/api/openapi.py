@@ -45,6 +45,7 @@ from daemon.errors import (
     MemoryBusy,
     MissingBody,
     ModelLoadFailed,
+    ModelNotLoadable,
     NotEmbeddingModel,
     Overloaded,
     RunnerCrashed,
@@ -102,7 +103,14 @@ ADMISSION: Final = (Overloaded, ShuttingDown)
 MODEL_LOOKUP: Final = (InvalidModelName, UnknownModel, UnreadableManifest)
 # An embedding request may pull its model first (auto_pull), then loads it and runs it.
 AUTO_PULL: Final = (HubUnavailable, DownloadFailed, InsufficientDisk, BlobMissing)
-RUNNING: Final = (NotEmbeddingModel, MemoryBusy, InsufficientMemory, ModelLoadFailed, RunnerCrashed)
+RUNNING: Final = (
+    NotEmbeddingModel,
+    MemoryBusy,
+    InsufficientMemory,
+    ModelNotLoadable,
+    ModelLoadFailed,
+    RunnerCrashed,
+)
 EMBEDDING_ERRORS: Final = (
     InvalidInput,
     ContextExceeded,
@@ -188,7 +196,7 @@ ROUTES: Final = (
         "download a model from the Hub",
         Answer("progress lines then success (stream), or one object (stream: false)", STREAMED),
         models.PullRequest,
-        (InvalidInput, InvalidModelName, UnknownModel, NotEmbeddingModel, *AUTO_PULL),
+        (InvalidInput, InvalidModelName, UnknownModel, NotEmbeddingModel, InvalidModelFile, *AUTO_PULL),
     ),
     Route(
         "post",
@@ -263,7 +271,7 @@ ROUTES: Final = (
         "the model's own tokens for a text",
         json_answer("token ids", models.Tokens),
         models.TokenizeRequest,
-        (InvalidInput, *MODEL_LOOKUP, *ADMISSION, ModelLoadFailed, RunnerCrashed),
+        (InvalidInput, *MODEL_LOOKUP, *ADMISSION, ModelNotLoadable, ModelLoadFailed, RunnerCrashed),
     ),
     Route(
         "post",
@@ -273,7 +281,7 @@ ROUTES: Final = (
         "the text of token ids (special tokens left out)",
         json_answer("the text", models.Detokenized),
         models.DetokenizeRequest,
-        (InvalidInput, *MODEL_LOOKUP, *ADMISSION, ModelLoadFailed, RunnerCrashed),
+        (InvalidInput, *MODEL_LOOKUP, *ADMISSION, ModelNotLoadable, ModelLoadFailed, RunnerCrashed),
     ),
     Route(
         "get",

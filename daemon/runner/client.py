@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import io
 import itertools
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,9 +20,16 @@ from typing import Any
 import numpy as np
 import orjson
 
-from daemon.errors import ContextExceeded, InvalidInput, ModelLoadFailed, RunnerCrashed, ShuttingDown
+from daemon.errors import (
+    ContextExceeded,
+    InvalidInput,
+    ModelLoadFailed,
+    ModelNotLoadable,
+    RunnerCrashed,
+    ShuttingDown,
+)
 from daemon.options import LlamaParams
-from daemon.runner.protocol import FRAME_PREFIX, GROUP_SIGNALS, RunnerFacts, encode_frame
+from daemon.runner.protocol import FRAME_PREFIX, GROUP_SIGNALS, RunnerFacts, encode_frame, read_frame_blocking
 
 log = logging.getLogger(__name__)
 _STDERR_TAIL_LINES = 20
@@ -59,6 +68,60 @@ class EmbedResult:
     decodes: list[tuple[int, int]]  # (tokens, sequences) of the decodes run since the last result
     windows: list[int]  # per input: 1, or the windows a long input was split into
     quick_decodes: list[tuple[int, int]] = field(default_factory=list)  # the same, on the quick lane
+
+
+def load_failure(label: str, header: Mapping[str, Any]) -> ModelLoadFailed:
+    """A load_failed frame as an error: ModelNotLoadable, in llama.cpp's words, when llama.cpp
+    refuses the file's architecture or vocabulary (see protocol)."""
+    if header.get("refused"):
+        said = "; ".join(header.get("llama_cpp") or []) or header["message"]
+        return ModelNotLoadable(f"{label} cannot be loaded by this emberd's llama.cpp: {said}")
+    return ModelLoadFailed(f"failed to load {label}: {header['message']}")
+
+
+def vocabulary_refusal(model_path: Path, timeout_s: float) -> str | None:
+    """Why llama.cpp cannot load a file's architecture and vocabulary, or None when it can: a
+    vocabulary-only runner (no weights, no context; a third of a second), started and ended here,
+    in the calling thread (a job's), so llama.cpp reads the file outside the daemon's process."""
+    params = LlamaParams(
+        n_gpu_layers=0,
+        main_gpu=0,
+        use_mmap=True,
+        n_ctx=0,
+        n_batch=0,
+        n_ubatch=0,
+        n_threads=1,
+        n_threads_batch=1,
+        limit_tokens=0,
+        batch_tokens=0,
+        vocab_only=True,
+    )
+    config = orjson.dumps({"model_path": str(model_path), "params": params.__dict__, "parent_pid": os.getpid()})
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)  # as RunnerProcess.start does
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "daemon.runner.worker", config.decode()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=runner_environment(os.environ),
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+    try:
+        stdout, stderr = process.communicate(b"", timeout=timeout_s)  # stdin ends: it exits once loaded
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        return f"llama.cpp took longer than {timeout_s:g}s to load its vocabulary"
+    frame = read_frame_blocking(io.BytesIO(stdout))
+    if frame is not None and frame[0]["type"] == "ready":
+        return None
+    if frame is not None and frame[0]["type"] == "load_failed":
+        return "; ".join(frame[0].get("llama_cpp") or []) or str(frame[0]["message"])
+    lines = [line for line in StderrLines().feed(stderr + b"\n") if line.strip()]
+    said = f": {lines[-1]}" if lines else ""  # llama.cpp's assert message, most often
+    return f"llama.cpp {_describe_exit(process.returncode)} as it loaded the vocabulary{said}"
 
 
 def _describe_exit(returncode: int | None) -> str:
@@ -322,7 +385,7 @@ class RunnerProcess:
             return
         if kind == "load_failed":
             if not self._ready.done():
-                self._ready.set_exception(ModelLoadFailed(f"failed to load {self.label}: {header['message']}"))
+                self._ready.set_exception(load_failure(self.label, header))
             return
         future = self._pending.get(header["id"])
         if future is None or future.done():

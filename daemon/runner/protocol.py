@@ -6,7 +6,11 @@ costs no JSON encoding on either side.
 
 Child -> parent headers:
     {"type": "ready", "facts": {...}}                 once, after the model loaded
-    {"type": "load_failed", "message": "..."}         instead of ready, then the child exits
+    {"type": "load_failed", "message": "...", "refused": bool, "llama_cpp": [line, ...]}
+                                                      instead of ready, then the child exits; refused:
+                                                      llama.cpp cannot load the file's architecture or
+                                                      vocabulary (a vocabulary-only load fails too);
+                                                      llama_cpp: its error lines
     {"type": "result", "id": N, "rows": R, "dims": D, "token_count": T, "truncated": K,
      "inference_s": S, "decodes": [[tokens, sequences], ...], "quick_decodes": [...], "windows": [W, ...]}
                                                       S: first decode to answer; decodes: those run

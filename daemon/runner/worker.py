@@ -507,6 +507,15 @@ def _leave_stopping_to_the_daemon(parent_pid: int) -> None:
             os._exit(1)
 
 
+def _vocabulary_loads(engine_module: Any, model_path: str, params: LlamaParams) -> bool:
+    """Whether a vocabulary-only load of the file succeeds (after a full load failed)."""
+    try:
+        engine_module.load_vocabulary(model_path, dataclasses.replace(params, vocab_only=True))
+    except Exception:
+        return False
+    return True
+
+
 def main() -> int:
     config = orjson.loads(sys.argv[1])
     _leave_stopping_to_the_daemon(config["parent_pid"])
@@ -530,7 +539,12 @@ def main() -> int:
         said = engine_module.llama_errors() if engine_module is not None else []
         if said:  # llama-cpp-python's exception does not say why; llama.cpp's log does
             message += f" (llama.cpp: {'; '.join(said)})"
-        writer.send({"type": "load_failed", "message": message})
+        # Refused: llama.cpp cannot load the file's architecture or vocabulary (a vocabulary-only load,
+        # which reads nothing else, fails too), as opposed to its weights or this machine failing it.
+        refused = engine_module is not None and (
+            params.vocab_only or not _vocabulary_loads(engine_module, config["model_path"], params)
+        )
+        writer.send({"type": "load_failed", "message": message, "refused": refused, "llama_cpp": said})
         return 1
     writer.send({"type": "ready", "facts": dataclasses.asdict(facts)})
     if params.vocab_only:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from daemon.config import Settings
-from daemon.gguf_info import read_gguf_facts
+from daemon.errors import InvalidModelFile, ModelLoadFailed, ModelNotLoadable, UnsupportedModelFile
+from daemon.gguf_info import GGUFFacts, cached_gguf_facts
 from daemon.memory import ModelShape, decode_tokens_for, peak_bytes
 from daemon.options import (
     LoadOptions,
@@ -32,6 +33,22 @@ from daemon.store import ModelStore, StoredModel, require_embedding_model
 
 # One logger for the whole scheduler, named as before it was split into jobs: log filters keep working.
 log = logging.getLogger("daemon.scheduler")
+
+
+def _header_facts(model: StoredModel) -> GGUFFacts:
+    """The stored file's header facts, with today's checks (cached_gguf_facts: read again only if
+    the file changed). A check that foresees llama.cpp refusing or aborting on the file is
+    ModelNotLoadable; a file damaged since it was stored, ModelLoadFailed; a file deleted meanwhile
+    keeps the manifest's facts (the runner's start then says it is gone)."""
+    try:
+        return cached_gguf_facts(model.blob_path)
+    except UnsupportedModelFile as refusal:
+        reason = refusal.message.removeprefix(f"{model.blob_path.name}: ")
+        raise ModelNotLoadable(f"{model.name} cannot be loaded by this emberd's llama.cpp: {reason}") from None
+    except InvalidModelFile as damage:
+        if not model.blob_path.is_file():
+            return model.facts
+        raise ModelLoadFailed(f"failed to load {model.name}: {damage.message}") from None
 
 
 @dataclass(frozen=True)
@@ -146,9 +163,11 @@ class Leases:
         deadline_s: float,
     ) -> LoadedModel:
         """Make room for a runner, then start it in the same step (one start at a time)."""
-        facts = model.facts
-        if facts.vocab_size == 0:  # a manifest written before the estimate needed the vocabulary's size
-            facts = await asyncio.to_thread(read_gguf_facts, model.blob_path)
+        # Today's header checks on every load (read once per file): a model stored before a check
+        # gets its refusal here, not an abort of its runner at its first decode.
+        header = await asyncio.to_thread(_header_facts, model)
+        # A manifest written before the estimate needed the vocabulary's size takes the header's facts.
+        facts = model.facts if model.facts.vocab_size else header
         splits = splits_across_ubatches(facts.causal_attention, facts.pooling_type)
         params = replace(
             llama_params(load, facts.context_length, facts.block_count, splits, facts.vocab_size),
