@@ -47,6 +47,8 @@ class AdapterHeader:
 def read_adapter_header(path: Path, task: str | None = None) -> AdapterHeader:
     """An adapter GGUF's header, checked as llama.cpp checks it (general.type adapter, adapter.type
     lora); `task` names its task where the header names none (and must match one it names)."""
+    if not path.is_file():  # also a path the OS cannot name (a NUL byte): is_file says False
+        raise InvalidModelFile(f"{path}: no such adapter file")
     facts = read_gguf_facts(path)
     metadata = facts.metadata
     kind, adapter_type = metadata.get("general.type"), metadata.get("adapter.type")

@@ -207,7 +207,9 @@ async def test_bad_adapters_are_a_400_at_create(jina: Client, files: dict[str, P
         ({"adapters": {SEPARATION: str(files[QUERY])}}, "is the adapter of task 'retrieval.query', not 'separation'"),
         ({"adapters": [str(files["untitled"])]}, "names no task (adapter.lora.task_name)"),
         ({"adapters": [str(files[QUERY])], "default_task": "classification"}, "default_task 'classification'"),
-        ({"adapters": [str(files["model"].parent / "missing.gguf")]}, "missing.gguf"),
+        ({"adapters": [str(files["model"].parent / "missing.gguf")]}, "missing.gguf: no such adapter file"),
+        ({"adapters": ["lora\u0000.gguf"]}, "no such adapter file"),  # a path the OS cannot name (the fuzzer's)
+        ({"adapters": [str(files["model"].parent)]}, "no such adapter file"),  # a folder
         ({"adapters": "lora.gguf"}, "create: adapters must map task names to paths, or list paths"),
     ]
     for fields, message in cases:
