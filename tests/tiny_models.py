@@ -505,3 +505,107 @@ def make_transformers_qwen3_reranker_dir(directory: Path, seed: int = 0) -> Path
     )
     Qwen3ForCausalLM(config).eval().save_pretrained(directory)
     return directory
+
+
+# ModernBERT's special tokens, added after its BPE vocabulary as its tokenizer.json numbers them.
+MODERN_BERT_SPECIALS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+# A token ModernBERT's tokenizer adds that is not special (matched whole in a text, as llama.cpp's
+# user-defined tokens are).
+MODERN_BERT_ADDED = "|||EMAIL_ADDRESS|||"
+
+
+def make_modern_bert_bpe_tokenizer(directory: Path, vocab_size: int = 600) -> Path:
+    """A byte-level BPE tokenizer.json trained on TRAINING_TEXT laid out as ModernBERT's: NFC, GPT-2's
+    split (ByteLevel with its regex, no prefix space), its special tokens after the vocabulary, and a
+    post-processor that puts [CLS] before a text and [SEP] after it."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(TRAINING_TEXT * 10, trainer)
+    tokenizer.add_tokens([AddedToken(MODERN_BERT_ADDED, normalized=False)])
+    tokenizer.add_special_tokens(
+        [AddedToken(token, normalized=False, lstrip=token == "[MASK]") for token in MODERN_BERT_SPECIALS]
+    )
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "cls_token": "[CLS]",
+        "sep_token": "[SEP]",
+        "pad_token": "[PAD]",
+        "mask_token": "[MASK]",
+        "unk_token": "[UNK]",
+        "model_max_length": 64,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def _as_hub_modern_bert_config(directory: Path, global_every: int, global_theta: float, local_theta: float) -> None:
+    """Rewrite config.json as ModernBERT configs on the Hub are (modernbert-embed-base's): the global
+    layers as global_attn_every_n_layers, the RoPE bases as global_rope_theta and local_rope_theta,
+    where transformers 5 saves layer_types and rope_parameters."""
+    config = json.loads((directory / "config.json").read_text())
+    config.pop("layer_types")
+    config.pop("rope_parameters")
+    config.update(global_attn_every_n_layers=global_every, global_rope_theta=global_theta, local_rope_theta=local_theta)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def make_transformers_modern_bert_dir(
+    directory: Path,
+    pooling: str = "mean",
+    seed: int = 0,
+    hub_config: bool = False,
+    layer_types: list[str] | None = None,
+) -> Path:
+    """A random ModernBertModel with the tiny ModernBERT tokenizer, as a sentence-transformers
+    embedder with `pooling` ("mean" as modernbert-embed-base, "cls" as gte-modernbert-base): 3 layers,
+    the first global and the other two local (global_attn_every_n_layers 2 would make the third
+    global too), a local window of 4 tokens either side of 8 so that texts are longer than it, and
+    RoPE bases far apart (global 160000, local 10000), as ModernBERT's are. With `hub_config` the
+    config is written as on the Hub (global_attn_every_n_layers 3, global_rope_theta, local_rope_theta);
+    `layer_types` ("full_attention" or "sliding_attention" per layer) lays the layers out otherwise."""
+    import torch
+    from transformers import AutoTokenizer, ModernBertConfig, ModernBertModel
+
+    make_modern_bert_bpe_tokenizer(directory)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    torch.manual_seed(seed)
+    global_every, global_theta, local_theta = 3, 160_000.0, 10_000.0
+    config = ModernBertConfig(
+        vocab_size=len(tokenizer) + 6,  # spare rows, as ModernBERT's embedding has past its tokens
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        local_attention=8,
+        global_attn_every_n_layers=global_every,
+        layer_types=layer_types,
+        global_rope_theta=global_theta,
+        local_rope_theta=local_theta,
+        pad_token_id=tokenizer.convert_tokens_to_ids("[PAD]"),
+        cls_token_id=tokenizer.convert_tokens_to_ids("[CLS]"),
+        sep_token_id=tokenizer.convert_tokens_to_ids("[SEP]"),
+        bos_token_id=tokenizer.convert_tokens_to_ids("[CLS]"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("[SEP]"),
+        initializer_range=0.2,  # wide enough that the vectors are far apart
+    )
+    ModernBertModel(config).eval().save_pretrained(directory)
+    _save_sentence_transformer(directory, pooling)  # rewrites config.json: the Hub's layout after it
+    if hub_config:
+        _as_hub_modern_bert_config(directory, global_every, global_theta, local_theta)
+    return directory

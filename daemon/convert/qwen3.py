@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from gguf import MODEL_ARCH, GGUFWriter, PoolingType, TensorNameMap, TokenType
+from gguf import MODEL_ARCH, GGUFWriter, PoolingType, TensorNameMap
 
+from daemon.convert.bpe_vocab import BPEVocab, bpe_tokenizer_json, read_bpe_vocab
 from daemon.convert.source import HFSource, read_pooling
-from daemon.convert.tokenizer_json import SpecialLayout, added_token_types, special_layout, token_id
+from daemon.convert.tokenizer_json import token_id
 from daemon.convert.writer import Tensors
 from daemon.errors import InvalidModelFile
 
@@ -33,15 +34,6 @@ RERANK_TEMPLATE = (
     "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 )
 _SETTINGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings")
-
-
-@dataclass(frozen=True)
-class BPEVocab:
-    tokens: list[str]
-    types: list[TokenType]
-    merges: list[str]
-    layout: SpecialLayout
-    ids: dict[str, int]
 
 
 def _split_regexes(pre_tokenizer: Any) -> list[str]:
@@ -69,37 +61,10 @@ def _check_pretokenizer(source: HFSource, tokenizer: dict[str, Any]) -> None:
     )
 
 
-def _merges(model: dict[str, Any]) -> list[str]:
-    merges = model.get("merges") or []
-    result = []
-    for merge in merges:
-        if isinstance(merge, str):
-            result.append(merge)
-        elif isinstance(merge, list) and len(merge) == 2 and all(isinstance(part, str) for part in merge):
-            # llama.cpp splits a merge at its space: a space inside a part is written as U+0120's kin.
-            result.append(" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in merge))
-        else:
-            raise InvalidModelFile("tokenizer.json: a merge is neither 'a b' nor ['a', 'b']")
-    return result
-
-
 def _read_vocab(source: HFSource) -> BPEVocab:
-    tokenizer = source.json_file("tokenizer.json")
-    model = (tokenizer or {}).get("model") or {}
-    if tokenizer is None or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise InvalidModelFile(f"{source.name}: no byte-level BPE vocabulary (tokenizer.json)")
+    tokenizer = bpe_tokenizer_json(source)
     _check_pretokenizer(source, tokenizer)
-    by_id: dict[int, str] = {index: text for text, index in model["vocab"].items() if isinstance(index, int)}
-    for added in tokenizer.get("added_tokens") or []:
-        if isinstance(added, dict) and isinstance(added.get("id"), int) and isinstance(added.get("content"), str):
-            by_id[added["id"]] = added["content"]
-    size = max(max(by_id) + 1, int(source.config.get("vocab_size") or 0))
-    added_types = added_token_types(tokenizer)
-    # Ids the tokenizer never gives (the embedding's spare rows): llama.cpp wants a token for each.
-    tokens = [by_id.get(index, f"[PAD{index}]") for index in range(size)]
-    types = [added_types.get(index, TokenType.NORMAL if index in by_id else TokenType.UNUSED) for index in range(size)]
-    ids = {text: index for index, text in by_id.items()}
-    return BPEVocab(tokens, types, _merges(model), special_layout(tokenizer), ids)
+    return read_bpe_vocab(source, tokenizer)
 
 
 def _is_reranker(source: HFSource) -> bool:
