@@ -47,8 +47,12 @@ class AdapterHeader:
 def read_adapter_header(path: Path, task: str | None = None) -> AdapterHeader:
     """An adapter GGUF's header, checked as llama.cpp checks it (general.type adapter, adapter.type
     lora); `task` names its task where the header names none (and must match one it names)."""
-    if not path.is_file():  # also a path the OS cannot name (a NUL byte): is_file says False
-        raise InvalidModelFile(f"{path}: no such adapter file")
+    try:
+        is_file = path.is_file()
+    except OSError:  # a name the OS refuses (ENAMETOOLONG); a NUL byte makes is_file say False
+        is_file = False
+    if not is_file:
+        raise InvalidModelFile(f"{str(path)[:200]}: no such adapter file")
     facts = read_gguf_facts(path)
     metadata = facts.metadata
     kind, adapter_type = metadata.get("general.type"), metadata.get("adapter.type")

@@ -330,6 +330,10 @@ class ModelStore:
 
     def check_source(self, source: Path) -> None:
         """Fail fast (before any streaming) when `source` cannot become an embedding model."""
+        try:
+            source.stat()
+        except (OSError, ValueError):  # none, or a name the OS refuses (too long, a NUL byte)
+            raise InvalidModelFile(f"{str(source)[:200]}: no such file or directory") from None
         if source.is_dir():
             from daemon.convert import inspect_hf_directory  # safetensors and gguf's writer: when needed
 

@@ -210,6 +210,7 @@ async def test_bad_adapters_are_a_400_at_create(jina: Client, files: dict[str, P
         ({"adapters": [str(files["model"].parent / "missing.gguf")]}, "missing.gguf: no such adapter file"),
         ({"adapters": ["lora\u0000.gguf"]}, "no such adapter file"),  # a path the OS cannot name (the fuzzer's)
         ({"adapters": [str(files["model"].parent)]}, "no such adapter file"),  # a folder
+        ({"adapters": ["a" * 5000]}, "no such adapter file"),  # a name too long for the OS (the fuzzer's)
         ({"adapters": "lora.gguf"}, "create: adapters must map task names to paths, or list paths"),
     ]
     for fields, message in cases:

@@ -181,6 +181,9 @@ async def test_create_without_streaming_from_a_gguf(make_client: MakeClient, tin
     ("body_of", "message"),
     [
         (lambda p: {"model": "x", "from": str(p / "nowhere")}, "no such file or directory"),
+        (lambda p: {"model": "x", "from": "a" * 5000}, "no such file or directory"),  # too long a name for the OS
+        (lambda p: {"model": "x", "from": "a/" * 3000}, "no such file or directory"),  # too long a path
+        (lambda p: {"model": "x", "from": "model\u0000.gguf"}, "no such file or directory"),
         (lambda p: {"model": "x", "from": str(p / "notes.txt")}, "is not a GGUF file"),
         (lambda p: {"model": "x", "from": str(p / "chat.gguf")}, "not an embedding model"),
         (lambda p: {"model": "x"}, '"from" is required'),
