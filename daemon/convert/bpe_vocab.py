@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gguf import TokenType
+from gguf import GGUFWriter, TokenType
 
 from daemon.convert.source import HFSource
 from daemon.convert.tokenizer_json import SpecialLayout, added_token_types, special_layout
@@ -20,6 +20,14 @@ class BPEVocab:
     merges: list[str]
     layout: SpecialLayout
     ids: dict[str, int]
+
+    def write(self, writer: GGUFWriter, pre_tokenizer: str) -> None:
+        """The vocabulary as llama.cpp's "gpt2" (byte-level BPE) tokenizer, split by `pre_tokenizer`."""
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer)
+        writer.add_token_list(self.tokens)
+        writer.add_token_types(self.types)
+        writer.add_token_merges(self.merges)
 
 
 def _merges(model: dict[str, Any]) -> list[str]:

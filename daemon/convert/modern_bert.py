@@ -127,11 +127,7 @@ class ModernBertPlan:
 
     def _write_tokenizer(self, writer: GGUFWriter) -> None:
         vocab = self.vocab
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("modern-bert")
-        writer.add_token_list(vocab.tokens)
-        writer.add_token_types(vocab.types)
-        writer.add_token_merges(vocab.merges)
+        vocab.write(writer, "modern-bert")
         tokenizer = self.source.json_file("tokenizer.json") or {}
         config = self.source.json_file("tokenizer_config.json") or {}
         layout = vocab.layout
