@@ -15,7 +15,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 import pytest
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, PoolingType
+from gguf import PoolingType
 
 from daemon.errors import InvalidModelFile
 from daemon.gguf_info import read_gguf_facts, sliding_window_layers
@@ -23,6 +23,7 @@ from daemon.runner.batching import split_windows
 from daemon.vectors import window_share
 from tests.family_ggufs import FAMILIES, make_family_gguf
 from tests.live import Daemon, running_daemon
+from tests.tiny_models import copy_gguf
 
 CONTEXT = 64  # each family's trained context: the daemon's limit, and llama.cpp's context here
 
@@ -80,34 +81,12 @@ def post(url: str, body: dict[str, Any]) -> tuple[int, Any]:
         return int(error.code), json.loads(error.read())
 
 
-def with_architecture(source: Path, path: Path, architecture: str) -> Path:
-    """A copy of a GGUF under another architecture name (its {arch}.* keys renamed with it)."""
-    reader = GGUFReader(source)
-    old = str(reader.fields["general.architecture"].contents())
-    writer = GGUFWriter(path, architecture)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        new_key = architecture + key.removeprefix(old) if key.startswith(old + ".") else key
-        if field.types[0] == GGUFValueType.ARRAY:
-            writer.add_array(new_key, field.contents())
-        else:
-            writer.add_key_value(new_key, field.contents(), field.types[0])
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, np.array(tensor.data), raw_shape=tensor.data.shape, raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 @pytest.fixture(scope="module")
 def family_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("families")
     files = {name: make_family_gguf(name, directory / f"{name}.gguf", CONTEXT) for name in FAMILIES}
     for architecture in NOT_LOADABLE:
-        files[architecture] = with_architecture(files["bert"], directory / f"{architecture}.gguf", architecture)
+        files[architecture] = copy_gguf(files["bert"], directory / f"{architecture}.gguf", {}, architecture)
     return files
 
 

@@ -198,18 +198,22 @@ def make_tiny_causal_gguf(
     return path
 
 
-def copy_gguf(source: Path, path: Path, changes: dict[str, Any]) -> Path:
+def copy_gguf(source: Path, path: Path, changes: dict[str, Any], architecture: str | None = None) -> Path:
     """A copy of a GGUF with some keys set (a key it has keeps its type; a new one takes its value's,
-    or the type given with it as (value, GGUFValueType)). Tensors are copied as they are."""
+    or the type given with it as (value, GGUFValueType)), and under another `architecture` if given
+    (its {arch}.* keys renamed with it). Tensors are copied as they are."""
     reader = GGUFReader(source)
-    writer = GGUFWriter(path, str(reader.fields["general.architecture"].contents()))
+    old = str(reader.fields["general.architecture"].contents())
+    new = architecture or old
+    writer = GGUFWriter(path, new)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key in changes:
             continue
+        new_key = new + key.removeprefix(old) if key.startswith(old + ".") else key
         if field.types[0] == GGUFValueType.ARRAY:
-            writer.add_array(key, field.contents())
+            writer.add_array(new_key, field.contents())
         else:
-            writer.add_key_value(key, field.contents(), field.types[0])
+            writer.add_key_value(new_key, field.contents(), field.types[0])
     for key, value in changes.items():
         if isinstance(value, list):
             writer.add_array(key, value)
