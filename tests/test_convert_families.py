@@ -160,7 +160,7 @@ def _without_sentence_transformers(folder: Path) -> None:
     [
         (
             lambda folder: _write_json(folder / "config.json", {"model_type": "gpt2", "architectures": ["GPT2Model"]}),
-            "emberd converts BERT, XLM-RoBERTa, Qwen3, ModernBERT models",
+            "emberd converts BERT, XLM-RoBERTa, Qwen3, ModernBERT, NomicBert models",
         ),
         (_without_sentence_transformers, "is a chat model, not an embedding model"),
         (

@@ -613,3 +613,95 @@ def make_transformers_modern_bert_dir(
     if hub_config:
         _as_hub_modern_bert_config(directory, global_every, global_theta, local_theta)
     return directory
+
+
+# nomic-embed-text's RoPE base (rotary_emb_base on the Hub, transformers' NomicBertConfig default).
+NOMIC_BERT_ROPE_THETA = 1000.0
+
+
+def make_transformers_nomic_bert_dir(directory: Path, seed: int = 0) -> Path:
+    """A random NomicBertModel (hidden 64, 2 layers, 4 heads, SwiGLU, RoPE base 1000) with the tiny
+    WordPiece vocabulary in a BertTokenizer, as a sentence-transformers embedder with mean pooling
+    (nomic-embed-text's). Its embedding has 6 rows past the tokenizer's, as nomic-embed-text's has
+    (30528 for 30522). transformers 5 writes its own config names and the Hub's weight names
+    (encoder.layers.N.attn.Wqkv, mlp.fc11 and fc12, norm1 and norm2, emb_ln)."""
+    import torch
+    from transformers import BertTokenizer, NomicBertConfig, NomicBertModel
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = tiny_vocab()
+    torch.manual_seed(seed)
+    config = NomicBertConfig(
+        vocab_size=len(vocab) + 6,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,  # no table behind it (RoPE): only the context length written
+        type_vocab_size=2,
+        rope_parameters={"rope_type": "default", "rope_theta": NOMIC_BERT_ROPE_THETA},
+        initializer_range=0.2,  # wide enough that the vectors are far apart
+    )
+    NomicBertModel(config).eval().save_pretrained(directory)
+    BertTokenizer(vocab={token: index for index, token in enumerate(vocab)}).save_pretrained(directory)
+    _save_sentence_transformer(directory, "mean")
+    return directory
+
+
+def as_hub_nomic_bert_dir(native: Path, directory: Path) -> Path:
+    """The folder `native` with config.json as nomic-embed-text-v1.5's on the Hub (its remote code's
+    names: n_embd, n_layer, n_inner, rotary_emb_base, layer_norm_epsilon, n_positions 8192 with
+    max_trained_positions 2048, and the switches llama.cpp's converter checks). transformers' own
+    NomicBert cannot read it without the remote code: the vectors to match are the native folder's."""
+    import shutil
+
+    shutil.copytree(native, directory)
+    config = json.loads((native / "config.json").read_text())
+    hub = {
+        "architectures": ["NomicBertModel"],
+        "model_type": "nomic_bert",
+        "auto_map": {
+            "AutoConfig": "nomic-ai/nomic-bert-2048--configuration_hf_nomic_bert.NomicBertConfig",
+            "AutoModel": "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertModel",
+        },
+        "activation_function": "swiglu",
+        "n_embd": config["hidden_size"],
+        "n_layer": config["num_hidden_layers"],
+        "n_head": config["num_attention_heads"],
+        "n_inner": config["intermediate_size"],
+        "n_positions": 8192,
+        "max_trained_positions": 2048,
+        "rotary_emb_base": config["rope_parameters"]["rope_theta"],
+        "rotary_emb_fraction": 1.0,
+        "rotary_emb_interleaved": False,
+        "rotary_emb_scale_base": None,
+        "rotary_scaling_factor": None,
+        "layer_norm_epsilon": config["layer_norm_eps"],
+        "type_vocab_size": config["type_vocab_size"],
+        "vocab_size": config["vocab_size"],
+        "causal": False,
+        "prenorm": False,
+        "parallel_block": False,
+        "qkv_proj_bias": False,
+        "mlp_fc1_bias": False,
+        "mlp_fc2_bias": False,
+        "use_rms_norm": False,
+        "pad_vocab_size_multiple": 64,
+    }
+    (directory / "config.json").write_text(json.dumps(hub))
+    return directory
+
+
+def as_separate_qkv_nomic_bert_dir(native: Path, directory: Path) -> Path:
+    """The folder `native` with its weights under transformers' own names, from the model's state_dict
+    (layers.N.self_attn.q_proj, k_proj, v_proj, mlp.up_proj, gate_proj, post_attention_layernorm),
+    which transformers loads as they are."""
+    import shutil
+
+    from safetensors.torch import save_file as save_torch_file
+    from transformers import NomicBertModel
+
+    shutil.copytree(native, directory)
+    state = NomicBertModel.from_pretrained(str(native)).state_dict()
+    save_torch_file({name: tensor.contiguous() for name, tensor in state.items()}, str(directory / "model.safetensors"))
+    return directory

@@ -1,13 +1,14 @@
 """Convert a Hugging Face model directory into a GGUF embedding model or reranker, as llama.cpp's
 own converter writes it: BERT (bert.py), XLM-RoBERTa (xlm_roberta.py), Qwen3 (qwen3.py), ModernBERT
-(modern_bert.py); the writing they share is writer.py. Weights are read from .safetensors only (never a pickle)."""
+(modern_bert.py), NomicBert (nomic_bert.py); the writing they share is writer.py. Weights are read
+from .safetensors only (never a pickle)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-from daemon.convert import bert, modern_bert, qwen3, xlm_roberta
+from daemon.convert import bert, modern_bert, nomic_bert, qwen3, xlm_roberta
 from daemon.convert.source import HFSource, read_source, require_weights
 from daemon.convert.writer import OUTPUT_TYPES, ConversionPlan, write_gguf
 from daemon.errors import InvalidModelFile
@@ -21,6 +22,7 @@ _FAMILIES: list[tuple[str, set[str], set[str], Callable[[HFSource], ConversionPl
     ("XLM-RoBERTa", xlm_roberta.ARCHITECTURES, xlm_roberta.MODEL_TYPES, xlm_roberta.plan),
     ("Qwen3", qwen3.ARCHITECTURES, qwen3.MODEL_TYPES, qwen3.plan),
     ("ModernBERT", modern_bert.ARCHITECTURES, modern_bert.MODEL_TYPES, modern_bert.plan),
+    ("NomicBert", nomic_bert.ARCHITECTURES, nomic_bert.MODEL_TYPES, nomic_bert.plan),
 ]
 SUPPORTED = ", ".join(name for name, *_ in _FAMILIES)
 

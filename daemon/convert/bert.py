@@ -71,7 +71,7 @@ def _phantom_space(token: str) -> str:
     return "\u2581" + token
 
 
-def _read_vocab(source: HFSource) -> list[str]:
+def read_wordpiece_vocab(source: HFSource) -> list[str]:
     vocab_txt = source.path / "vocab.txt"
     if vocab_txt.is_file():
         return vocab_txt.read_text(encoding="utf-8").splitlines()
@@ -94,6 +94,30 @@ def _special_tokens(source: HFSource, vocab: list[str]) -> set[str]:
     return specials
 
 
+def write_wordpiece_vocab(writer: GGUFWriter, source: HFSource, vocab: list[str], rows: int = 0) -> None:
+    """The WordPiece vocabulary as llama.cpp's "bert" tokenizer reads it, [CLS] before a text and [SEP]
+    after it; padded with unused tokens to `rows` when the embedding has rows past the vocabulary."""
+    specials = _special_tokens(source, vocab)
+    padding = [f"[PAD{index}]" for index in range(len(vocab), rows)]
+    writer.add_tokenizer_model("bert")
+    writer.add_token_list([_phantom_space(token) for token in vocab] + padding)
+    writer.add_token_types(
+        [TokenType.CONTROL if t in specials else TokenType.NORMAL for t in vocab] + [TokenType.UNUSED] * len(padding)
+    )
+    token_ids = {token: index for index, token in enumerate(vocab)}
+    for special, add in (
+        ("[CLS]", writer.add_bos_token_id),
+        ("[SEP]", writer.add_sep_token_id),
+        ("[UNK]", writer.add_unk_token_id),
+        ("[PAD]", writer.add_pad_token_id),
+        ("[MASK]", writer.add_mask_token_id),
+    ):
+        if special in token_ids:
+            add(token_ids[special])
+    writer.add_add_bos_token(True)
+    writer.add_add_sep_token(True)
+
+
 @dataclass(frozen=True)
 class BertPlan:
     source: HFSource
@@ -104,22 +128,7 @@ class BertPlan:
     def write_metadata(self, writer: GGUFWriter) -> None:
         config = self.source.config
         write_encoder_metadata(writer, config, int(config.get("max_position_embeddings", 512)), self.pooling)
-        specials = _special_tokens(self.source, self.vocab)
-        writer.add_tokenizer_model("bert")
-        writer.add_token_list([_phantom_space(token) for token in self.vocab])
-        writer.add_token_types([TokenType.CONTROL if t in specials else TokenType.NORMAL for t in self.vocab])
-        token_ids = {token: index for index, token in enumerate(self.vocab)}
-        for special, add in (
-            ("[CLS]", writer.add_bos_token_id),
-            ("[SEP]", writer.add_sep_token_id),
-            ("[UNK]", writer.add_unk_token_id),
-            ("[PAD]", writer.add_pad_token_id),
-            ("[MASK]", writer.add_mask_token_id),
-        ):
-            if special in token_ids:
-                add(token_ids[special])
-        writer.add_add_bos_token(True)
-        writer.add_add_sep_token(True)
+        write_wordpiece_vocab(writer, self.source, self.vocab)
 
     def tensors(self, hf_name: str, read: Callable[[], np.ndarray]) -> Tensors:
         head = _CLASSIFIER_HEAD if self.pooling == PoolingType.RANK else None
@@ -136,4 +145,4 @@ def plan(source: HFSource) -> BertPlan:
     else:
         # sentence-transformers builds a plain Hugging Face model with mean pooling too.
         pooling = read_pooling(source.path) or PoolingType.MEAN
-    return BertPlan(source, _read_vocab(source), pooling)
+    return BertPlan(source, read_wordpiece_vocab(source), pooling)
