@@ -13,6 +13,8 @@ import ctypes
 import mmap
 import sys
 
+import numpy as np
+
 # glibc's and Linux's numbers for the calls below.
 _M_MMAP_THRESHOLD = -3  # mallopt parameter
 _PR_SET_PDEATHSIG = 1  # prctl option
@@ -72,7 +74,8 @@ def resident_pages(start: int, length: int) -> int:
     vector = (ctypes.c_ubyte * pages)()
     if _LIBC.mincore(ctypes.c_void_p(start), ctypes.c_size_t(length), vector) != 0:
         return pages
-    return sum(byte & 1 for byte in vector)
+    # numpy, not a Python loop: 1,900 pages (all-MiniLM's logits for 64 rows) after every decode.
+    return int(np.count_nonzero(np.frombuffer(memoryview(vector).cast("B"), dtype=np.uint8) & 1))
 
 
 def give_back_pages(start: int, length: int) -> None:
