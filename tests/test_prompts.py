@@ -81,6 +81,8 @@ def test_the_aliases_that_need_prompts_carry_them() -> None:
     assert aliases["embeddinggemma:latest"].prompts.prompts == {
         "query": "task: search result | query: ",
         "document": "title: none | text: ",
+        "classification": "task: classification | query: ",
+        "clustering": "task: clustering | query: ",
     }
     assert queries["all-minilm:latest"] is None  # its card has no prompts
     assert all(alias.prompts.default_name is None for alias in aliases.values())
