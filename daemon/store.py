@@ -328,8 +328,9 @@ class ModelStore:
                 digest.update(chunk)
         return digest.hexdigest()
 
-    def check_source(self, source: Path) -> None:
-        """Fail fast (before any streaming) when `source` cannot become an embedding model."""
+    def check_source(self, source: Path) -> GGUFFacts | None:
+        """Fail fast (before any streaming) when `source` cannot become an embedding model; a GGUF
+        file's header facts (None for a directory, whose are known once converted)."""
         try:
             source.stat()
         except (OSError, ValueError):  # none, or a name the OS refuses (too long, a NUL byte)
@@ -338,20 +339,21 @@ class ModelStore:
             from daemon.convert import inspect_hf_directory  # safetensors and gguf's writer: when needed
 
             inspect_hf_directory(source)
-        elif source.is_file():
-            require_embedding_model(read_gguf_facts(source), source.name)
-        else:
-            raise InvalidModelFile(f"{source}: no such file or directory")
+            return None
+        if source.is_file():
+            facts = read_gguf_facts(source)
+            require_embedding_model(facts, source.name)
+            return facts
+        raise InvalidModelFile(f"{source}: no such file or directory")
 
     @staticmethod
     def check_adapter_sources(
-        adapters: Sequence[AdapterSource], source: Path | None = None, default_task: str | None = None
+        adapters: Sequence[AdapterSource], architecture: str | None = None, default_task: str | None = None
     ) -> Sequence[AdapterHeader]:
         """Fail fast when task adapters cannot go with a model: each a LoRA GGUF, one per task, of
-        the architecture of `source` (when it is a GGUF file; a directory's is known once converted),
-        and `default_task` one of their tasks."""
+        the model's `architecture` (None: not known yet, a directory's before it is converted), and
+        `default_task` one of their tasks."""
         headers = [read_adapter_header(path, task) for path, task in adapters]
-        architecture = read_gguf_facts(source).architecture if source is not None and source.is_file() else None
         check_adapters(headers, [path.name for path, _task in adapters], architecture)
         if default_task is not None and default_task not in {header.task for header in headers}:
             tasks = ", ".join(sorted(header.task for header in headers)) or "none"
@@ -398,8 +400,10 @@ class ModelStore:
         adapters (LoRA GGUFs) stored beside it, see daemon.adapters."""
         prompts = prompts or ModelPrompts()
         canonical = canonical_name(name)
-        self.check_source(source)
-        self.check_adapter_sources(adapters, source, default_task)
+        source_facts = self.check_source(source)
+        headers = self.check_adapter_sources(
+            adapters, source_facts.architecture if source_facts else None, default_task
+        )
         fd, partial_name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".partial")
         os.close(fd)
         partial = Path(partial_name)
@@ -424,8 +428,8 @@ class ModelStore:
             require_embedding_model(facts, source.name)
             self.check_loadable(partial, source.name)  # the bytes stored, in a runner of their own
             stored_adapters: Sequence[tuple[str, str | None]] = ()
-            if adapters:
-                self.check_adapter_sources(adapters, partial, default_task)  # a directory's architecture now
+            if adapters:  # the headers read above, against the stored bytes' architecture (a directory's now)
+                check_adapters(headers, [path.name for path, _task in adapters], facts.architecture)
                 progress("copying adapters into the store")
                 stored_adapters = self._store_adapters(adapters, token)
             progress("writing manifest")

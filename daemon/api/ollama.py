@@ -220,8 +220,9 @@ async def create(request: web.Request) -> web.StreamResponse:
     if default_task is not None and not adapters:
         raise InvalidInput("default_task names one of the adapters' tasks, and there are no adapters")
     try:
-        await asyncio.to_thread(store.check_source, source)
-        await asyncio.to_thread(store.check_adapter_sources, adapters, source, default_task)
+        source_facts = await asyncio.to_thread(store.check_source, source)
+        architecture = source_facts.architecture if source_facts else None
+        await asyncio.to_thread(store.check_adapter_sources, adapters, architecture, default_task)
     except NotEmbeddingModel as error:
         raise InvalidModelFile(error.message) from None
     if source.is_file() and body.quantize is not UNSET:
