@@ -39,7 +39,7 @@ from daemon.errors import (
     UnreadableManifest,
     UnsupportedModelFile,
 )
-from daemon.gguf_info import GGUFFacts, read_gguf_facts
+from daemon.gguf_info import GGUFFacts, cached_gguf_facts, read_gguf_facts
 from daemon.jobs import NEVER_CANCELLED, CancelToken
 from daemon.names import canonical_name
 from daemon.prompts import ModelPrompts, merge_prompts, read_sentence_transformers_prompts
@@ -341,7 +341,8 @@ class ModelStore:
             inspect_hf_directory(source)
             return None
         if source.is_file():
-            facts = read_gguf_facts(source)
+            # Cached: /api/create checks before it streams, then the creation job checks again.
+            facts = cached_gguf_facts(source)
             require_embedding_model(facts, source.name)
             return facts
         raise InvalidModelFile(f"{source}: no such file or directory")
