@@ -242,6 +242,15 @@ class Settings:
         help='The most the model runners together may hold ("4GiB", "512MiB"; "4G" is binary, "4GB" '
         "decimal).\n\"0\" means no cap beyond the machine's memory and the service's cgroup limit.",
     )
+    max_gpu_memory_bytes: int = setting(
+        0,
+        key="max_gpu_memory",
+        kind="size",
+        unit="bytes",
+        summary="the most the runners may hold on each GPU (`24MiB`, `6GiB`); 0 = what the device reports",
+        help='The most the model runners together may hold on each GPU device ("6GiB", "24MiB"), for a '
+        'GPU shared with other programs.\n"0" means no cap beyond the free memory the device reports.',
+    )
     num_thread: int = setting(
         0,
         key="num_thread",
@@ -286,8 +295,10 @@ class Settings:
         key="num_gpu",
         kind="integer",
         unit="layers",
-        summary="layers offloaded to a GPU; -1 = all",
-        help="Layers offloaded to the GPU; -1 means all. A CPU-only llama.cpp build ignores it.",
+        summary="layers offloaded to a GPU; -1 = as many as fit",
+        help="Layers offloaded to the GPU; -1 means automatic: all of them when the device holds them, "
+        "else as many as fit, the rest on the CPU.\nA number asks for exactly that many (507 when they "
+        "do not fit). A CPU-only llama.cpp build ignores it.",
     )
     main_gpu: int = setting(
         0,
@@ -557,6 +568,7 @@ def _validate(settings: Settings) -> Settings:
         "num_ctx": settings.num_ctx,
         "memory_reserve_mib": settings.memory_reserve_mib,
         "max_memory": settings.max_memory_bytes,
+        "max_gpu_memory": settings.max_gpu_memory_bytes,
         "max_body_bytes": settings.max_body_bytes,
         "bodies_in_flight": settings.bodies_in_flight_bytes,
     }

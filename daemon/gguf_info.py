@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -123,6 +124,10 @@ class GGUFFacts:
     # What sizes llama.cpp's compute buffer beyond the widths above (0: none, or not known).
     expert_used_count: int = 0  # experts each token goes through in a mixture-of-experts layer
     sliding_window: int = 0  # tokens a local (sliding-window) attention layer sees
+    # Where the weights go when layers are offloaded to a GPU (see layer_placement_bytes): each
+    # repeating layer's bytes, and the output layer's (llama.cpp offloads it first).
+    layer_bytes: tuple[int, ...] = ()
+    output_layer_bytes: int = 0
 
     @property
     def is_embedding_model(self) -> bool:
@@ -291,6 +296,7 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
             parameter_count = 0
             tensor_types: list[int] = []
             data_ends: list[tuple[str, int]] = []  # (tensor, where its data ends past the data section's start)
+            tensor_sizes: dict[str, int] = {}
             for _ in range(tensor_count):
                 tensor_name = cursor.string()
                 n_dims = cursor.unpack("<I")
@@ -303,7 +309,8 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
                 tensor_type = cursor.unpack("<I")
                 tensor_types.append(tensor_type)
                 offset = cursor.unpack("<Q")
-                data_ends.append((tensor_name, offset + _tensor_bytes(path, tensor_name, tensor_type, elements)))
+                tensor_sizes[tensor_name] = _tensor_bytes(path, tensor_name, tensor_type, elements)
+                data_ends.append((tensor_name, offset + tensor_sizes[tensor_name]))
             # Every tensor's data must lie inside the file: a truncated download or a crafted
             # offset is refused here, before llama.cpp maps the file.
             alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
@@ -330,6 +337,7 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
     _check_what_llama_cpp_asserts(path, architecture, metadata, array_lengths)
     _check_sliding_window_layers(path, architecture, metadata, flag_arrays)
     causal = metadata.get(f"{architecture}.attention.causal", True)
+    layer_bytes, output_layer_bytes = layer_placement_bytes(architecture, arch_int("block_count"), tensor_sizes)
     return GGUFFacts(
         architecture=architecture,
         name=str(metadata.get("general.name", "")),
@@ -350,7 +358,44 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
         value_length=arch_int("attention.value_length"),
         expert_used_count=arch_int("expert_used_count"),
         sliding_window=arch_int("attention.sliding_window"),
+        layer_bytes=layer_bytes,
+        output_layer_bytes=output_layer_bytes,
     )
+
+
+# llama.cpp's input layer, which it always keeps on the CPU (LLM_TENSOR_LAYER_INPUT in llama-arch.cpp).
+_INPUT_TENSORS = ("token_embd.", "position_embd.", "token_types.", "per_layer_token_embd.")
+# Tensors llama.cpp places with the first repeating layer ("do the norms on the first layer").
+_FIRST_LAYER_TENSORS = ("token_embd_norm.", "rope_freqs.", "rope_factors_long.", "rope_factors_short.")
+# Families whose output layer is the token embedding when the file has no output.weight: llama.cpp
+# makes a copy of it for the output layer's device (TENSOR_DUPLICATED in src/models/<arch>.cpp). On
+# the CPU the copy shares the mapping; on a GPU it is device memory.
+_TIED_OUTPUT_ARCHITECTURES = frozenset({"qwen3", "gemma-embedding", "t5encoder"})
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.")
+
+
+def layer_placement_bytes(
+    architecture: str, block_count: int, tensor_sizes: dict[str, int]
+) -> tuple[tuple[int, ...], int]:
+    """The bytes of each repeating layer's tensors (blk.N.*) and of the output layer's (what is
+    neither input nor repeating: output norms, classifier heads, dense projections), as llama.cpp
+    assigns them to devices when n_gpu_layers offloads part of a model."""
+    layers = [0] * block_count
+    output = 0
+    for name, size in tensor_sizes.items():
+        match = _LAYER_TENSOR.match(name)
+        if match is not None:
+            index = int(match.group(1))
+            if index < block_count:
+                layers[index] += size
+        elif name.startswith(_FIRST_LAYER_TENSORS):
+            if layers:
+                layers[0] += size
+        elif not name.startswith(_INPUT_TENSORS):
+            output += size
+    if architecture in _TIED_OUTPUT_ARCHITECTURES and "output.weight" not in tensor_sizes:
+        output += tensor_sizes.get("token_embd.weight", 0)
+    return tuple(layers), output
 
 
 def _check_what_llama_cpp_asserts(

@@ -15,6 +15,7 @@ from typing import Any
 
 from daemon.config import Settings
 from daemon.memory import MemoryProbe, decode_tokens_for
+from daemon.memory.probe import DeviceProbe
 from daemon.metrics import Metrics
 from daemon.options import available_cpu_count
 from daemon.runner.client import RunnerProcess
@@ -48,6 +49,7 @@ class Scheduler:
         wall_clock: Callable[[], float] = time.time,
         cpus: int | None = None,
         metrics: Metrics | None = None,
+        device_probe: DeviceProbe | None = None,
     ) -> None:
         cpus = cpus or available_cpu_count()
         metrics = metrics or Metrics()
@@ -55,7 +57,7 @@ class Scheduler:
         self._runners = Runners()
         self._admission = Admission(settings.max_queue)
         self._lifecycle = Lifecycle(settings, self._runners, runner_factory, metrics, clock, cpus)
-        room = Room(settings, self._runners, self._lifecycle, memory_probe, metrics)
+        room = Room(settings, self._runners, self._lifecycle, memory_probe, metrics, device_probe)
         self._leases = Leases(settings, store, self._runners, self._lifecycle, room, cpus, clock, wall_clock)
         self._shutdown = Shutdown(self._admission, self._runners, self._lifecycle, clock)
 

@@ -176,7 +176,7 @@ class ModelStore:
             size_bytes=manifest["size"],
             modified_at=manifest["modified_at"],
             blob_path=self.blobs_dir / digest.replace(":", "-"),
-            facts=GGUFFacts(**{**facts, "metadata": {}}),
+            facts=GGUFFacts(**{**facts, "metadata": {}, "layer_bytes": tuple(facts.get("layer_bytes", ()))}),
             prompts=ModelPrompts.from_manifest(manifest),
             adapters=tuple(
                 StoredAdapter(

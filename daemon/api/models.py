@@ -513,13 +513,17 @@ class LoadedModelEntry(Answer, kw_only=True):
     name: str
     model: str
     modified_at: Timestamp
-    size: Annotated[int, Meta(ge=0, description="bytes the scheduler counts for it")]
+    size: Annotated[int, Meta(ge=0, description="bytes the scheduler counts for it, its GPU part included")]
     digest: Annotated[str, Meta(description="sha256 of the GGUF file, hex")]
     details: ModelDetails
     capabilities: list[str]
     expires_at: Annotated[Timestamp, Meta(description="when it unloads if idle (far in the future: never)")]
-    size_vram: Count
+    size_vram: Annotated[int, Meta(ge=0, description="bytes it holds on its GPU (0: none)")]
     context_length: Annotated[int, Meta(ge=0, description="tokens an input may have")]
+    gpu_layers: Annotated[
+        int, Meta(ge=0, description="emberd: layers offloaded to the GPU, the output layer counted (0: none)")
+    ] = 0
+    gpu_device: Annotated[str, Meta(description='emberd: the GPU that holds them ("Vulkan0", "CUDA0"; "": none)')] = ""
 
 
 class ModelList(Answer, kw_only=True):

@@ -169,9 +169,9 @@ def _tag_entry(model: StoredModel) -> dict[str, Any]:
 
 
 def _ps_entry(loaded: LoadedModel) -> dict[str, Any]:
-    runner_facts = loaded.runner.facts
-    gpu = runner_facts is not None and runner_facts.gpu_offload and loaded.params.n_gpu_layers != 0
-    size = loaded.counted_bytes  # what the scheduler counts for it: held now, and growth allowed
+    # What the scheduler counts for it (held now, and growth allowed), with its device part: the
+    # device part alone is size_vram.
+    size = loaded.size_bytes
     expires = (
         _FOREVER
         if loaded.expires_at_wall_s is None and loaded.keep_alive_s < 0
@@ -181,8 +181,10 @@ def _ps_entry(loaded: LoadedModel) -> dict[str, Any]:
         **_tag_entry(loaded.model),
         "size": size,
         "expires_at": expires,
-        "size_vram": size if gpu else 0,
+        "size_vram": loaded.device_bytes if loaded.device is not None else 0,
         "context_length": loaded.params.limit_tokens,
+        "gpu_layers": loaded.offloaded_layers if loaded.device is not None else 0,
+        "gpu_device": loaded.device.name if loaded.device is not None else "",
     }
 
 

@@ -11,13 +11,23 @@ which would leave out the weights of a runner idle for a while).
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+import orjson
 import psutil
 
 from daemon.memory.budget import MemorySnapshot
 from daemon.memory.estimate import ProcessMemory
+from daemon.memory.offload import Device, gpus_of
+
+log = logging.getLogger(__name__)
 
 # cgroup v1 writes "no limit" as the largest page-aligned counter (9223372036854771712).
 _NO_LIMIT_BYTES = 1 << 62
@@ -154,3 +164,72 @@ def measure_process(pid: int) -> ProcessMemory | None:
         return ProcessMemory(uss, uss)  # no anonymous/file split here: the private pages
     except psutil.Error:
         return None
+
+
+# The child that reports llama.cpp's devices (daemon/runner/devices.py).
+DEVICES_COMMAND = (sys.executable, "-m", "daemon.runner.devices")
+DEVICES_TIMEOUT_S = 60.0  # a GPU driver's first initialisation may compile shaders
+# Environment variables that choose which devices a backend shows (GGML_VK_VISIBLE_DEVICES, ...).
+_DEVICE_VARIABLE_PREFIXES = ("GGML_", "CUDA_", "HIP_", "ROCR_", "GPU_", "MESA_", "VK_")
+
+
+class DeviceProbe:
+    """The GPUs llama.cpp sees and their free memory, read by a child (GPU drivers are initialised
+    in processes that may die of it, never in the daemon) before each load that may offload, since
+    other programs move a GPU's free memory. A build with no GPU is known after the first read, and
+    costs nothing after that."""
+
+    # Builds and environments found without a GPU, for the whole process (a test suite starts many
+    # daemons): the probe's command and the environment variables that choose devices.
+    _without_gpu: ClassVar[set[tuple[tuple[str, ...], frozenset[tuple[str, str]]]]] = set()
+
+    def __init__(self, environment: Mapping[str, str] | None = None, command: Sequence[str] = DEVICES_COMMAND) -> None:
+        self._environment = environment
+        self._command = tuple(command)
+
+    def _key(self) -> tuple[tuple[str, ...], frozenset[tuple[str, str]]]:
+        environment = self._environment if self._environment is not None else os.environ
+        chosen = {(k, v) for k, v in environment.items() if k.startswith(_DEVICE_VARIABLE_PREFIXES)}
+        return self._command, frozenset(chosen)
+
+    async def gpus(self) -> list[Device]:
+        key = self._key()
+        if key in DeviceProbe._without_gpu:
+            return []
+        reported = await self._read()
+        if reported is None:
+            return []  # the probe failed (logged): load on the CPU this time
+        gpus = gpus_of(reported)
+        if not gpus:
+            DeviceProbe._without_gpu.add(key)
+        return gpus
+
+    async def _read(self) -> list[dict[str, object]] | None:
+        environment = dict(self._environment if self._environment is not None else os.environ)
+        environment["GGML_NO_BACKTRACE"] = "1"
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self._command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=environment,
+            )
+        except OSError as error:
+            log.warning("cannot start the device probe: %s", error)
+            return None
+        try:
+            async with asyncio.timeout(DEVICES_TIMEOUT_S):
+                stdout, stderr = await process.communicate()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            log.warning("the device probe took longer than %gs", DEVICES_TIMEOUT_S)
+            return None
+        try:
+            devices = orjson.loads(stdout)["devices"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            tail = stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
+            log.warning("the device probe failed (exit %s): %s", process.returncode, " | ".join(tail))
+            return None
+        return [item for item in devices if isinstance(item, dict)] if isinstance(devices, list) else None

@@ -20,9 +20,11 @@ from llama_cpp import _internals as internals
 
 from daemon import libc
 from daemon.errors import InvalidInput
+from daemon.memory.offload import gpus_of, offloadable_layers
 from daemon.options import MAX_SEQUENCES_PER_DECODE, QUICK_LANE_SEQUENCES, LlamaParams
 from daemon.runner.batching import fit_tokens, special_token_split, split_windows, wrap_token_ids
-from daemon.runner.protocol import RunnerFacts, parse_llama_buffer_log
+from daemon.runner.devices import read_devices
+from daemon.runner.protocol import RunnerFacts, parse_device_buffer_log, parse_llama_buffer_log
 
 _PROBE_TEXT = "probe"
 # The placeholders of a GGUF's rerank template, as llama.cpp's server fills them in.
@@ -352,6 +354,12 @@ def load_adapters(model: internals.LlamaModel, adapters: Sequence[tuple[str, str
     return loaded
 
 
+def _offloaded_layers(n_gpu_layers: int, n_layer: int) -> int:
+    """The layers llama.cpp offloads for n_gpu_layers (-1: all), the output layer counted."""
+    most = offloadable_layers(n_layer)
+    return most if n_gpu_layers < 0 else min(n_gpu_layers, most)
+
+
 def _context_params(n_tokens: int, n_ubatch: int, threads: int, max_sequences: int) -> llama_cpp.llama_context_params:
     params: llama_cpp.llama_context_params = llama_cpp.llama_context_default_params()
     params.n_ctx = params.n_batch = n_tokens
@@ -374,6 +382,12 @@ class EmbeddingEngine:
         model_params.n_gpu_layers = params.n_gpu_layers
         model_params.main_gpu = params.main_gpu
         model_params.use_mmap = params.use_mmap
+        # One GPU holds every offloaded layer (main_gpu): the scheduler counts each device's memory,
+        # and llama.cpp's default would spread the layers over every GPU by their free memory.
+        model_params.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
+        gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
+        gpus = gpus_of(read_devices()) if gpu_offload and params.n_gpu_layers != 0 else []
+        device_name = gpus[params.main_gpu].name if 0 <= params.main_gpu < len(gpus) else ""
         self._model = internals.LlamaModel(path_model=model_path, params=model_params, verbose=False)
         self.vocabulary = Vocabulary(self._model, params.append_eos)
         # Task adapters (daemon.adapters), before the contexts: their buffers are in the main log.
@@ -381,7 +395,7 @@ class EmbeddingEngine:
 
         max_sequences = min(params.n_batch, MAX_SEQUENCES_PER_DECODE, llama_cpp.llama_max_parallel_sequences())
         # On a GPU a second context would take its memory for little: a GPU decode is quick anyway.
-        on_gpu = bool(llama_cpp.llama_supports_gpu_offload()) and params.n_gpu_layers != 0
+        on_gpu = bool(device_name)  # layers offloaded to a device this build sees
         logits_unused = writes_no_logits(self._model, on_gpu)
         main_params = _context_params(params.n_batch, params.n_ubatch, params.n_threads, max_sequences)
         self._main = _Lane(self._model, main_params, logits_unused)
@@ -392,6 +406,7 @@ class EmbeddingEngine:
         n_embd = llama_cpp.llama_model_n_cls_out(self._model.model) if ranks else self._model.n_embd()
         self._main.n_embd = n_embd
         main_buffers = parse_llama_buffer_log(_BUFFER_LOG)
+        device_buffers = parse_device_buffer_log(_BUFFER_LOG, device_name) if device_name else {}
         _BUFFER_LOG.clear()
         quick_tokens = 0 if on_gpu else params.quick_lane_tokens  # llama_params: only beside a context that holds it
         self._quick: _Lane | None = None
@@ -411,13 +426,16 @@ class EmbeddingEngine:
             n_ubatch=params.n_ubatch,
             max_sequences=max_sequences,
             pooling_type=pooling_type,
-            gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
+            gpu_offload=gpu_offload,
             pid=os.getpid(),
             llama_buffer_bytes=main_buffers | {f"quick_{kind}": size for kind, size in quick_buffers.items()},
             quick_lane_tokens=quick_tokens,
             logits_given_back=logits_unused,
             llama_version=llama_version(),
             adapter_tasks=list(self._adapters),
+            device_name=device_name,
+            device_buffer_bytes=device_buffers,
+            offloaded_layers=_offloaded_layers(params.n_gpu_layers, self._n_layer()) if device_name else 0,
         )
         probe_with_specials = self.vocabulary.tokenize(_PROBE_TEXT, add_special=True)
         self._head_specials, self._tail_specials = special_token_split(
@@ -426,6 +444,9 @@ class EmbeddingEngine:
         # The special tokens themselves, to wrap inputs that arrive as token ids.
         self._head_tokens = probe_with_specials[: self._head_specials]
         self._tail_tokens = probe_with_specials[len(probe_with_specials) - self._tail_specials :]
+
+    def _n_layer(self) -> int:
+        return int(llama_cpp.llama_model_n_layer(self._model.model))
 
     def tokenize(
         self, item: str | list[int], truncate: bool, limit_tokens: int | None = None, split: bool = False

@@ -72,6 +72,11 @@ class RunnerFacts:
     quick_lane_tokens: int = 0  # the quick lane's context; 0: none (see batching.quick_lane_opens)
     logits_given_back: bool = False  # see engine.writes_no_logits
     adapter_tasks: list[str] = field(default_factory=list)  # the task adapters loaded (daemon.adapters)
+    # The GPU the offloaded layers went to ("" for none), and what llama.cpp says it allocated there,
+    # bytes by kind (model, kv, compute): the device part the scheduler counts.
+    device_name: str = ""
+    device_buffer_bytes: dict[str, int] = field(default_factory=dict)
+    offloaded_layers: int = 0
 
 
 MAX_HEADER_BYTES = 256 * 1024 * 1024
@@ -99,6 +104,8 @@ def read_frame_blocking(stream: BinaryIO) -> tuple[dict[str, Any], bytes] | None
 
 _MIB = 1024 * 1024
 _BUFFER_LINE = re.compile(r"(\w+)\s+buffer size\s*=\s*([0-9.]+)\s*MiB")
+# The same lines with the buffer's owner before the kind: "Vulkan0 compute buffer size = 12.0 MiB".
+_DEVICE_BUFFER_LINE = re.compile(r"(\S+)\s+(\w+)\s+buffer size\s*=\s*([0-9.]+)\s*MiB")
 
 
 def parse_llama_buffer_log(lines: Iterable[str]) -> dict[str, int]:
@@ -110,4 +117,16 @@ def parse_llama_buffer_log(lines: Iterable[str]) -> dict[str, int]:
         for kind, mib in _BUFFER_LINE.findall(line):
             key = kind.lower()
             sizes[key] = sizes.get(key, 0) + round(float(mib) * _MIB)
+    return sizes
+
+
+def parse_device_buffer_log(lines: Iterable[str], device_name: str) -> dict[str, int]:
+    """What llama.cpp says it allocated on one device (its buffers named `device_name`, such as
+    "Vulkan0" or "CUDA0"; not the pinned host buffers, "Vulkan_Host"), bytes by kind."""
+    sizes: dict[str, int] = {}
+    for line in lines:
+        for owner, kind, mib in _DEVICE_BUFFER_LINE.findall(line):
+            if owner == device_name:
+                key = kind.lower()
+                sizes[key] = sizes.get(key, 0) + round(float(mib) * _MIB)
     return sizes

@@ -15,7 +15,9 @@ from daemon.config import Settings
 from daemon.errors import InvalidModelFile, ModelLoadFailed, ModelNotLoadable, UnsupportedModelFile
 from daemon.gguf_info import GGUFFacts, cached_gguf_facts
 from daemon.memory import ModelShape, decode_tokens_for, peak_bytes
+from daemon.memory.offload import Device, DevicePart, device_part, layers_for
 from daemon.options import (
+    MAX_SEQUENCES_PER_DECODE,
     LoadOptions,
     context_limit,
     llama_params,
@@ -49,6 +51,30 @@ def _header_facts(model: StoredModel) -> GGUFFacts:
         if not model.blob_path.is_file():
             return model.facts
         raise ModelLoadFailed(f"failed to load {model.name}: {damage.message}") from None
+
+
+def _host_shape(shape: ModelShape, device: Device | None, part: DevicePart) -> ModelShape:
+    """The model as the host counts it with `part` on `device`: a GPU with memory of its own takes
+    the offloaded weights off the host (their pages are read once to upload them, then unmapped);
+    one whose memory is the host's adds its KV and compute buffers to it (the weights are in host
+    memory either way, counted once)."""
+    if device is None or not part.layers:
+        return shape
+    if device.host_memory:
+        return replace(shape, file_bytes=shape.file_bytes + part.kv_bytes + part.compute_bytes)
+    return replace(shape, file_bytes=max(0, shape.file_bytes - part.weights_bytes))
+
+
+def _place(entry: LoadedModel, device: Device, part: DevicePart, offloaded_weights_bytes: int) -> None:
+    """Record where a new runner's layers went: what llama.cpp says it put on the device, when its
+    log said so, else the estimate."""
+    facts = entry.runner.facts
+    logged = sum(facts.device_buffer_bytes.values()) if facts is not None else 0
+    entry.device = device
+    entry.offloaded_layers = facts.offloaded_layers if facts is not None and facts.offloaded_layers else part.layers
+    entry.device_bytes = logged or part.total_bytes
+    if not device.host_memory:
+        entry.host_weights_bytes = max(0, entry.model.size_bytes - offloaded_weights_bytes)
 
 
 @dataclass(frozen=True)
@@ -178,9 +204,39 @@ class Leases:
         # Set aside what the first request's largest decode needs, not the model's longest input: a
         # 32k-context model serving short queries must not reserve its worst case up front.
         allowance = decode_tokens_for(params, load, limit_tokens, longest_input_tokens)
-        estimated = peak_bytes(shape, params.n_batch, allowance, params.n_ubatch, params.quick_lane_tokens)
-        await self._room.make(model.name, estimated, deadline_s)
-        return await self._lifecycle.start(model, load, params, shape, allowance, estimated, keep_alive_s, deadline_s)
+
+        def part_of(layers: int) -> DevicePart:
+            n_seq_max = min(params.n_batch, MAX_SEQUENCES_PER_DECODE)
+            return device_part(
+                shape, header.layer_bytes, header.output_layer_bytes, layers, params.n_batch, params.n_ubatch, n_seq_max
+            )
+
+        device, layers = await self._room.place(
+            model.name,
+            load.main_gpu,
+            layers_for(load.num_gpu, facts.block_count),
+            load.num_gpu >= 0,
+            lambda layers: part_of(layers).total_bytes,
+            deadline_s,
+        )
+        part = part_of(layers)
+        if device is not None:
+            self._runners.loading_device[model.name] = (device.index, part.total_bytes)  # promised in this step
+        try:
+            params = replace(params, n_gpu_layers=layers if device is not None else 0)
+            if device is not None and layers:
+                params = replace(params, quick_lane_tokens=0)  # a device runner has none (engine)
+            host_shape = _host_shape(shape, device, part)
+            estimated = peak_bytes(host_shape, params.n_batch, allowance, params.n_ubatch, params.quick_lane_tokens)
+            await self._room.make(model.name, estimated, deadline_s)
+            entry = await self._lifecycle.start(
+                model, load, params, host_shape, allowance, estimated, keep_alive_s, deadline_s
+            )
+        finally:
+            self._runners.loading_device.pop(model.name, None)
+        if device is not None and layers:
+            _place(entry, device, part, shape.file_bytes - host_shape.file_bytes)
+        return entry
 
     @contextlib.asynccontextmanager
     async def lease_if_loaded(self, model: StoredModel) -> AsyncIterator[RunnerProcess | None]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from daemon.config import Settings
-from daemon.errors import InsufficientMemory, MemoryBusy
+from daemon.errors import InsufficientMemory, InvalidInput, MemoryBusy
 from daemon.memory import (
     MIB,
     EvictionCandidate,
@@ -18,6 +19,8 @@ from daemon.memory import (
     fits,
     pick_victim,
 )
+from daemon.memory.offload import Device, device_room_bytes, most_layers_within
+from daemon.memory.probe import DeviceProbe
 from daemon.metrics import Metrics
 from daemon.scheduling.lifecycle import Lifecycle
 from daemon.scheduling.renewal import pick_renewal, renew
@@ -31,13 +34,20 @@ GIB = 1024 * MIB
 
 class Room:
     def __init__(
-        self, settings: Settings, runners: Runners, lifecycle: Lifecycle, memory_probe: MemoryProbe, metrics: Metrics
+        self,
+        settings: Settings,
+        runners: Runners,
+        lifecycle: Lifecycle,
+        memory_probe: MemoryProbe,
+        metrics: Metrics,
+        device_probe: DeviceProbe | None = None,
     ) -> None:
         self._settings = settings
         self._runners = runners
         self._lifecycle = lifecycle
         self._memory_probe = memory_probe
         self._metrics = metrics
+        self._device_probe = device_probe or DeviceProbe()
         # One caller at a time evicts or renews to make room; it is never held while waiting on a
         # request (see make).
         self._lock = asyncio.Lock()
@@ -108,6 +118,96 @@ class Room:
             log.info("unloading %s to make room for %s", victim.name, name)
             stopped = self._lifecycle.retire(loaded[victim.name], "evicted")
             await until(deadline_s, asyncio.shield(stopped), f"{victim.name} to stop", load_timeout_s)
+
+    def device_room(self, device: Device) -> int:
+        """What a new runner may put on `device` now, beside what the runners hold and were promised
+        there (see offload.device_room_bytes)."""
+        alive = self._runners.alive()
+        counted = sum(e.device_bytes for e in alive if e.device is not None and e.device.index == device.index)
+        promised = sum(size for index, size in self._runners.loading_device.values() if index == device.index)
+        return device_room_bytes(device, self._settings.max_gpu_memory_bytes, counted, promised)
+
+    async def place(
+        self,
+        name: str,
+        main_gpu: int,
+        wanted_layers: int,
+        exact: bool,
+        part_bytes: Callable[[int], int],
+        deadline_s: float,
+    ) -> tuple[Device | None, int]:
+        """The GPU and the layers a new runner offloads (None, 0: the CPU only). `wanted_layers` fits
+        as it fits; else idle runners on the device are unloaded when that makes room for all of
+        it. Past that, automatic offload (`exact` False) takes as many layers as fit now, the rest
+        on the CPU; an exact request waits for busy runners up to the deadline (MemoryBusy), and is
+        refused at once (507) when even an empty device could not hold it. The caller promises the
+        part in the same step (Runners.loading_device)."""
+        while True:
+            gpus = await self._device_probe.gpus() if wanted_layers > 0 else []
+            if not gpus:
+                return None, 0
+            if not 0 <= main_gpu < len(gpus):
+                raise InvalidInput(f"main_gpu {main_gpu}: this machine's llama.cpp sees {len(gpus)} GPU(s)")
+            device = gpus[main_gpu]
+            wanted_bytes = part_bytes(wanted_layers)
+            async with holding(self._lock, deadline_s, f"room for {name}", self._settings.load_timeout_s):
+                room = self.device_room(device)
+                if wanted_bytes <= room:
+                    return device, wanted_layers
+                holders = [e for e in self._runners.alive() if e.device is not None and e.device.index == device.index]
+                idle = [
+                    EvictionCandidate(e.name, e.refcount > 0, e.last_used_s, e.device_bytes)
+                    for e in holders
+                    if e in self._runners.loaded.values() and e.refcount == 0
+                ]
+                ever = wanted_bytes <= room + sum(e.device_bytes for e in holders) and wanted_bytes <= self._capacity(
+                    device
+                )
+                victim = pick_victim(idle) if ever else None
+                if victim is not None:
+                    log.info("unloading %s to make room on %s for %s", victim.name, device.name, name)
+                    stopped = self._lifecycle.retire(self._runners.loaded[victim.name], "evicted")
+                    timeout_s = self._settings.load_timeout_s
+                    await until(deadline_s, asyncio.shield(stopped), f"{victim.name} to stop", timeout_s)
+                    continue  # read the device again: its free memory moved
+                if not exact:
+                    return device, most_layers_within(room, wanted_layers, part_bytes)
+                if not ever:
+                    raise InsufficientMemory(self._device_report(name, device, wanted_layers, wanted_bytes, room))
+                changed = self._runners.memory_changed
+            try:
+                async with asyncio.timeout_at(deadline_s):
+                    await changed.wait()
+            except TimeoutError:
+                raise MemoryBusy(
+                    self._device_report(name, device, wanted_layers, wanted_bytes, room)
+                    + f"; waited {self._settings.load_timeout_s:g}s (load_timeout) for busy models"
+                ) from None
+
+    def _capacity(self, device: Device) -> int:
+        """The most runners may ever hold on `device`: max_gpu_memory, else what it reports."""
+        cap = self._settings.max_gpu_memory_bytes
+        reported = max(device.total_bytes, device.free_bytes)
+        return min(cap, reported) if cap and reported else cap or reported
+
+    def _device_report(self, name: str, device: Device, layers: int, wanted_bytes: int, room: int) -> str:
+        """The numbers behind a refusal on a device: needed, available, the cap, who holds it."""
+        parts = [
+            f"{name} needs about {wanted_bytes / MIB:.0f} MiB on {device.name} for {layers} layers "
+            f"but only {room / MIB:.0f} MiB is available there"
+        ]
+        free_mib, total_mib = device.free_bytes / MIB, device.total_bytes / MIB
+        parts.append(f"{device.name} reports {free_mib:.0f} MiB free of {total_mib:.0f} MiB")
+        if self._settings.max_gpu_memory_bytes:
+            parts.append(f"max_gpu_memory is {self._settings.max_gpu_memory_bytes / MIB:.0f} MiB")
+        holders = [
+            f"{e.name} {e.device_bytes / MIB:.0f} MiB ({'busy' if e.refcount else 'idle'})"
+            for e in self._runners.alive()
+            if e.device is not None and e.device.index == device.index
+        ]
+        parts.append("on the device: " + (", ".join(holders) if holders else "nothing"))
+        parts.append("num_gpu -1 (automatic) offloads the layers that fit")
+        return "; ".join(parts)
 
     def _max_memory_left(self, growing: LoadedModel | None) -> int:
         """max_memory as far as making room can go: a growing runner keeps what it holds."""

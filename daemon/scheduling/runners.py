@@ -8,6 +8,7 @@ import enum
 from dataclasses import dataclass, field
 
 from daemon.memory import ModelShape, counted_bytes, measure_process, runner_footprint_bytes
+from daemon.memory.offload import Device
 from daemon.options import LlamaParams, LoadOptions
 from daemon.runner.client import RunnerProcess
 from daemon.store import StoredModel
@@ -50,6 +51,27 @@ class LoadedModel:
     threads: int = 0  # llama.cpp threads the runner uses now
     timer: asyncio.TimerHandle | None = None
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    # The GPU its offloaded layers are on (None: all on the CPU), how many (the output layer counted,
+    # as llama.cpp's n_gpu_layers), and what it holds there: llama.cpp's own buffer log when the
+    # runner reported one, else the estimate. Device buffers are allocated whole when the context is
+    # made, so this does not grow. On a device whose memory is the host's it is in the runner's
+    # measured memory too, and counted there once (see size_bytes).
+    device: Device | None = None
+    offloaded_layers: int = 0
+    device_bytes: int = 0
+    host_weights_bytes: int = -1  # the weights it maps from the file (-1: all of them)
+
+    @property
+    def size_bytes(self) -> int:
+        """What the model takes in all, as /api/ps's size: what is counted on the host, plus the
+        device part on a GPU with memory of its own."""
+        separate = self.device is not None and not self.device.host_memory
+        return self.counted_bytes + (self.device_bytes if separate else 0)
+
+    @property
+    def fully_offloaded(self) -> bool:
+        """Every layer on the GPU: its decodes hardly use the CPU's threads."""
+        return self.device is not None and self.offloaded_layers > self.model.facts.block_count
 
     @property
     def name(self) -> str:
@@ -89,7 +111,8 @@ class LoadedModel:
         largest = self.runner.largest_decode_tokens
         memory = measure_process(self.runner.pid)
         if memory is not None:
-            held_bytes = runner_footprint_bytes(memory, self.model.size_bytes, self.params.use_mmap)
+            weights = self.model.size_bytes if self.host_weights_bytes < 0 else self.host_weights_bytes
+            held_bytes = runner_footprint_bytes(memory, weights, self.params.use_mmap)
             self.measured = Measurement(held_bytes, largest)
 
 
@@ -101,6 +124,8 @@ class Runners:
         self.loaded: dict[str, LoadedModel] = {}  # serving, by canonical name
         self.leaving: set[LoadedModel] = set()  # draining or stopping: their process has not exited yet
         self.loading: dict[str, int] = {}  # model -> estimated bytes, while its runner starts
+        # model -> (GPU index, estimated bytes there), from its placement until its runner is loaded.
+        self.loading_device: dict[str, tuple[int, int]] = {}
         # Set (and replaced) each time memory may have been freed: a runner went idle or exited, a
         # load ended. Whoever waits for room looks again then.
         self.memory_changed = asyncio.Event()
