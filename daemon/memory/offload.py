@@ -122,10 +122,15 @@ def device_room_bytes(device: Device, cap_bytes: int, counted_bytes: int, promis
     already leaves out what the runners allocated, on a device that reports them); the cap (0: none,
     else max_gpu_memory) or the device's total, less what the runners hold, bounds it too (a
     device whose reported free memory does not move as buffers are allocated, such as lavapipe's)."""
-    limit = cap_bytes or device.total_bytes
-    if cap_bytes and device.total_bytes:
-        limit = min(cap_bytes, device.total_bytes)
+    limit = device_capacity_bytes(device, cap_bytes)
     return max(0, min(device.free_bytes, limit - counted_bytes) - promised_bytes)
+
+
+def device_capacity_bytes(device: Device, cap_bytes: int) -> int:
+    """The most runners may ever hold on `device`: its total (its free memory where a backend
+    reports no total), or the cap (max_gpu_memory) when that is less."""
+    reported_total = device.total_bytes or device.free_bytes
+    return min(cap_bytes, reported_total) if cap_bytes else reported_total
 
 
 def most_layers_within(room_bytes: int, wanted_layers: int, part_bytes: Callable[[int], int]) -> int:

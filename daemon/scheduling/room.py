@@ -19,7 +19,7 @@ from daemon.memory import (
     fits,
     pick_victim,
 )
-from daemon.memory.offload import Device, device_room_bytes, most_layers_within
+from daemon.memory.offload import Device, device_capacity_bytes, device_room_bytes, most_layers_within
 from daemon.memory.probe import DeviceProbe
 from daemon.metrics import Metrics
 from daemon.scheduling.lifecycle import Lifecycle
@@ -160,9 +160,10 @@ class Room:
                     for e in holders
                     if e in self._runners.loaded.values() and e.refcount == 0
                 ]
-                ever = wanted_bytes <= room + sum(e.device_bytes for e in holders) and wanted_bytes <= self._capacity(
-                    device
-                )
+                # Whether unloading every runner on the device could make room (busy ones go idle in time).
+                freeable_bytes = room + sum(e.device_bytes for e in holders)
+                capacity_bytes = device_capacity_bytes(device, self._settings.max_gpu_memory_bytes)
+                ever = wanted_bytes <= min(freeable_bytes, capacity_bytes)
                 victim = pick_victim(idle) if ever else None
                 if victim is not None:
                     log.info("unloading %s to make room on %s for %s", victim.name, device.name, name)
@@ -183,12 +184,6 @@ class Room:
                     self._device_report(name, device, wanted_layers, wanted_bytes, room)
                     + f"; waited {self._settings.load_timeout_s:g}s (load_timeout) for busy models"
                 ) from None
-
-    def _capacity(self, device: Device) -> int:
-        """The most runners may ever hold on `device`: max_gpu_memory, else what it reports."""
-        cap = self._settings.max_gpu_memory_bytes
-        reported = max(device.total_bytes, device.free_bytes)
-        return min(cap, reported) if cap and reported else cap or reported
 
     def _device_report(self, name: str, device: Device, layers: int, wanted_bytes: int, room: int) -> str:
         """The numbers behind a refusal on a device: needed, available, the cap, who holds it."""
