@@ -371,7 +371,7 @@ _FIRST_LAYER_TENSORS = ("token_embd_norm.", "rope_freqs.", "rope_factors_long.",
 # makes a copy of it for the output layer's device (TENSOR_DUPLICATED in src/models/<arch>.cpp). On
 # the CPU the copy shares the mapping; on a GPU it is device memory.
 _TIED_OUTPUT_ARCHITECTURES = frozenset({"qwen3", "gemma-embedding", "t5encoder"})
-_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.")
+_LAYER_TENSOR = re.compile(r"(?:enc\.)?blk\.(\d+)\.")  # T5 names its encoder's "enc.blk.N"
 
 
 def layer_placement_bytes(

@@ -69,9 +69,11 @@ def test_the_device_part_is_the_output_layer_first_then_the_last_layers() -> Non
     assert [part.layers for part in parts] == [0, 1, 2, 3, 4, 5]
     # No layer offloaded: nothing on the device, not even a compute buffer.
     assert parts[0].total_bytes == 0
-    # The compute buffer is the graph's whatever the layers: the device runs its widest stage.
-    assert len({part.compute_bytes for part in parts[1:]}) == 1
-    assert parts[1].compute_bytes > 0
+    # The compute buffer: the graph's widest stage for every count, and a partial offload adds
+    # attention's scores (one head, as the shape gives none, x 512 x 512 tokens in f32).
+    full = parts[4].compute_bytes
+    assert full > 0 and parts[5].compute_bytes == full
+    assert {part.compute_bytes for part in parts[1:4]} == {full + 4 * 512 * 512}
     assert all(part.kv_bytes == 0 for part in parts)  # an encoder has no KV cache
 
 
@@ -109,6 +111,15 @@ def test_a_devices_room(free: int, total: int, cap: int, counted: int, promised:
 def test_the_most_layers_that_fit(room: int, wanted: int, layers: int) -> None:
     # 100 for the first layer (the output layer and the compute buffer), then 30 for each.
     assert most_layers_within(room, wanted, lambda n: 100 + 30 * (n - 1)) == layers
+
+
+@pytest.mark.parametrize(("room", "layers"), [(99, 0), (160, 7), (170, 7), (155, 2)])
+def test_every_layer_can_fit_where_fewer_do_not(room: int, layers: int) -> None:
+    # A partial offload's scores (+40 here) make 6 layers dearer than all 7 (see device_part).
+    def part_bytes(n: int) -> int:
+        return 100 + 10 * (n - 1) + (0 if n == 7 else 40)
+
+    assert most_layers_within(room, 7, part_bytes) == layers
 
 
 def test_a_headers_tensors_are_placed_as_llama_cpp_places_them() -> None:

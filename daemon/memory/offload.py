@@ -67,6 +67,21 @@ def gpus_of(reported: Sequence[dict[str, object]]) -> list[Device]:
     return gpus
 
 
+# Families that llama.cpp (the pinned build) crashes on when only part of the model is offloaded:
+# nomic-bert-moe's expert layers split between the CPU and a Vulkan device died of SIGSEGV at the
+# first decode (2026-12-03); all of it on the device, or none, works.
+WHOLE_OFFLOAD_ONLY = frozenset({"nomic-bert-moe"})
+# Families whose attention llama.cpp never runs as flash attention (T5's position bias): their
+# compute buffer already holds the scores (see estimate._relative_attention_floats).
+_SCORES_COUNTED = frozenset({"t5encoder"})
+
+
+def may_offload(architecture: str, layers: int, block_count: int) -> bool:
+    """Whether `layers` offloaded is a placement llama.cpp can run for the family."""
+    whole = layers <= 0 or layers >= offloadable_layers(block_count)
+    return whole or architecture not in WHOLE_OFFLOAD_ONLY
+
+
 def offloadable_layers(block_count: int) -> int:
     """llama.cpp's layer count for n_gpu_layers: the repeating layers and the output layer."""
     return block_count + 1
@@ -104,8 +119,14 @@ def device_part(
 ) -> DevicePart:
     """The device's share of a runner with `layers` offloaded: the output layer's weights and the
     last `layers - 1` repeating layers', their KV cache (a causal model), and a compute buffer for a
-    ubatch of `ubatch_tokens` (the graph's, as on the CPU: the device runs its widest stage). The
-    output buffer (embeddings read back) stays in host memory."""
+    ubatch of `ubatch_tokens`. The output buffer (embeddings read back) stays in host memory.
+
+    The compute buffer is the graph's widest stage, as on the CPU (compute_buffer_bytes). A partial
+    offload adds attention's scores, n_head x ubatch x attended tokens in f32: measured on Vulkan
+    with all-MiniLM (n_ubatch 512), every layer offloaded took a 5.1 MiB compute buffer on the
+    device, and any fewer layers 17.0 MiB, even the output layer alone (llama.cpp then runs
+    attention without flash attention, and sends the CPU layers' large products to the device
+    too). So a partial offload can need more of the device than a full one."""
     if layers <= 0:
         return DevicePart(0, 0, 0, 0)
     repeating = min(layers - 1, len(layer_bytes))
@@ -113,6 +134,8 @@ def device_part(
     kv = kv_cache_bytes(shape, n_batch) * repeating // max(shape.n_layer, 1) if shape.n_layer else 0
     n_kv = n_batch if shape.splits else 0
     compute = compute_buffer_bytes(shape, ubatch_tokens, n_seq_max, n_kv)
+    if repeating < len(layer_bytes) and shape.architecture not in _SCORES_COUNTED:
+        compute += 4 * max(shape.n_head, 1) * ubatch_tokens * (n_kv or ubatch_tokens)
     return DevicePart(layers, weights, kv, compute)
 
 
@@ -135,10 +158,6 @@ def device_capacity_bytes(device: Device, cap_bytes: int) -> int:
 
 def most_layers_within(room_bytes: int, wanted_layers: int, part_bytes: Callable[[int], int]) -> int:
     """The most layers up to `wanted_layers` whose device part fits `room_bytes` (0: none fits).
-    A part grows with each layer, so the search stops at the first that does not fit."""
-    layers = 0
-    for candidate in range(1, wanted_layers + 1):
-        if part_bytes(candidate) > room_bytes:
-            break
-        layers = candidate
-    return layers
+    Every count is tried: a partial offload's compute buffer can outweigh a full one's (see
+    device_part)."""
+    return max((n for n in range(1, wanted_layers + 1) if part_bytes(n) <= room_bytes), default=0)

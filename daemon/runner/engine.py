@@ -360,8 +360,14 @@ def _offloaded_layers(n_gpu_layers: int, n_layer: int) -> int:
     return most if n_gpu_layers < 0 else min(n_gpu_layers, most)
 
 
-def _context_params(n_tokens: int, n_ubatch: int, threads: int, max_sequences: int) -> llama_cpp.llama_context_params:
+def _context_params(
+    n_tokens: int, n_ubatch: int, threads: int, max_sequences: int, on_gpu: bool = False
+) -> llama_cpp.llama_context_params:
     params: llama_cpp.llama_context_params = llama_cpp.llama_context_default_params()
+    # A runner with no layer offloaded stays on the CPU: a GPU build would otherwise send large
+    # batches' matrix products to the device (op_offload) and reserve a compute buffer there, which
+    # the scheduler does not count for it (measured on Vulkan: 17 MiB, and vectors off by 0.006).
+    params.op_offload = on_gpu
     params.n_ctx = params.n_batch = n_tokens
     params.n_ubatch = n_ubatch
     params.n_threads = params.n_threads_batch = threads
@@ -397,7 +403,7 @@ class EmbeddingEngine:
         # On a GPU a second context would take its memory for little: a GPU decode is quick anyway.
         on_gpu = bool(device_name)  # layers offloaded to a device this build sees
         logits_unused = writes_no_logits(self._model, on_gpu)
-        main_params = _context_params(params.n_batch, params.n_ubatch, params.n_threads, max_sequences)
+        main_params = _context_params(params.n_batch, params.n_ubatch, params.n_threads, max_sequences, on_gpu)
         self._main = _Lane(self._model, main_params, logits_unused)
         self._threads = params.n_threads
         pooling_type = llama_cpp.llama_pooling_type(self._main.context.ctx)

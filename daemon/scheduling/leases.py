@@ -6,16 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from daemon.config import Settings
-from daemon.errors import InvalidModelFile, ModelLoadFailed, ModelNotLoadable, UnsupportedModelFile
+from daemon.errors import InvalidInput, InvalidModelFile, ModelLoadFailed, ModelNotLoadable, UnsupportedModelFile
 from daemon.gguf_info import GGUFFacts, cached_gguf_facts
 from daemon.memory import ModelShape, decode_tokens_for, peak_bytes
-from daemon.memory.offload import Device, DevicePart, device_part, layers_for
+from daemon.memory.offload import Device, DevicePart, device_part, layers_for, may_offload, offloadable_layers
 from daemon.options import (
     MAX_SEQUENCES_PER_DECODE,
     LoadOptions,
@@ -211,13 +212,20 @@ class Leases:
                 shape, header.layer_bytes, header.output_layer_bytes, layers, params.n_batch, params.n_ubatch, n_seq_max
             )
 
+        wanted_layers = layers_for(load.num_gpu, facts.block_count)
+        architecture = facts.architecture
+        if load.num_gpu >= 0 and not may_offload(architecture, wanted_layers, facts.block_count):
+            raise InvalidInput(
+                f"num_gpu {load.num_gpu}: llama.cpp cannot run part of a {architecture} model on a GPU; "
+                f"offload all of it (-1 or {offloadable_layers(facts.block_count)}) or none (0)"
+            )
+
+        def part_bytes(layers: int) -> int:
+            # A placement llama.cpp cannot run never fits: automatic offload takes all or nothing.
+            return part_of(layers).total_bytes if may_offload(architecture, layers, facts.block_count) else sys.maxsize
+
         device, layers = await self._room.place(
-            model.name,
-            load.main_gpu,
-            layers_for(load.num_gpu, facts.block_count),
-            load.num_gpu >= 0,
-            lambda layers: part_of(layers).total_bytes,
-            deadline_s,
+            model.name, load.main_gpu, wanted_layers, load.num_gpu >= 0, part_bytes, deadline_s
         )
         part = part_of(layers)
         if device is not None:
