@@ -59,7 +59,8 @@ test-fleet: $(TEST_STAMP)
 	$(BIN)/python -m pytest tests/fleet -m fleet -rA
 
 # llama.cpp's GPU code path in a virtualenv of its own, apart from .venv: llama-cpp-python built with
-# GPU_BACKEND (vulkan or cuda) by tools/build_gpu_wheel.sh, once, into ~/.cache/emberd/wheels/.
+# GPU_BACKEND (vulkan, cuda or metal) by tools/build_gpu_wheel.sh, once, into ~/.cache/emberd/wheels/.
+# Another backend: rm -rf .venv-gpu first.
 # Vulkan runs on Mesa's lavapipe (a Vulkan driver on the CPU) where there is no GPU; ggml-vulkan
 # hides CPU-type devices unless GGML_VK_VISIBLE_DEVICES names them.
 GPU_BACKEND ?= vulkan

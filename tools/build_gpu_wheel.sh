@@ -3,11 +3,12 @@
 # by its flags, and prints the wheel's path (the only thing on stdout; progress goes to stderr).
 #   tools/build_gpu_wheel.sh vulkan   Vulkan (runs on Mesa's lavapipe, a CPU Vulkan driver, too)
 #   tools/build_gpu_wheel.sh cuda     CUDA for CUDA_ARCH (default: native, this machine's GPUs)
+#   tools/build_gpu_wheel.sh metal    Metal (macOS on Apple silicon)
 # PYTHON is the interpreter whose pip builds the wheel (default python3).
 set -euo pipefail
 shopt -s inherit_errexit  # a failure inside $(...) stops the script too
 
-backend=${1:?usage: tools/build_gpu_wheel.sh vulkan|cuda}
+backend=${1:?usage: tools/build_gpu_wheel.sh vulkan|cuda|metal}
 version=0.3.36
 python=${PYTHON:-python3}
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/emberd
@@ -56,8 +57,13 @@ case $backend in
         cmake_args="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCH:-native} -DLLAVA_BUILD=OFF"
         packages=()
         ;;
+    metal)
+        wheels=$cache/wheels/llama-cpp-python-$version-metal
+        cmake_args="-DGGML_METAL=on -DLLAVA_BUILD=OFF"
+        packages=()
+        ;;
     *)
-        echo "unknown backend '$backend': vulkan or cuda" >&2
+        echo "unknown backend '$backend': vulkan, cuda or metal" >&2
         exit 2
         ;;
 esac
