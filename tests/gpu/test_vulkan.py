@@ -175,6 +175,12 @@ async def test_two_models_on_a_device_that_holds_one_take_turns(make_client: Mak
         models = await loaded_models(client)
         assert models[f"{model}:latest"]["gpu_layers"] == MINILM_LAYERS  # all of it: the idle one gave way
         assert sum(entry["size_vram"] for entry in models.values()) <= cap_bytes
+        # Every layer asked for exactly, while the busy model holds the room: it waits for it, up
+        # to load_timeout, then a 503 with the numbers (the idle "second" gave way first).
+        status, answer = await embed(client, "third", TEXTS[:1], num_gpu=MINILM_LAYERS)
+        assert status == 503, answer
+        assert "for 7 layers" in answer["error"] and "first:latest" in answer["error"], answer
+        assert sum(entry["size_vram"] for entry in (await loaded_models(client)).values()) <= cap_bytes
 
 
 async def test_a_runner_on_the_gpu_leaves_the_cpus_threads_to_a_runner_on_the_cpu(
@@ -245,3 +251,29 @@ async def test_every_family_on_the_device_estimate_against_llama_cpp_and_vectors
         # Part of it on the device crashed llama.cpp: asked for, it is a 400; automatic takes all.
         status, answer = await embed(client, "cpu", texts, num_gpu=2)
         assert status == 400 and "cannot run part of" in answer["error"], answer
+
+
+async def test_a_busy_model_keeps_its_layers_and_the_next_one_takes_what_is_left(
+    make_client: MakeClient, minilm_gguf: Path
+) -> None:
+    probe = await make_client({"all-minilm": minilm_gguf})
+    assert (await embed(probe, "all-minilm", TEXTS[:1]))[0] == 200
+    one_model_bytes = (await loaded_models(probe))["all-minilm:latest"]["size_vram"]
+    await probe.close()
+
+    cap_bytes = one_model_bytes * 3 // 2
+    models = {"first": minilm_gguf, "second": minilm_gguf, "third": minilm_gguf}
+    client = await make_client(models, max_gpu_memory_bytes=cap_bytes, load_timeout_s=2.0)
+    async with scheduler_of(client).lease("first", {}, None):  # a request in flight holds it
+        status, answer = await embed(client, "second", TEXTS[:2])
+        assert status == 200, answer
+        models = await loaded_models(client)
+        assert models["first:latest"]["gpu_layers"] == MINILM_LAYERS  # not evicted while busy
+        assert models["second:latest"]["gpu_layers"] < MINILM_LAYERS  # what was left, maybe none
+        assert sum(entry["size_vram"] for entry in models.values()) <= cap_bytes
+        # Every layer asked for exactly, while the busy model holds the room: it waits for it, up
+        # to load_timeout, then a 503 with the numbers (the idle "second" gave way first).
+        status, answer = await embed(client, "third", TEXTS[:1], num_gpu=MINILM_LAYERS)
+        assert status == 503, answer
+        assert "for 7 layers" in answer["error"] and "first:latest" in answer["error"], answer
+        assert sum(entry["size_vram"] for entry in (await loaded_models(client)).values()) <= cap_bytes
