@@ -67,6 +67,7 @@ from daemon.hub import AliasEntry, HubClient, load_aliases
 from daemon.jobs import JobExecutor
 from daemon.logs import log_request
 from daemon.memory import MemoryProbe
+from daemon.memory.probe import DeviceProbe
 from daemon.metrics import DaemonState, Metrics, RunnerState
 from daemon.options import LlamaParams
 from daemon.pulls import PullManager
@@ -232,6 +233,7 @@ def build_app(
     runner_factory: RunnerFactory | None = None,
     memory_probe: MemoryProbe | None = None,
     disk_free_bytes: Callable[[Path], int] | None = None,
+    device_probe: DeviceProbe | None = None,
 ) -> web.Application:
     # Middlewares run in this order, the first outermost: every answer is counted and logged, a
     # foreign Host, a page of another origin or an unknown key is refused before any work (and before
@@ -266,6 +268,7 @@ def build_app(
             runner_factory or default_runner_factory(settings),
             memory_probe or MemoryProbe(),
             metrics=metrics,
+            device_probe=device_probe,
         )
         jobs = JobExecutor(settings.max_jobs)
         app[SCHEDULER] = scheduler
