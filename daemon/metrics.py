@@ -26,7 +26,8 @@ class RunnerState:
 
     model: str
     queue_depth: int  # requests holding it: waiting in its runner or being decoded
-    memory_bytes: int  # what the scheduler counts for it (as /api/ps's size)
+    memory_bytes: int  # what the scheduler counts for it on the host
+    gpu_memory_bytes: int = 0  # what it holds on its GPU (as /api/ps's size_vram)
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,18 @@ class StateCollector(Collector):
             "What each runner holds alone, plus what it may still grow to within its allowance",
             labels=["model"],
         )
+        gpu_memory = GaugeMetricFamily(
+            "emberd_runner_gpu_memory_bytes",
+            "What each runner holds on its GPU (llama.cpp's device buffers; 0 on the CPU)",
+            labels=["model"],
+        )
         for runner in state.runners:
             depth.add_metric([runner.model], runner.queue_depth)
             memory.add_metric([runner.model], runner.memory_bytes)
+            gpu_memory.add_metric([runner.model], runner.gpu_memory_bytes)
         yield depth
         yield memory
+        yield gpu_memory
         yield GaugeMetricFamily("emberd_models_loaded", "Model runners alive", value=len(state.runners))
         yield GaugeMetricFamily(
             "emberd_requests_admitted", "Requests accepted and not answered", state.requests_admitted

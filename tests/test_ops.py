@@ -84,6 +84,7 @@ async def test_request_counters_grow_by_what_was_sent(tiny_client: Client) -> No
     assert value(after, "emberd_model_load_seconds_count", model=model) == 1
     assert value(after, "emberd_models_loaded") == 1
     assert value(after, "emberd_runner_memory_bytes", model=model) > 10_000_000
+    assert value(after, "emberd_runner_gpu_memory_bytes", model=model) == 0  # a CPU build
     assert value(after, "emberd_queue_depth", model=model) == 0
 
 

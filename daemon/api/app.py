@@ -307,5 +307,5 @@ def build_app(
 def daemon_state(app: web.Application) -> DaemonState:
     """What /metrics reads at scrape time."""
     scheduler = app[SCHEDULER]
-    runners = [RunnerState(e.name, e.refcount, e.counted_bytes) for e in scheduler.measured()]
+    runners = [RunnerState(e.name, e.refcount, e.counted_bytes, e.device_bytes) for e in scheduler.measured()]
     return DaemonState(runners, scheduler.admitted, app[JOBS].running, app[LIFECYCLE].serving)

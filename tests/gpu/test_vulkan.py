@@ -94,6 +94,11 @@ async def test_every_layer_goes_to_the_gpu_and_the_vectors_match_the_cpus(
     assert facts is not None and facts.device_buffer_bytes, facts
     assert gpu_entry["size_vram"] == sum(facts.device_buffer_bytes.values())
     assert 0 < gpu_entry["size_vram"] < gpu_entry["size"]
+    metrics = await (await client.get("/metrics")).text()
+    [line] = [
+        x for x in metrics.splitlines() if x.startswith('emberd_runner_gpu_memory_bytes{model="all-minilm:latest"}')
+    ]
+    assert float(line.split()[-1]) == gpu_entry["size_vram"]
     # The weights on the device: every repeating layer's tensors (the token embeddings stay on the CPU).
     header = read_gguf_facts(minilm_gguf)
     assert facts.device_buffer_bytes["model"] == pytest.approx(sum(header.layer_bytes), rel=0.02)
