@@ -67,6 +67,12 @@ def gpus_of(reported: Sequence[dict[str, object]]) -> list[Device]:
     return gpus
 
 
+# What a GPU backend's runtime adds to a runner's host memory once it drives a device (its driver,
+# loader, compiled kernels), counted in the load's host estimate beside the model: measured,
+# a runner with all-MiniLM on Mesa's lavapipe held 142 MiB more than one on the CPU (2026-12-03).
+# After the load the runner is measured, and that is what counts.
+DEVICE_RUNTIME_BYTES = 144 * 1024 * 1024
+
 # Families that llama.cpp (the pinned build) crashes on when only part of the model is offloaded:
 # nomic-bert-moe's expert layers split between the CPU and a Vulkan device died of SIGSEGV at the
 # first decode (2026-12-03); all of it on the device, or none, works.

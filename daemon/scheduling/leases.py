@@ -16,7 +16,15 @@ from daemon.config import Settings
 from daemon.errors import InvalidInput, InvalidModelFile, ModelLoadFailed, ModelNotLoadable, UnsupportedModelFile
 from daemon.gguf_info import GGUFFacts, cached_gguf_facts
 from daemon.memory import ModelShape, decode_tokens_for, peak_bytes
-from daemon.memory.offload import Device, DevicePart, device_part, layers_for, may_offload, offloadable_layers
+from daemon.memory.offload import (
+    DEVICE_RUNTIME_BYTES,
+    Device,
+    DevicePart,
+    device_part,
+    layers_for,
+    may_offload,
+    offloadable_layers,
+)
 from daemon.options import (
     MAX_SEQUENCES_PER_DECODE,
     LoadOptions,
@@ -236,6 +244,8 @@ class Leases:
                 params = replace(params, quick_lane_tokens=0)  # a device runner has none (engine)
             host_shape = _host_shape(shape, device, part)
             estimated = peak_bytes(host_shape, params.n_batch, allowance, params.n_ubatch, params.quick_lane_tokens)
+            if device is not None and layers:
+                estimated += DEVICE_RUNTIME_BYTES
             await self._room.make(model.name, estimated, deadline_s)
             entry = await self._lifecycle.start(
                 model, load, params, host_shape, allowance, estimated, keep_alive_s, deadline_s
