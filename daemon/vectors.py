@@ -25,17 +25,22 @@ def check_finite(vectors: np.ndarray) -> None:
         raise InvalidEmbedding(NON_FINITE_MESSAGE)
 
 
-def finish_embeddings(pooled: np.ndarray, dimensions: int | None) -> np.ndarray:
+def finish_embeddings(pooled: np.ndarray, dimensions: int | None, normalize: bool = True) -> np.ndarray:
     """What /api/embed returns: normalised, optionally cut to the first `dimensions` values and
     renormalised. More dimensions than the model has is a 400, as OpenAI answers it (not silently
-    the full width); 0 or None means the full width (Go's zero value: Ollama clients send it)."""
+    the full width); 0 or None means the full width (Go's zero value: Ollama clients send it).
+
+    `normalize` False (TEI's field) returns the pooled vectors as the model gave them, and cuts them
+    to `dimensions` without renormalising (a long input's windows are still combined as
+    window_share says)."""
     check_finite(pooled)
-    vectors = normalize_rows(pooled)
+    vectors = normalize_rows(pooled) if normalize else pooled.astype(np.float32, copy=False)
     width = vectors.shape[1]
     if dimensions is not None and (dimensions < 0 or (dimensions > width and len(vectors))):
         raise InvalidInput(f"dimensions must be between 1 and the model's {width}, got {dimensions}")
     if dimensions is not None and 0 < dimensions < width:
-        vectors = normalize_rows(np.ascontiguousarray(vectors[:, :dimensions]))
+        cut = np.ascontiguousarray(vectors[:, :dimensions])
+        vectors = normalize_rows(cut) if normalize else cut
     return vectors
 
 

@@ -218,6 +218,16 @@ class EmbedRequest(Named, kw_only=True):
         ]
         | None
     ) = None
+    normalize: (
+        Annotated[
+            bool,
+            Meta(
+                description="false: the pooled vectors as the model gives them, cut to dimensions without "
+                "renormalizing (TEI's field; default true: unit length)"
+            ),
+        ]
+        | None
+    ) = None
     keep_alive: KeepAlive | None = None
     options: RunnerOptions | None = None
     prompt_name: PromptName | None = None
@@ -225,6 +235,7 @@ class EmbedRequest(Named, kw_only=True):
     split_long_inputs: SplitLongInputs | None = None
     problems: ClassVar[dict[str, str]] = {
         **NAMED_PROBLEMS,
+        "normalize": "normalize must be true or false",
         "input": "invalid input type",
         "task": "task must be a string",
         "truncate": "truncate must be true or false",
@@ -542,7 +553,9 @@ class EmbedAnswer(Answer, kw_only=True):
     """With no input, only {"model", "embeddings": []}."""
 
     model: Annotated[str, Meta(description="the request's model, as sent")]
-    embeddings: Annotated[list[Vector], Meta(description="one L2-normalized vector an input, in input order")]
+    embeddings: Annotated[
+        list[Vector], Meta(description="one vector an input, in input order: L2-normalized unless normalize is false")
+    ]
     total_duration: Nanoseconds | UnsetType = UNSET
     load_duration: Nanoseconds | UnsetType = UNSET
     prompt_eval_count: (

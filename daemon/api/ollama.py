@@ -85,7 +85,7 @@ async def embed(request: web.Request) -> web.Response:
     )
     if not texts:
         return json_response(empty_answer)  # the preload idiom
-    vectors = finish_embeddings(embedded.vectors, body.dimensions)
+    vectors = finish_embeddings(embedded.vectors, body.dimensions, body.normalize is not False)
     return json_response(
         {
             "model": name,
