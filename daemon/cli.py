@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     create_parser = command("create", help="register a GGUF file or convert a model directory")
     create_parser.add_argument("name")
     create_parser.add_argument("--from", dest="source", required=True, help="GGUF file or Hugging Face directory")
-    create_parser.add_argument("--quantize", help="f16 (default), f32 or q8_0, for directories")
+    create_parser.add_argument("--quantize", help="f16 (default), f32, bf16 or q8_0, for directories")
     create_parser.add_argument(
         "--prompt",
         action="append",

@@ -136,9 +136,20 @@ def test_parameter_size(count: int, text: str) -> None:
     assert format_parameter_size(count) == text
 
 
-@pytest.mark.parametrize(("output_type", "file_type"), [("f32", "F32"), ("f16", "F16"), ("q8_0", "Q8_0")])
+# The least cosine each output type keeps against the f32 conversion (measured on this tiny model:
+# f16 0.9999998, bf16 0.99999, q8_0 0.9997).
+@pytest.mark.parametrize(
+    ("output_type", "file_type", "min_cosine"),
+    [("f32", "F32", 0.999999), ("f16", "F16", 0.9999), ("bf16", "BF16", 0.9999), ("q8_0", "Q8_0", 0.999)],
+)
 async def test_every_output_type_converts_and_embeds_close_to_f32(
-    make_client: MakeClient, tiny_dir: Path, tiny_gguf: Path, tmp_path: Path, output_type: str, file_type: str
+    make_client: MakeClient,
+    tiny_dir: Path,
+    tiny_gguf: Path,
+    tmp_path: Path,
+    output_type: str,
+    file_type: str,
+    min_cosine: float,
 ) -> None:
     path = tmp_path / f"tiny-{output_type}.gguf"
     convert_hf_directory(make_tiny_bert_dir(tmp_path / "dir", hidden=64, heads=2), path, output_type)
@@ -148,7 +159,7 @@ async def test_every_output_type_converts_and_embeds_close_to_f32(
     client = await make_client({"converted": path, "reference": reference})
     _, converted = await embed(client, {"model": "converted", "input": "why is the sky blue?"})
     _, expected = await embed(client, {"model": "reference", "input": "why is the sky blue?"})
-    assert np.dot(converted["embeddings"][0], expected["embeddings"][0]) >= 0.99
+    assert np.dot(converted["embeddings"][0], expected["embeddings"][0]) >= min_cosine
 
 
 # -- /api/create ------------------------------------------------------------------------------------
@@ -169,6 +180,17 @@ async def test_create_streams_progress_then_the_model_answers(make_client: MakeC
     assert entry["name"] == "made:latest"
     assert entry["details"]["quantization_level"] == "F16"
     assert entry["capabilities"] == ["embedding"]
+
+
+async def test_create_converts_to_the_quantize_it_is_given(make_client: MakeClient, tiny_dir: Path) -> None:
+    client = await make_client({})
+    body = {"model": "made", "from": str(tiny_dir), "quantize": "BF16", "stream": False}
+    response = await client.post("/api/create", json=body)
+    assert (response.status, await response.json()) == (200, {"status": "success"})
+    status, _ = await embed(client, {"model": "made", "input": "hello"})
+    assert status == 200
+    [entry] = (await (await client.get("/api/tags")).json())["models"]
+    assert entry["details"]["quantization_level"] == "BF16"
 
 
 async def test_create_without_streaming_from_a_gguf(make_client: MakeClient, tiny_gguf: Path) -> None:

@@ -28,7 +28,7 @@ from daemon.prompts import MAX_PROMPT_CHARS
 # What /v1/embeddings may send vectors as (encoding_format).
 ENCODING_FORMATS: Final = ("float", "base64")
 # The converter's output types (daemon.convert.OUTPUT_TYPES, which the daemon imports only to convert).
-QUANTIZE_TYPES: Final = ("f32", "f16", "q8_0")
+QUANTIZE_TYPES: Final = ("f32", "f16", "bf16", "q8_0")
 # Ids a detokenize request may carry (a context's worth of any model served here, and then some).
 MAX_DETOKENIZE_TOKENS: Final = 1 << 20
 GO_DURATION_PATTERN: Final = r"^\s*[+-]?(0|((\d+(\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+)\s*$"
