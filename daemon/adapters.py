@@ -6,6 +6,9 @@ task (`lora-{task}-<name>.gguf`): `general.type = adapter`, `adapter.type = lora
 pairs as `<base tensor>.lora_a` / `.lora_b`, `adapter.lora.alpha`, `adapter.lora.task_name` and
 `adapter.lora.prompt_prefix` (the model's task instruction, put before each text). llama.cpp loads
 an adapter once per model and applies it per context (scale 1: alpha / rank, as PEFT scales it).
+Its pairs are checked against the model's tensors as llama.cpp's load checks them and as its first
+decode asserts (lora_pairs_refusal), so an adapter for another model is refused when it is stored,
+not at the model's first load.
 
 A request picks a task with `task` (jina's own field), a `prompt_name` equal to a task's name, or
 an `input_type` (INPUT_TYPE_TASKS); none picks the model's default task if it names one, else the
@@ -15,11 +18,11 @@ base model with no adapter. A task's prompt_prefix takes the place of the model'
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.errors import InvalidInput, InvalidModelFile
-from daemon.gguf_info import read_gguf_facts
+from daemon.gguf_info import read_gguf_facts, read_tensor_shapes
 from daemon.prompts import INPUT_TYPE_PROMPTS, MAX_PROMPT_CHARS, ModelPrompts, choose_prompt
 
 MAX_TASK_NAME_CHARS = 128
@@ -42,6 +45,8 @@ class AdapterHeader:
     architecture: str
     prompt_prefix: str  # "" when the header has none
     alpha: float  # adapter.lora.alpha; 0: none (llama.cpp then scales by 1)
+    # Each tensor's dimensions in GGUF's order (ne[0] first), for lora_pairs_refusal.
+    tensor_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def read_adapter_header(path: Path, task: str | None = None) -> AdapterHeader:
@@ -75,12 +80,24 @@ def read_adapter_header(path: Path, task: str | None = None) -> AdapterHeader:
     if len(prefix) > MAX_PROMPT_CHARS:
         raise InvalidModelFile(f"{path.name}: a prompt_prefix of more than {MAX_PROMPT_CHARS} characters")
     alpha = metadata.get("adapter.lora.alpha")
-    return AdapterHeader(chosen, facts.architecture, prefix, float(alpha) if isinstance(alpha, (int, float)) else 0.0)
+    return AdapterHeader(
+        chosen,
+        facts.architecture,
+        prefix,
+        float(alpha) if isinstance(alpha, (int, float)) else 0.0,
+        read_tensor_shapes(path),
+    )
 
 
-def check_adapters(headers: Sequence[AdapterHeader], labels: Sequence[str], architecture: str | None) -> None:
+def check_adapters(
+    headers: Sequence[AdapterHeader],
+    labels: Sequence[str],
+    architecture: str | None,
+    model_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> None:
     """Adapters a model may carry together: one per task, each of the model's architecture (llama.cpp
-    refuses another: "model arch and LoRA arch mismatch"); `architecture` None: not known yet."""
+    refuses another: "model arch and LoRA arch mismatch") and, given the model's tensor shapes, with
+    pairs that fit its tensors (lora_pairs_refusal); `architecture` None: not known yet."""
     seen: dict[str, str] = {}
     for header, label in zip(headers, labels, strict=True):
         if header.task in seen:
@@ -90,6 +107,68 @@ def check_adapters(headers: Sequence[AdapterHeader], labels: Sequence[str], arch
             raise InvalidModelFile(
                 f"{label} is an adapter of a {header.architecture} model, and this model is {architecture}"
             )
+        reason = lora_pairs_refusal(header.tensor_shapes, model_shapes) if model_shapes is not None else None
+        if reason is not None:
+            raise InvalidModelFile(f"{label} does not fit this model: {reason}")
+
+
+def _ne(shape: Sequence[int]) -> tuple[int, int, int, int]:
+    """A tensor's dimensions as ggml's ne[0..3] (a missing one is 1)."""
+    padded = (*shape, 1, 1, 1, 1)
+    return padded[0], padded[1], padded[2], padded[3]
+
+
+def _shown(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(size) for size in shape) + "]"
+
+
+# What llama.cpp's ggml_mul_mat asserts as it builds the first decode's graph with an adapter it took.
+_ABORTS = "llama.cpp takes it, then aborts at its first decode (GGML_ASSERT(ggml_can_mul_mat(a, b)))"
+
+
+def lora_pairs_refusal(
+    adapter_shapes: Mapping[str, Sequence[int]], model_shapes: Mapping[str, Sequence[int]]
+) -> str | None:
+    """Why llama.cpp refuses an adapter's tensors on a model, or aborts on them, or None when it
+    takes them. Shapes are in GGUF's order (ne[0] first). Its load's rule (llama_adapter_lora_init_impl,
+    src/llama-adapter.cpp), in its order: each tensor is `<base>.lora_a` or `.lora_b` (`*_norm.weight`
+    ones are skipped); then, by base name: both halves present, the base a tensor of the model, and
+    lora_a [n_in, rank], lora_b [rank, n_out] for a model tensor [n_in, n_out] (token_embd: lora_a
+    [rank, n_out] and lora_b [rank, n_in], the pair flipped, ranks not compared). Then what its
+    first decode's graph asserts (ggml_mul_mat) of a pair it took: token_embd's two ranks the same,
+    and a pair for a two-dimensional tensor two-dimensional itself."""
+    pairs: dict[str, dict[str, Sequence[int]]] = {}
+    for name, shape in adapter_shapes.items():
+        if name.endswith(".lora_a"):
+            pairs.setdefault(name.replace(".lora_a", ""), {})["lora_a"] = shape
+        elif name.endswith(".lora_b"):
+            pairs.setdefault(name.replace(".lora_b", ""), {})["lora_b"] = shape
+        elif not name.endswith("_norm.weight"):
+            return f"LoRA tensor '{name}' has unexpected suffix (a LoRA tensor is <tensor>.lora_a or .lora_b)"
+    for base in sorted(pairs):  # llama.cpp's std::map order: the first refusal it would meet
+        halves = pairs[base]
+        if "lora_a" not in halves or "lora_b" not in halves:
+            lacking = "lora_b" if "lora_a" in halves else "lora_a"
+            return f"LoRA tensor pair for '{base}' is missing one component (its {lacking})"
+        if base not in model_shapes:
+            return f"LoRA tensor '{base}' does not exist in base model"
+        a, b, model = halves["lora_a"], halves["lora_b"], model_shapes[base]
+        (a0, a1, *a_rest), (b0, b1, *b_rest), (m0, m1, *m_rest) = _ne(a), _ne(b), _ne(model)
+        shapes = f"lora_a is {_shown(a)} and lora_b {_shown(b)}, for the model's {_shown(model)}"
+        token_embd = base.endswith("token_embd.weight")
+        if token_embd:  # applied to the embedding's rows: the pair is flipped
+            fits, wanted = (m0, m1) == (b1, a1), f"lora_a [rank, {m1}] and lora_b [rank, {m0}]"
+        else:
+            fits, wanted = (m0, m1) == (a0, b1), f"lora_a [{m0}, rank] and lora_b [rank, {m1}]"
+        if not fits:
+            return f"tensor '{base}' has incorrect shape: {shapes}; llama.cpp takes {wanted}"
+        if not token_embd and a1 != b0:
+            return f"tensor '{base}': lora_a tensor is not transposed: {shapes}, and their ranks differ ({a1}, {b0})"
+        if token_embd and a0 != b0:
+            return f"tensor '{base}': {shapes}, and their ranks differ ({a0}, {b0}); {_ABORTS}"
+        if m_rest == [1, 1] and (a_rest != [1, 1] or b_rest != [1, 1]):
+            return f"tensor '{base}': {shapes}, a pair of more than two dimensions for a matrix; {_ABORTS}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class ModelLoadFailed(EmberdError):
 
 class ModelNotLoadable(ModelLoadFailed):
     """A stored model the pinned llama.cpp cannot load (stored before a check that now refuses it):
-    its architecture or vocabulary, not the runner or the machine, is the reason."""
+    its architecture, vocabulary or a task adapter, not the runner or the machine, is the reason."""
 
 
 class RunnerCrashed(EmberdError):

@@ -263,8 +263,23 @@ def _tensor_bytes(path: Path, name: str, tensor_type: int, elements: int) -> int
     return elements // block_size * type_size
 
 
-def read_gguf_facts(path: Path) -> GGUFFacts:
-    """Read the header of a GGUF file; InvalidModelFile if it is not one or is malformed."""
+@dataclass(frozen=True)
+class _Header:
+    """What a walk of a GGUF header keeps (arrays are counted, not kept, but for short boolean ones)."""
+
+    metadata: dict[str, Any]
+    array_lengths: dict[str, int]
+    flag_arrays: dict[str, tuple[bool, ...]]
+    tensor_count: int
+    parameter_count: int
+    tensor_types: list[int]
+    tensor_sizes: dict[str, int]
+    tensor_shapes: dict[str, tuple[int, ...]]  # dimensions in GGUF's order: ne[0] (a row's length) first
+
+
+def _read_header(path: Path, checked: bool) -> _Header:
+    """Walk a GGUF header with bounded reads; `checked`: refuse a vocabulary llama.cpp aborts on (a
+    token spelled twice, an array of another item type than it takes for granted)."""
     try:
         with path.open("rb") as handle:
             cursor = _Cursor(handle, path)
@@ -282,11 +297,11 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
             flag_arrays: dict[str, tuple[bool, ...]] = {}
             for _ in range(kv_count):
                 key = cursor.string()
-                visit = _UniqueTokens(path) if key == _TOKENS_KEY else None
+                visit = _UniqueTokens(path) if checked and key == _TOKENS_KEY else None
                 value = _read_value(cursor, cursor.unpack("<I"), visit)
                 if isinstance(value, _SkippedArray):
                     expected = _ARRAY_ITEM_TYPES.get(key)
-                    if expected is not None and value.item_type != expected:
+                    if checked and expected is not None and value.item_type != expected:
                         raise UnsupportedModelFile(f"{path.name}: {key} must be an array of {expected.name.lower()}")
                     if value.flags is not None:
                         flag_arrays[key] = value.flags
@@ -297,14 +312,16 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
             tensor_types: list[int] = []
             data_ends: list[tuple[str, int]] = []  # (tensor, where its data ends past the data section's start)
             tensor_sizes: dict[str, int] = {}
+            tensor_shapes: dict[str, tuple[int, ...]] = {}
             for _ in range(tensor_count):
                 tensor_name = cursor.string()
                 n_dims = cursor.unpack("<I")
                 if n_dims > _MAX_DIMS:
                     raise InvalidModelFile(f"{path.name}: tensor with {n_dims} dimensions")
+                tensor_shapes[tensor_name] = tuple(cursor.unpack("<Q") for _ in range(n_dims))
                 elements = 1
-                for _ in range(n_dims):
-                    elements *= cursor.unpack("<Q")
+                for dimension in tensor_shapes[tensor_name]:
+                    elements *= dimension
                 parameter_count += elements
                 tensor_type = cursor.unpack("<I")
                 tensor_types.append(tensor_type)
@@ -325,7 +342,22 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
                     )
     except OSError as error:
         raise InvalidModelFile(f"cannot read {path}: {error.strerror}") from None
+    return _Header(
+        metadata, array_lengths, flag_arrays, tensor_count, parameter_count, tensor_types, tensor_sizes, tensor_shapes
+    )
 
+
+def read_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's dimensions, in GGUF's order (ne[0] first), as a GGUF file's header lists them."""
+    return _read_header(path, checked=False).tensor_shapes
+
+
+def read_gguf_facts(path: Path, checked: bool = True) -> GGUFFacts:
+    """Read the header of a GGUF file; InvalidModelFile if it is not one or is malformed, and
+    UnsupportedModelFile if llama.cpp would refuse or abort on it (`checked` False: not asked, for
+    what reads the header alone, as /api/show)."""
+    header = _read_header(path, checked)
+    metadata, array_lengths, tensor_sizes = header.metadata, header.array_lengths, header.tensor_sizes
     architecture = metadata.get("general.architecture")
     if not isinstance(architecture, str) or not architecture:
         raise InvalidModelFile(f"{path.name}: GGUF without general.architecture")
@@ -334,8 +366,9 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
         value = metadata.get(f"{architecture}.{key}", default)
         return int(value) if isinstance(value, (int, float)) else default
 
-    _check_what_llama_cpp_asserts(path, architecture, metadata, array_lengths)
-    _check_sliding_window_layers(path, architecture, metadata, flag_arrays)
+    if checked:
+        _check_what_llama_cpp_asserts(path, architecture, metadata, array_lengths)
+        _check_sliding_window_layers(path, architecture, metadata, header.flag_arrays)
     causal = metadata.get(f"{architecture}.attention.causal", True)
     layer_bytes, output_layer_bytes = layer_placement_bytes(architecture, arch_int("block_count"), tensor_sizes)
     return GGUFFacts(
@@ -346,9 +379,9 @@ def read_gguf_facts(path: Path) -> GGUFFacts:
         block_count=arch_int("block_count"),
         pooling_type=arch_int("pooling_type", int(PoolingType.NONE)),
         causal_attention=bool(causal),
-        file_type=_file_type_name(metadata, tensor_types),
-        parameter_count=parameter_count,
-        tensor_count=tensor_count,
+        file_type=_file_type_name(metadata, header.tensor_types),
+        parameter_count=header.parameter_count,
+        tensor_count=header.tensor_count,
         metadata=metadata,
         vocab_size=array_lengths.get("tokenizer.ggml.tokens", 0),
         feed_forward_length=arch_int("feed_forward_length"),

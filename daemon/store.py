@@ -34,12 +34,14 @@ from daemon.errors import (
     BlobMissing,
     InsufficientDisk,
     InvalidModelFile,
+    ModelLoadFailed,
+    ModelNotLoadable,
     NotEmbeddingModel,
     UnknownModel,
     UnreadableManifest,
     UnsupportedModelFile,
 )
-from daemon.gguf_info import GGUFFacts, cached_gguf_facts, read_gguf_facts
+from daemon.gguf_info import GGUFFacts, cached_gguf_facts, read_gguf_facts, read_tensor_shapes
 from daemon.jobs import NEVER_CANCELLED, CancelToken
 from daemon.names import canonical_name
 from daemon.prompts import ModelPrompts, merge_prompts, read_sentence_transformers_prompts
@@ -349,13 +351,18 @@ class ModelStore:
 
     @staticmethod
     def check_adapter_sources(
-        adapters: Sequence[AdapterSource], architecture: str | None = None, default_task: str | None = None
+        adapters: Sequence[AdapterSource],
+        architecture: str | None = None,
+        default_task: str | None = None,
+        model: Path | None = None,
     ) -> Sequence[AdapterHeader]:
         """Fail fast when task adapters cannot go with a model: each a LoRA GGUF, one per task, of
-        the model's `architecture` (None: not known yet, a directory's before it is converted), and
-        `default_task` one of their tasks."""
+        the model's `architecture` (None: not known yet, a directory's before it is converted), with
+        tensors that fit those of the `model` GGUF (None: not known yet), and `default_task` one of
+        their tasks."""
         headers = [read_adapter_header(path, task) for path, task in adapters]
-        check_adapters(headers, [path.name for path, _task in adapters], architecture)
+        model_shapes = read_tensor_shapes(model) if model is not None and adapters else None
+        check_adapters(headers, [path.name for path, _task in adapters], architecture, model_shapes)
         if default_task is not None and default_task not in {header.task for header in headers}:
             tasks = ", ".join(sorted(header.task for header in headers)) or "none"
             raise InvalidModelFile(f"default_task {default_task!r} is not one of the adapters' tasks: {tasks}")
@@ -403,7 +410,10 @@ class ModelStore:
         canonical = canonical_name(name)
         source_facts = self.check_source(source)
         headers = self.check_adapter_sources(
-            adapters, source_facts.architecture if source_facts else None, default_task
+            adapters,
+            source_facts.architecture if source_facts else None,
+            default_task,
+            source if source_facts else None,  # a GGUF file's tensors are known already
         )
         fd, partial_name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".partial")
         os.close(fd)
@@ -429,8 +439,9 @@ class ModelStore:
             require_embedding_model(facts, source.name)
             self.check_loadable(partial, source.name)  # the bytes stored, in a runner of their own
             stored_adapters: Sequence[tuple[str, str | None]] = ()
-            if adapters:  # the headers read above, against the stored bytes' architecture (a directory's now)
-                check_adapters(headers, [path.name for path, _task in adapters], facts.architecture)
+            if adapters:  # the headers read above, against the stored bytes' architecture and tensors
+                labels = [path.name for path, _task in adapters]
+                check_adapters(headers, labels, facts.architecture, read_tensor_shapes(partial))
                 progress("copying adapters into the store")
                 stored_adapters = self._store_adapters(adapters, token)
             progress("writing manifest")
@@ -484,18 +495,20 @@ class ModelStore:
                 if not (self.blobs_dir / f"sha256-{needed}").is_file():
                     raise BlobMissing(f"the blob sha256:{needed} was deleted before {canonical} could name it")
             facts = read_gguf_facts(blob)
-            stored_adapters = self._adapters_of(facts, adapters, default_task)
+            stored_adapters = self._adapters_of(blob, facts, adapters, default_task)
             return self._write_manifest(
                 canonical, blob, facts, source, prompts or ModelPrompts(), stored_adapters, default_task
             )
 
     def _adapters_of(
-        self, facts: GGUFFacts, adapters: Sequence[tuple[str, str | None]], default_task: str | None
+        self, blob: Path, facts: GGUFFacts, adapters: Sequence[tuple[str, str | None]], default_task: str | None
     ) -> Sequence[StoredAdapter]:
-        """The adapter blobs `adapters` names, their headers checked against the model's `facts`."""
+        """The adapter blobs `adapters` names, their headers checked against the model's (`blob`,
+        whose header `facts` are): its architecture and its tensors."""
         paths = [(self.blobs_dir / f"sha256-{adapter_hex}", task) for adapter_hex, task in adapters]
         headers = self.check_adapter_sources(paths, None, default_task)
-        check_adapters(headers, [header.task for header in headers], facts.architecture)
+        model_shapes = read_tensor_shapes(blob) if adapters else None
+        check_adapters(headers, [header.task for header in headers], facts.architecture, model_shapes)
         return [
             StoredAdapter(
                 header.task, f"sha256:{adapter_hex}", path.stat().st_size, path, header.prompt_prefix, header.alpha
@@ -527,6 +540,23 @@ class ModelStore:
                 if named is not None and blob.name not in named:
                     blob.unlink(missing_ok=True)
         return model
+
+
+def loadable_facts(model: StoredModel) -> GGUFFacts:
+    """A stored model's header facts, with today's checks, before a runner or its vocabulary is
+    loaded (cached_gguf_facts: read again only if the file changed). A check that foresees llama.cpp
+    refusing or aborting on the file is ModelNotLoadable; a file damaged since it was stored,
+    ModelLoadFailed; a file deleted meanwhile keeps the manifest's facts (the runner's start then
+    says it is gone)."""
+    try:
+        return cached_gguf_facts(model.blob_path)
+    except UnsupportedModelFile as refusal:
+        reason = refusal.message.removeprefix(f"{model.blob_path.name}: ")
+        raise ModelNotLoadable(f"{model.name} cannot be loaded by this emberd's llama.cpp: {reason}") from None
+    except InvalidModelFile as damage:
+        if not model.blob_path.is_file():
+            return model.facts
+        raise ModelLoadFailed(f"failed to load {model.name}: {damage.message}") from None
 
 
 def require_embedding_model(facts: GGUFFacts, label: str) -> GGUFFacts:

@@ -18,7 +18,7 @@ from daemon.config import Settings
 from daemon.options import llama_params, resolve_load_options
 from daemon.runner.client import RunnerProcess
 from daemon.scheduler import RunnerFactory, Scheduler
-from daemon.store import StoredModel
+from daemon.store import StoredModel, loadable_facts
 
 log = logging.getLogger(__name__)
 VOCABULARY_KEEP_S = 60.0
@@ -57,6 +57,9 @@ class Vocabularies:
         async with self._starting.setdefault(key, asyncio.Lock()):
             runner = self._runners.get(key)
             if runner is None or not runner.alive:
+                # The checks a load makes first: a file llama.cpp aborts on is refused in its words
+                # (ModelNotLoadable), not a runner that dies as it reads the vocabulary.
+                await asyncio.to_thread(loadable_facts, model)
                 load = resolve_load_options(self._settings, {})
                 params = replace(
                     llama_params(load, model.facts.context_length, model.facts.block_count),

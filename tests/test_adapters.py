@@ -5,7 +5,13 @@ vector is llama.cpp's own with that adapter applied (llama-cpp-python's Llama(lo
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import inspect
 import json
+import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,16 +24,18 @@ from aiohttp.test_utils import TestClient
 from gguf import GGUFType, GGUFWriter, Keys
 
 from daemon.adapters import InputPrefix, choose_input_prefix
+from daemon.api.common import STORE
 from daemon.api.models import ShowAnswer
 from daemon.cli import parse_adapter_option
-from daemon.errors import InvalidConfig, InvalidInput
+from daemon.errors import InvalidConfig, InvalidInput, InvalidModelFile
 from daemon.hub import load_aliases
 from daemon.prompts import ModelPrompts
 from daemon.runner.batching import QueuedRequest, take_batch
 from daemon.store import ModelStore
-from tests.conftest import MakeClient
+from tests.conftest import MakeClient, scheduler_of
 from tests.family_ggufs import make_family_gguf
 from tests.hub_server import FakeHub
+from tests.test_unloadable_models import store_contents
 
 Client = TestClient[Any, Any]
 CONTEXT = 128
@@ -64,6 +72,24 @@ def write_lora(
             base = f"blk.{layer}.{name}.weight"
             writer.add_tensor(f"{base}.lora_a", (rng.standard_normal((RANK, n_in)) * 0.3).astype(np.float32))
             writer.add_tensor(f"{base}.lora_b", (rng.standard_normal((n_out, RANK)) * 0.3).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_adapter(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    """A jina-bert-v3 LoRA adapter GGUF of task retrieval.query with the given tensors, each of the
+    given dimensions in GGUF's order (ne[0] first, as llama.cpp and its messages name them)."""
+    writer = GGUFWriter(path, "jina-bert-v3")
+    writer.add_type(GGUFType.ADAPTER)
+    writer.add_string(Keys.Adapter.TYPE, "lora")
+    writer.add_float32(Keys.Adapter.LORA_ALPHA, 8.0)
+    writer.add_string(Keys.Adapter.LORA_TASK_NAME, QUERY)
+    rng = np.random.default_rng(6)
+    for name, ne in shapes.items():  # numpy's order is GGUF's reversed
+        writer.add_tensor(name, (rng.standard_normal(tuple(reversed(ne))) * 0.1).astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -221,19 +247,219 @@ async def test_bad_adapters_are_a_400_at_create(jina: Client, files: dict[str, P
     assert [entry["name"] for entry in tags["models"]] == ["jina:latest"]  # none of them was created
 
 
-async def test_an_adapter_llama_cpp_refuses_fails_the_load_with_its_reason(
+# What the narrow adapter (written for a model of width 16) meets first in the tiny model (width 32).
+NARROW_REFUSAL = (
+    "lora-narrow.gguf does not fit this model: tensor 'blk.0.attn_output.weight' has incorrect shape: lora_a is"
+    " [16, 4] and lora_b [4, 16], for the model's [32, 32]; llama.cpp takes lora_a [32, rank] and lora_b [rank, 32]"
+)
+
+
+async def test_an_adapter_whose_tensors_do_not_fit_the_model_is_a_400_at_create(
     make_client: MakeClient, files: dict[str, Path]
 ) -> None:
+    # llama.cpp refuses it as it loads it: the check says so before the file is stored.
+    assert llama_cpp_outcome(files["model"], files["narrow"], aborts=False) == "refused"
     client = await make_client({})
-    status, answer = await create(
-        client, {"model": "jina", "from": str(files["model"]), "adapters": [str(files["narrow"])]}
+    for adapters in (
+        [str(files["narrow"])],
+        {QUERY: str(files["narrow"])},
+        [str(files[SEPARATION]), str(files["narrow"])],
+    ):
+        for stream in (False, True):
+            body = {"model": "jina", "from": str(files["model"]), "adapters": adapters, "stream": stream}
+            response = await client.post("/api/create", json=body)
+            answer = await response.json()
+            assert (response.status, answer) == (400, {"error": NARROW_REFUSAL}), (adapters, stream)
+    assert store_contents(client.server.app[STORE]) == []
+
+
+async def test_an_alias_whose_adapter_does_not_fit_its_model_fails_its_pull(
+    make_client: MakeClient, files: dict[str, Path], tmp_path: Path
+) -> None:
+    hub = FakeHub()
+    repo_files = {"jina-F32.gguf": files["model"], "lora-narrow.gguf": files["narrow"]}
+    repo = hub.add_repo("Owner/Jina-Tiny-GGUF", {name: path.read_bytes() for name, path in repo_files.items()})
+    hub.start()
+    try:
+        aliases = tmp_path / "models.toml"
+        aliases.write_text(
+            f'["jina-tiny"]\nrepo = "Owner/Jina-Tiny-GGUF"\nfile = "jina-F32.gguf"\nrevision = "{repo.commit}"\n'
+            'adapters = ["lora-narrow.gguf"]\n'
+        )
+        client = await make_client({}, models_file=str(aliases), hub_endpoint=hub.url)
+        response = await client.post("/api/pull", json={"model": "jina-tiny", "stream": False})
+        assert response.status == 400
+        error = (await response.json())["error"]  # the blob's task names it: its file name is a digest
+        assert error == NARROW_REFUSAL.replace("lora-narrow.gguf", QUERY), error
+        assert (await (await client.get("/api/tags")).json())["models"] == []
+    finally:
+        hub.stop()
+
+
+def plant_adapter(home: Path, name: str, model: Path, fitting: Path, adapter: Path) -> None:
+    """A model with one task adapter, as an emberd older than the shape check stored it: created
+    with the `fitting` adapter, its manifest then pointed at `adapter`'s blob."""
+    store = ModelStore(home)
+    store.open()
+    store.create(name, model, adapters=[(fitting, None)])
+    data = adapter.read_bytes()
+    digest_hex = hashlib.sha256(data).hexdigest()
+    shutil.copyfile(adapter, store.blobs_dir / f"sha256-{digest_hex}")
+    [path] = (store.manifests_dir / name).rglob("*.json")
+    manifest = json.loads(path.read_text())
+    manifest["adapters"][0].update(digest=f"sha256:{digest_hex}", size=len(data))
+    path.write_text(json.dumps(manifest))
+
+
+async def test_a_stored_adapter_llama_cpp_refuses_is_a_409_with_its_reason_and_the_others_serve_on(
+    make_client: MakeClient,
+    files: dict[str, Path],
+    reference: dict[str | None, dict[str, np.ndarray]],
+    tmp_path: Path,
+) -> None:
+    plant_adapter(tmp_path / "home", "jina", files["model"], files[QUERY], files["narrow"])  # make_client's home
+    client = await make_client({"plain": files["model"]})
+    prefix = "jina:latest cannot be loaded by this emberd's llama.cpp: llama.cpp refused the adapter of task "
+    for _attempt in range(2):  # the same answer again: nothing was left half-loaded
+        for route, fields in (("/api/embed", {"task": QUERY}), ("/api/embed", {}), ("/v1/embeddings", {})):
+            response = await client.post(route, json={"model": "jina", "input": TEXTS[0], **fields})
+            answer = await response.json()
+            assert response.status == 409, (route, answer)
+            error = answer["error"] if route == "/api/embed" else answer["error"]["message"]
+            assert error.startswith(f"{prefix}'{QUERY}' (sha256-"), error
+            # llama.cpp's own reason, from its log.
+            assert "tensor 'blk.0.attn_output.weight' has incorrect shape" in error, error
+    # What reads no weights answers: the header, and the vocabulary (which loads no adapter).
+    response = await client.post("/api/show", json={"model": "jina"})
+    assert response.status == 200
+    assert [entry["task"] for entry in (await response.json())["adapters"]] == [QUERY]
+    response = await client.post("/api/tokenize", json={"model": "jina", "content": "sky"})
+    assert response.status == 200
+    vectors = (await (await client.post("/api/embed", json={"model": "plain", "input": TEXTS[1]})).json())["embeddings"]
+    assert cosine(vectors[0], reference[None][TEXTS[1]]) >= 0.9999
+    assert [entry.model.name for entry in scheduler_of(client).loaded()] == ["plain:latest"]
+
+
+# Adapter tensors against the tiny jina-bert-v3's (GGUF's order: hidden 32, feed-forward 64, 73
+# tokens), what llama.cpp does with them (takes them and decodes; refuses them as it loads them;
+# takes them and aborts at its first decode), and emberd's refusal at create.
+UP, EMBD = "blk.0.ffn_up.weight", "token_embd.weight"  # [32, 64] and [32, 73] in the model
+PAIR_CASES: dict[str, tuple[dict[str, tuple[int, ...]], str, str | None]] = {
+    "fits": ({f"{UP}.lora_a": (32, 4), f"{UP}.lora_b": (4, 64)}, "decodes", None),
+    "a norm tensor is skipped": (
+        {f"{UP}.lora_a": (32, 4), f"{UP}.lora_b": (4, 64), "blk.0.attn_output_norm.weight": (32,)},
+        "decodes",
+        None,
+    ),
+    "token_embd, flipped": ({f"{EMBD}.lora_a": (4, 73), f"{EMBD}.lora_b": (4, 32)}, "decodes", None),
+    "n_in": (
+        {f"{UP}.lora_a": (16, 4), f"{UP}.lora_b": (4, 64)},
+        "refused",
+        f"tensor '{UP}' has incorrect shape: lora_a is [16, 4] and lora_b [4, 64], for the model's [32, 64];"
+        " llama.cpp takes lora_a [32, rank] and lora_b [rank, 64]",
+    ),
+    "n_out": (
+        {f"{UP}.lora_a": (32, 4), f"{UP}.lora_b": (4, 32)},
+        "refused",
+        f"tensor '{UP}' has incorrect shape: lora_a is [32, 4] and lora_b [4, 32], for the model's [32, 64];"
+        " llama.cpp takes lora_a [32, rank] and lora_b [rank, 64]",
+    ),
+    "lora_b laid out as lora_a": (
+        {f"{UP}.lora_a": (32, 4), f"{UP}.lora_b": (64, 4)},
+        "refused",
+        f"tensor '{UP}' has incorrect shape: lora_a is [32, 4] and lora_b [64, 4]",
+    ),
+    "token_embd laid out as another tensor": (
+        {f"{EMBD}.lora_a": (32, 4), f"{EMBD}.lora_b": (4, 73)},
+        "refused",
+        f"tensor '{EMBD}' has incorrect shape: lora_a is [32, 4] and lora_b [4, 73], for the model's [32, 73];"
+        " llama.cpp takes lora_a [rank, 73] and lora_b [rank, 32]",
+    ),
+    "ranks differ": (
+        {f"{UP}.lora_a": (32, 4), f"{UP}.lora_b": (8, 64)},
+        "refused",
+        f"tensor '{UP}': lora_a tensor is not transposed: lora_a is [32, 4] and lora_b [8, 64], for the model's"
+        " [32, 64], and their ranks differ (4, 8)",
+    ),
+    "half a pair": (
+        {f"{UP}.lora_a": (32, 4)},
+        "refused",
+        f"LoRA tensor pair for '{UP}' is missing one component (its lora_b)",
+    ),
+    "a tensor the model lacks": (
+        {"blk.9.ffn_up.weight.lora_a": (32, 4), "blk.9.ffn_up.weight.lora_b": (4, 64)},
+        "refused",
+        "LoRA tensor 'blk.9.ffn_up.weight' does not exist in base model",
+    ),
+    "a suffix": ({f"{UP}.lora_c": (32, 4)}, "refused", f"LoRA tensor '{UP}.lora_c' has unexpected suffix"),
+    "token_embd's ranks differ": (
+        {f"{EMBD}.lora_a": (4, 73), f"{EMBD}.lora_b": (8, 32)},
+        "aborts",
+        f"tensor '{EMBD}': lora_a is [4, 73] and lora_b [8, 32], for the model's [32, 73], and their ranks differ"
+        " (4, 8); llama.cpp takes it, then aborts at its first decode",
+    ),
+    "three dimensions for a matrix": (
+        {f"{UP}.lora_a": (32, 4, 2), f"{UP}.lora_b": (4, 64)},
+        "aborts",
+        f"tensor '{UP}': lora_a is [32, 4, 2] and lora_b [4, 64], for the model's [32, 64], a pair of more than two"
+        " dimensions for a matrix; llama.cpp takes it, then aborts at its first decode",
+    ),
+}
+
+
+def embeds_with_adapter(model_path: str, adapter_path: str) -> bool:
+    """llama.cpp's load of an adapter onto a model (False: it refuses it), then a text embedded with
+    it (an abort ends the process). Not Llama(lora_path=...): llama-cpp-python 0.3.36 tests the NULL
+    pointer of a refusal for None, and goes on with it."""
+    import ctypes
+
+    import llama_cpp
+
+    model = llama_cpp.Llama(
+        model_path, embedding=True, n_ctx=128, n_batch=128, n_ubatch=128, n_threads=1, verbose=False
     )
-    assert status == 200, answer  # its header is a jina-bert-v3 LoRA adapter's: tensors are llama.cpp's to check
-    response = await client.post("/api/embed", json={"model": "jina", "input": "sky"})
-    assert response.status == 500
-    error = (await response.json())["error"]
-    assert "llama.cpp refused the adapter of task 'retrieval.query' (" in error
-    assert "tensor 'blk.0.attn_output.weight' has incorrect shape" in error, error
+    adapter = llama_cpp.llama_adapter_lora_init(model.model, adapter_path.encode())
+    if adapter:
+        chosen = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+        assert llama_cpp.llama_set_adapters_lora(model.ctx, chosen, 1, (ctypes.c_float * 1)(1.0)) == 0
+        assert len(model.embed("why is the sky blue?")) == HIDDEN
+    model.close()  # llama.cpp frees the adapter with the model
+    return bool(adapter)
+
+
+def llama_cpp_outcome(model: Path, adapter: Path, aborts: bool) -> str:
+    """What llama.cpp does with the adapter: "decodes", "refused" (as it loads it) or "aborts" (at
+    the first decode); where it may abort, in a process of its own."""
+    if not aborts:
+        return "decodes" if embeds_with_adapter(str(model), str(adapter)) else "refused"
+    script = (
+        inspect.getsource(embeds_with_adapter)
+        + "\nimport sys\nsys.exit(0 if embeds_with_adapter(*sys.argv[1:]) else 3)\n"
+    )
+    environment = {"GGML_NO_BACKTRACE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", f"HIDDEN = {HIDDEN}\n" + script, str(model), str(adapter)],
+        capture_output=True,
+        env=environment,
+    )
+    outcomes = {0: "decodes", 3: "refused", -signal.SIGABRT: "aborts"}
+    assert done.returncode in outcomes, (done.returncode, done.stderr[-2000:])
+    return outcomes[done.returncode]
+
+
+@pytest.mark.parametrize("case", PAIR_CASES)
+def test_adapter_tensors_are_checked_as_llama_cpp_checks_them(
+    case: str, files: dict[str, Path], tmp_path: Path
+) -> None:
+    shapes, outcome, refusal = PAIR_CASES[case]
+    adapter = write_adapter(tmp_path / "lora.gguf", shapes)
+    assert llama_cpp_outcome(files["model"], adapter, aborts=outcome == "aborts") == outcome
+    if refusal is None:
+        ModelStore.check_adapter_sources([(adapter, None)], "jina-bert-v3", None, files["model"])
+    else:
+        with pytest.raises(InvalidModelFile) as refused:
+            ModelStore.check_adapter_sources([(adapter, None)], "jina-bert-v3", None, files["model"])
+        assert refused.value.message.startswith(f"lora.gguf does not fit this model: {refusal}"), refused.value
 
 
 async def test_adapters_survive_a_restart_and_go_with_their_model(

@@ -222,3 +222,55 @@ async def test_a_model_stored_before_the_checks_is_a_409_that_says_why_and_the_o
     status, body = await embed(client, {"model": "good", "input": "hello"})
     assert (status, body["embeddings"][0]) == (200, vector)
     assert [entry.runner for entry in scheduler_of(client).loaded()] == [runner] and runner.alive
+
+
+def message_of(body: dict[str, Any]) -> str:
+    """The error's words in either dialect's body (Ollama's string, OpenAI's and Cohere's object)."""
+    error = body["error"]
+    return error if isinstance(error, str) else str(error["message"])
+
+
+async def test_every_route_that_loads_a_model_stored_before_the_checks_gives_the_same_409(
+    make_client: MakeClient, files: dict[str, Path], reranker_gguf: Path, tmp_path: Path
+) -> None:
+    """Its tokenizer alone (a vocabulary-only runner) included: llama.cpp aborts as it loads a
+    vocabulary that spells a token twice, which was a 500. /api/show reads no weights: it answers."""
+    tokens = [str(token) for token in GGUFReader(reranker_gguf).fields["tokenizer.ggml.tokens"].contents()]
+    tokens[-1] = tokens[FIRST_ID]
+    twice = copy_gguf(reranker_gguf, tmp_path / "reranker-twice.gguf", {"tokenizer.ggml.tokens": tokens})
+    plant(tmp_path / "home", "reranker-twice", twice, reranker_gguf)  # make_client's home
+    for case, like in OLD_MANIFESTS.items():
+        plant(tmp_path / "home", case, files[case], files[like])
+    client = await make_client({"good": files["good"]})
+    architectures = {"mpnet": "mpnet", "duplicated": "bert", "all-local": "gemma-embedding"}
+    for case in OLD_MANIFESTS:
+        status, body = await embed(client, {"model": case, "input": "hello"})
+        assert status == 409 and REFUSALS[case] in body["error"], body
+        for route, fields in (
+            ("/api/tokenize", {"content": "hello"}),
+            ("/api/tokenize", {"content": "hello", "add_special": False}),
+            ("/api/detokenize", {"tokens": [1, 2]}),
+            ("/api/embeddings", {"prompt": "hello"}),
+            ("/v1/embeddings", {"input": "hello"}),
+        ):
+            response = await client.post(route, json={"model": case, **fields})
+            answer = await response.json()
+            assert (response.status, message_of(answer)) == (409, body["error"]), (case, route, answer)
+        response = await client.post("/api/show", json={"model": case})
+        assert response.status == 200, case
+        assert (await response.json())["model_info"]["general.architecture"] == architectures[case]
+    spelled = f"its vocabulary spells the token '{tokens[FIRST_ID]}' twice (ids {FIRST_ID} and {len(tokens) - 1})"
+    for route in ("/api/rerank", "/v1/rerank", "/v2/rerank"):
+        response = await client.post(route, json={"model": "reranker-twice", "query": "sky", "documents": ["blue"]})
+        answer = await response.json()
+        assert response.status == 409, (route, answer)
+        assert message_of(answer).startswith(
+            f"reranker-twice:latest cannot be loaded by this emberd's llama.cpp: {spelled}"
+        ), answer
+    response = await client.post("/api/tokenize", json={"model": "reranker-twice", "content": "sky"})
+    assert response.status == 409 and spelled in message_of(await response.json())
+    # The daemon serves its other model, its tokenizer too.
+    response = await client.post("/api/tokenize", json={"model": "good", "content": "hello"})
+    assert response.status == 200 and (await response.json())["tokens"]
+    status, _ = await embed(client, {"model": "good", "input": "hello"})
+    assert status == 200

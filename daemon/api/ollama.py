@@ -39,8 +39,15 @@ from daemon.api.models import (
     NamedModel,
     PullRequest,
 )
-from daemon.errors import EmberdError, InvalidInput, InvalidModelFile, NotEmbeddingModel, UnknownModel
-from daemon.gguf_info import cached_gguf_facts, format_parameter_size
+from daemon.errors import (
+    EmberdError,
+    InvalidInput,
+    InvalidModelFile,
+    NotEmbeddingModel,
+    UnknownModel,
+    UnsupportedModelFile,
+)
+from daemon.gguf_info import cached_gguf_facts, format_parameter_size, read_gguf_facts
 from daemon.names import canonical_name
 from daemon.options import parse_options
 from daemon.prompts import check_prompts
@@ -224,7 +231,9 @@ async def create(request: web.Request) -> web.StreamResponse:
     try:
         source_facts = await asyncio.to_thread(store.check_source, source)
         architecture = source_facts.architecture if source_facts else None
-        await asyncio.to_thread(store.check_adapter_sources, adapters, architecture, default_task)
+        # A GGUF file's tensors are known: its adapters' are checked against them before anything streams.
+        model = source if source_facts is not None else None
+        await asyncio.to_thread(store.check_adapter_sources, adapters, architecture, default_task, model)
     except NotEmbeddingModel as error:
         raise InvalidModelFile(error.message) from None
     if source.is_file() and body.quantize is not UNSET:
@@ -315,7 +324,10 @@ async def pull(request: web.Request) -> web.StreamResponse:
 async def show(request: web.Request) -> web.Response:
     name = (await read_model(request, NamedModel)).model_name
     model = await stored_model(request.app, name)
-    facts = await asyncio.to_thread(cached_gguf_facts, model.blob_path)  # read again only if the file changed
+    try:
+        facts = await asyncio.to_thread(cached_gguf_facts, model.blob_path)  # read again only if the file changed
+    except UnsupportedModelFile:  # stored before a check that refuses it: shown all the same (a load says why)
+        facts = await asyncio.to_thread(read_gguf_facts, model.blob_path, False)
     model_info = {**facts.metadata, "general.parameter_count": facts.parameter_count}
     return json_response(
         {

@@ -72,7 +72,7 @@ class EmbedResult:
 
 def load_failure(label: str, header: Mapping[str, Any]) -> ModelLoadFailed:
     """A load_failed frame as an error: ModelNotLoadable, in llama.cpp's words, when llama.cpp
-    refuses the file's architecture or vocabulary (see protocol)."""
+    refuses the file's architecture or vocabulary, or a task adapter (see protocol)."""
     if header.get("refused"):
         said = "; ".join(header.get("llama_cpp") or []) or header["message"]
         return ModelNotLoadable(f"{label} cannot be loaded by this emberd's llama.cpp: {said}")

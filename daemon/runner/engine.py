@@ -340,6 +340,10 @@ class _Lane:
 ADAPTER_SCALE = 1.0
 
 
+class AdapterRefused(RuntimeError):
+    """llama.cpp refused a task adapter of a model it loaded (the worker reports it as refused)."""
+
+
 def load_adapters(model: internals.LlamaModel, adapters: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """Each (task, path) adapter loaded onto the model, once: its llama_adapter_lora pointer by task.
     llama.cpp frees them with the model. A file it refuses (tensors the model lacks, shapes that do
@@ -349,7 +353,7 @@ def load_adapters(model: internals.LlamaModel, adapters: Sequence[tuple[str, str
         _ERROR_LOG.clear()  # the model loaded: what it logged is moot, and the reason is the adapter's
         pointer = llama_cpp.llama_adapter_lora_init(model.model, path.encode("utf-8"))
         if not pointer:  # the worker adds llama.cpp's error lines (llama_errors) to the message
-            raise RuntimeError(f"llama.cpp refused the adapter of task {task!r} ({Path(path).name})")
+            raise AdapterRefused(f"llama.cpp refused the adapter of task {task!r} ({Path(path).name})")
         loaded[task] = pointer
     return loaded
 

@@ -9,8 +9,9 @@ Child -> parent headers:
     {"type": "load_failed", "message": "...", "refused": bool, "llama_cpp": [line, ...]}
                                                       instead of ready, then the child exits; refused:
                                                       llama.cpp cannot load the file's architecture or
-                                                      vocabulary (a vocabulary-only load fails too);
-                                                      llama_cpp: its error lines
+                                                      vocabulary (a vocabulary-only load fails too), or
+                                                      a task adapter; llama_cpp: its error lines (the
+                                                      adapter refused first, for an adapter)
     {"type": "result", "id": N, "rows": R, "dims": D, "token_count": T, "truncated": K,
      "inference_s": S, "decodes": [[tokens, sequences], ...], "quick_decodes": [...], "windows": [W, ...]}
                                                       S: first decode to answer; decodes: those run

@@ -539,10 +539,14 @@ def main() -> int:
         said = engine_module.llama_errors() if engine_module is not None else []
         if said:  # llama-cpp-python's exception does not say why; llama.cpp's log does
             message += f" (llama.cpp: {'; '.join(said)})"
+        adapter_refused = engine_module is not None and isinstance(error, engine_module.AdapterRefused)
+        if adapter_refused:  # which adapter llama.cpp refused, before its reason
+            said = [str(error), *said]
         # Refused: llama.cpp cannot load the file's architecture or vocabulary (a vocabulary-only load,
-        # which reads nothing else, fails too), as opposed to its weights or this machine failing it.
+        # which reads nothing else, fails too), or one of its task adapters, as opposed to its weights
+        # or this machine failing it.
         refused = engine_module is not None and (
-            params.vocab_only or not _vocabulary_loads(engine_module, config["model_path"], params)
+            adapter_refused or params.vocab_only or not _vocabulary_loads(engine_module, config["model_path"], params)
         )
         writer.send({"type": "load_failed", "message": message, "refused": refused, "llama_cpp": said})
         return 1

@@ -13,8 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from daemon.config import Settings
-from daemon.errors import InvalidInput, InvalidModelFile, ModelLoadFailed, ModelNotLoadable, UnsupportedModelFile
-from daemon.gguf_info import GGUFFacts, cached_gguf_facts
+from daemon.errors import InvalidInput
 from daemon.memory import ModelShape, decode_tokens_for, peak_bytes
 from daemon.memory.offload import (
     DEVICE_RUNTIME_BYTES,
@@ -40,26 +39,10 @@ from daemon.scheduling.room import Room
 from daemon.scheduling.runners import LoadedModel, Runners
 from daemon.scheduling.threads import share_threads
 from daemon.scheduling.waits import holding
-from daemon.store import ModelStore, StoredModel, require_embedding_model
+from daemon.store import ModelStore, StoredModel, loadable_facts, require_embedding_model
 
 # One logger for the whole scheduler, named as before it was split into jobs: log filters keep working.
 log = logging.getLogger("daemon.scheduler")
-
-
-def _header_facts(model: StoredModel) -> GGUFFacts:
-    """The stored file's header facts, with today's checks (cached_gguf_facts: read again only if
-    the file changed). A check that foresees llama.cpp refusing or aborting on the file is
-    ModelNotLoadable; a file damaged since it was stored, ModelLoadFailed; a file deleted meanwhile
-    keeps the manifest's facts (the runner's start then says it is gone)."""
-    try:
-        return cached_gguf_facts(model.blob_path)
-    except UnsupportedModelFile as refusal:
-        reason = refusal.message.removeprefix(f"{model.blob_path.name}: ")
-        raise ModelNotLoadable(f"{model.name} cannot be loaded by this emberd's llama.cpp: {reason}") from None
-    except InvalidModelFile as damage:
-        if not model.blob_path.is_file():
-            return model.facts
-        raise ModelLoadFailed(f"failed to load {model.name}: {damage.message}") from None
 
 
 def _host_shape(shape: ModelShape, device: Device | None, part: DevicePart) -> ModelShape:
@@ -200,7 +183,7 @@ class Leases:
         """Make room for a runner, then start it in the same step (one start at a time)."""
         # Today's header checks on every load (read once per file): a model stored before a check
         # gets its refusal here, not an abort of its runner at its first decode.
-        header = await asyncio.to_thread(_header_facts, model)
+        header = await asyncio.to_thread(loadable_facts, model)
         # A manifest written before the estimate needed the vocabulary's size takes the header's facts.
         facts = model.facts if model.facts.vocab_size else header
         splits = splits_across_ubatches(facts.causal_attention, facts.pooling_type)
