@@ -1,12 +1,12 @@
 """emberd's speed at every model size against llama.cpp's own server and torch, in one run.
 
-    .venv/bin/python benchmarks/bench_sizes.py [--shapes minilm,base,large] [--quants f16,q8_0]
+    .venv/bin/python benchmarks/bench_sizes.py [--shapes minilm,base,large] [--quants f16,bf16,q8_0]
         [--rounds 3] [--seconds 10] [--w1-seconds 4] [--quick] [--cache /tmp/emberd-bench-sizes]
         [--bench-python .venv-bench/bin/python] [--xll-serve ../shared/tools/xll_serve.py]
 
 The shapes: all-MiniLM-L6-v2 (22M, the real model), and random-weight BERT-base (110M) and
 BERT-large (335M) saved by transformers with all-MiniLM's WordPiece vocabulary and mean pooling.
-Each is converted by emberd's converter to f16 and q8_0 GGUFs; everything made is cached under
+Each is converted by emberd's converter to f16, bf16 and q8_0 GGUFs; everything made is cached under
 --cache, in a folder per shape's dimensions, so a rerun skips the making (delete it after a
 change to the converter).
 
@@ -78,6 +78,9 @@ SHAPES_SCRIPT = Path(__file__).with_name("size_shapes.py")
 BULK_CLIENTS = 2
 MINILM_TARGET = 1.0  # emberd's bulk over torch's at 22M
 FLOP_SHARE_TARGET = 0.85  # emberd's share of the attainable rate from 110M up
+# The converter's output types measured (bf16: llama.cpp's native bfloat16 kernels where the CPU has
+# AVX512-BF16).
+QUANTS = ("f16", "bf16", "q8_0")
 
 
 class HttpEmbedder:
@@ -112,7 +115,7 @@ class Target:
     """One thing measured: a server (HTTP) or the torch worker (JSON lines over pipes)."""
 
     server: str  # emberd, xllamacpp, torch
-    weights: str  # f16, q8_0, fp32
+    weights: str  # f16, bf16, q8_0 (QUANTS), fp32
     process: subprocess.Popen[Any]
     port: int = 0
     kind: str = ""
@@ -503,7 +506,7 @@ def print_table(runs: list[ShapeRun], gflops: float, tokens: int, header: list[s
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="minilm,base,large", help="of: " + ",".join(SHAPES))
-    parser.add_argument("--quants", default="f16,q8_0", help="of: f16,q8_0")
+    parser.add_argument("--quants", default=",".join(QUANTS), help="of: " + ",".join(QUANTS))
     parser.add_argument("--servers", default="emberd,xllamacpp,torch", help="of: emberd,xllamacpp,torch")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0, help="each bulk phase (one batch per client at least)")
@@ -522,7 +525,7 @@ def parse_args() -> argparse.Namespace:
         args.rounds, args.seconds, args.w1_seconds, args.sgemm_repeats = 1, 1.0, 1.0, 2
     unknown = (
         [s for s in args.shapes if s not in SHAPES]
-        + [q for q in args.quants if q not in ("f16", "q8_0")]
+        + [q for q in args.quants if q not in QUANTS]
         + [s for s in args.servers if s not in ("emberd", "xllamacpp", "torch")]
     )
     if unknown:
