@@ -81,6 +81,8 @@ FLOP_SHARE_TARGET = 0.85  # emberd's share of the attainable rate from 110M up
 # The converter's output types measured (bf16: llama.cpp's native bfloat16 kernels where the CPU has
 # AVX512-BF16).
 QUANTS = ("f16", "bf16", "q8_0")
+# A load average (the minute before the start) from which the header warns that the machine was busy.
+BUSY_LOAD = 0.5
 
 
 class HttpEmbedder:
@@ -591,8 +593,8 @@ def main() -> None:
         f"attainable fp32 rate: {gflops:.0f} GFLOP/s (numpy sgemm 4096 x 4096, {blas}; "
         f"{gflops_before:.0f} before, {gflops_after:.0f} after); "
         f"tokens per passage as the servers counted them: {', '.join(map(str, sorted(reported))) or '?'}",
-        f"load average over the minute before the start: {load_before:.1f} (well above 0, something else "
-        "was busy: the figures then say little)",
+        f"load average over the minute before the start: {load_before:.1f} "
+        + ("(quiet)" if load_before < BUSY_LOAD else "(something else was busy: the figures then say little)"),
     ]
     print()
     print_table(runs, gflops, nominal_tokens, header)
