@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.errors import InvalidInput, InvalidModelFile
-from daemon.gguf_info import read_gguf_facts, read_tensor_shapes
+from daemon.gguf_info import read_gguf_header
 from daemon.prompts import INPUT_TYPE_PROMPTS, MAX_PROMPT_CHARS, ModelPrompts, choose_prompt
 
 MAX_TASK_NAME_CHARS = 128
@@ -58,7 +58,7 @@ def read_adapter_header(path: Path, task: str | None = None) -> AdapterHeader:
         is_file = False
     if not is_file:
         raise InvalidModelFile(f"{str(path)[:200]}: no such adapter file")
-    facts = read_gguf_facts(path)
+    facts, tensor_shapes = read_gguf_header(path)
     metadata = facts.metadata
     kind, adapter_type = metadata.get("general.type"), metadata.get("adapter.type")
     if kind != "adapter" or adapter_type != "lora":
@@ -85,7 +85,7 @@ def read_adapter_header(path: Path, task: str | None = None) -> AdapterHeader:
         facts.architecture,
         prefix,
         float(alpha) if isinstance(alpha, (int, float)) else 0.0,
-        read_tensor_shapes(path),
+        tensor_shapes,
     )
 
 

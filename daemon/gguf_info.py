@@ -356,6 +356,12 @@ def read_gguf_facts(path: Path, checked: bool = True) -> GGUFFacts:
     """Read the header of a GGUF file; InvalidModelFile if it is not one or is malformed, and
     UnsupportedModelFile if llama.cpp would refuse or abort on it (`checked` False: not asked, for
     what reads the header alone, as /api/show)."""
+    return read_gguf_header(path, checked)[0]
+
+
+def read_gguf_header(path: Path, checked: bool = True) -> tuple[GGUFFacts, dict[str, tuple[int, ...]]]:
+    """read_gguf_facts and each tensor's dimensions (as read_tensor_shapes gives them), from one
+    walk of the header: for what checks task adapters against the file it has just read."""
     header = _read_header(path, checked)
     metadata, array_lengths, tensor_sizes = header.metadata, header.array_lengths, header.tensor_sizes
     architecture = metadata.get("general.architecture")
@@ -371,7 +377,7 @@ def read_gguf_facts(path: Path, checked: bool = True) -> GGUFFacts:
         _check_sliding_window_layers(path, architecture, metadata, header.flag_arrays)
     causal = metadata.get(f"{architecture}.attention.causal", True)
     layer_bytes, output_layer_bytes = layer_placement_bytes(architecture, arch_int("block_count"), tensor_sizes)
-    return GGUFFacts(
+    facts = GGUFFacts(
         architecture=architecture,
         name=str(metadata.get("general.name", "")),
         context_length=arch_int("context_length"),
@@ -394,6 +400,7 @@ def read_gguf_facts(path: Path, checked: bool = True) -> GGUFFacts:
         layer_bytes=layer_bytes,
         output_layer_bytes=output_layer_bytes,
     )
+    return facts, header.tensor_shapes
 
 
 # llama.cpp's input layer, which it always keeps on the CPU (LLM_TENSOR_LAYER_INPUT in llama-arch.cpp).

@@ -41,7 +41,7 @@ from daemon.errors import (
     UnreadableManifest,
     UnsupportedModelFile,
 )
-from daemon.gguf_info import GGUFFacts, cached_gguf_facts, read_gguf_facts, read_tensor_shapes
+from daemon.gguf_info import GGUFFacts, cached_gguf_facts, read_gguf_header, read_tensor_shapes
 from daemon.jobs import NEVER_CANCELLED, CancelToken
 from daemon.names import canonical_name
 from daemon.prompts import ModelPrompts, merge_prompts, read_sentence_transformers_prompts
@@ -433,7 +433,7 @@ class ModelStore:
                 progress("copying gguf into the store")
                 digest_hex = self._hash_copy(source, partial, token)
             try:
-                facts = read_gguf_facts(partial)
+                facts, tensor_shapes = read_gguf_header(partial)
             except InvalidModelFile as refusal:  # named after the source, not the partial file
                 raise type(refusal)(f"{source.name}: {refusal.message.removeprefix(partial.name + ': ')}") from None
             require_embedding_model(facts, source.name)
@@ -441,7 +441,7 @@ class ModelStore:
             stored_adapters: Sequence[tuple[str, str | None]] = ()
             if adapters:  # the headers read above, against the stored bytes' architecture and tensors
                 labels = [path.name for path, _task in adapters]
-                check_adapters(headers, labels, facts.architecture, read_tensor_shapes(partial))
+                check_adapters(headers, labels, facts.architecture, tensor_shapes)
                 progress("copying adapters into the store")
                 stored_adapters = self._store_adapters(adapters, token)
             progress("writing manifest")
@@ -494,21 +494,24 @@ class ModelStore:
             for needed in [digest_hex, *(adapter_hex for adapter_hex, _task in adapters)]:
                 if not (self.blobs_dir / f"sha256-{needed}").is_file():
                     raise BlobMissing(f"the blob sha256:{needed} was deleted before {canonical} could name it")
-            facts = read_gguf_facts(blob)
-            stored_adapters = self._adapters_of(blob, facts, adapters, default_task)
+            facts, tensor_shapes = read_gguf_header(blob)
+            stored_adapters = self._adapters_of(facts, tensor_shapes, adapters, default_task)
             return self._write_manifest(
                 canonical, blob, facts, source, prompts or ModelPrompts(), stored_adapters, default_task
             )
 
     def _adapters_of(
-        self, blob: Path, facts: GGUFFacts, adapters: Sequence[tuple[str, str | None]], default_task: str | None
+        self,
+        facts: GGUFFacts,
+        tensor_shapes: dict[str, tuple[int, ...]],
+        adapters: Sequence[tuple[str, str | None]],
+        default_task: str | None,
     ) -> Sequence[StoredAdapter]:
-        """The adapter blobs `adapters` names, their headers checked against the model's (`blob`,
-        whose header `facts` are): its architecture and its tensors."""
+        """The adapter blobs `adapters` names, their headers checked against the model's (its header
+        `facts` and `tensor_shapes`): its architecture and its tensors."""
         paths = [(self.blobs_dir / f"sha256-{adapter_hex}", task) for adapter_hex, task in adapters]
         headers = self.check_adapter_sources(paths, None, default_task)
-        model_shapes = read_tensor_shapes(blob) if adapters else None
-        check_adapters(headers, [header.task for header in headers], facts.architecture, model_shapes)
+        check_adapters(headers, [header.task for header in headers], facts.architecture, tensor_shapes)
         return [
             StoredAdapter(
                 header.task, f"sha256:{adapter_hex}", path.stat().st_size, path, header.prompt_prefix, header.alpha
