@@ -188,9 +188,9 @@ def _ps_entry(loaded: LoadedModel) -> dict[str, Any]:
         **_tag_entry(loaded.model),
         "size": size,
         "expires_at": expires,
-        "size_vram": loaded.device_bytes if loaded.device is not None else 0,
+        "size_vram": loaded.device_bytes,  # 0 and 0 layers without a device
         "context_length": loaded.params.limit_tokens,
-        "gpu_layers": loaded.offloaded_layers if loaded.device is not None else 0,
+        "gpu_layers": loaded.offloaded_layers,
         "gpu_device": loaded.device.name if loaded.device is not None else "",
     }
 

@@ -1,6 +1,6 @@
 """GPU offload: the devices llama.cpp reports, what a model puts on one for a number of offloaded
 layers, how many layers a device takes, and what it has left. Pure: no I/O, table-tested (the
-devices are read by a child, see runner/devices.py and probe.read_devices).
+devices are read by a child, see runner/devices.py and probe.DeviceProbe).
 
 llama.cpp's rule (llama_model_base::load_tensors): n_gpu_layers = L puts the output layer on the
 device first, then the last L - 1 repeating layers; the input layer (token embeddings) stays on the
@@ -17,7 +17,7 @@ from daemon.memory.estimate import ModelShape, compute_buffer_bytes, kv_cache_by
 
 # Device types whose memory is the host's RAM (ggml's "integrated GPU using host memory"): what a
 # runner puts there is also in its process's memory, and counted once, on the host (see
-# host_memory_device).
+# Device.host_memory).
 _HOST_MEMORY_TYPES = frozenset({"igpu"})
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from daemon.config import Settings
 from daemon.errors import InvalidInput
+from daemon.gguf_info import GGUFFacts
 from daemon.memory import ModelShape, decode_tokens_for, peak_bytes
 from daemon.memory.offload import (
     DEVICE_RUNTIME_BYTES,
@@ -26,6 +27,7 @@ from daemon.memory.offload import (
 )
 from daemon.options import (
     MAX_SEQUENCES_PER_DECODE,
+    LlamaParams,
     LoadOptions,
     context_limit,
     llama_params,
@@ -50,7 +52,7 @@ def _host_shape(shape: ModelShape, device: Device | None, part: DevicePart) -> M
     the offloaded weights off the host (their pages are read once to upload them, then unmapped);
     one whose memory is the host's adds its KV and compute buffers to it (the weights are in host
     memory either way, counted once)."""
-    if device is None or not part.layers:
+    if device is None:
         return shape
     if device.host_memory:
         return replace(shape, file_bytes=shape.file_bytes + part.kv_bytes + part.compute_bytes)
@@ -197,47 +199,60 @@ class Leases:
         # 32k-context model serving short queries must not reserve its worst case up front.
         allowance = decode_tokens_for(params, load, limit_tokens, longest_input_tokens)
 
-        def part_of(layers: int) -> DevicePart:
-            n_seq_max = min(params.n_batch, MAX_SEQUENCES_PER_DECODE)
-            return device_part(
-                shape, header.layer_bytes, header.output_layer_bytes, layers, params.n_batch, params.n_ubatch, n_seq_max
-            )
-
-        wanted_layers = layers_for(load.num_gpu, facts.block_count)
-        architecture = facts.architecture
-        if load.num_gpu >= 0 and not may_offload(architecture, wanted_layers, facts.block_count):
-            raise InvalidInput(
-                f"num_gpu {load.num_gpu}: llama.cpp cannot run part of a {architecture} model on a GPU; "
-                f"offload all of it (-1 or {offloadable_layers(facts.block_count)}) or none (0)"
-            )
-
-        def part_bytes(layers: int) -> int:
-            # A placement llama.cpp cannot run never fits: automatic offload takes all or nothing.
-            return part_of(layers).total_bytes if may_offload(architecture, layers, facts.block_count) else sys.maxsize
-
-        device, layers = await self._room.place(
-            model.name, load.main_gpu, wanted_layers, load.num_gpu >= 0, part_bytes, deadline_s
-        )
-        part = part_of(layers)
+        device, part = await self._place_on_gpu(model.name, load, facts, header, shape, params, deadline_s)
         if device is not None:
             self._runners.loading_device[model.name] = (device.index, part.total_bytes)  # promised in this step
+            # A device runner has no quick lane (engine), and its backend's runtime takes host memory.
+            params = replace(params, n_gpu_layers=part.layers, quick_lane_tokens=0)
+        else:
+            params = replace(params, n_gpu_layers=0)
         try:
-            params = replace(params, n_gpu_layers=layers if device is not None else 0)
-            if device is not None and layers:
-                params = replace(params, quick_lane_tokens=0)  # a device runner has none (engine)
             host_shape = _host_shape(shape, device, part)
             estimated = peak_bytes(host_shape, params.n_batch, allowance, params.n_ubatch, params.quick_lane_tokens)
-            if device is not None and layers:
-                estimated += DEVICE_RUNTIME_BYTES
+            estimated += DEVICE_RUNTIME_BYTES if device is not None else 0
             await self._room.make(model.name, estimated, deadline_s)
             entry = await self._lifecycle.start(
                 model, load, params, host_shape, allowance, estimated, keep_alive_s, deadline_s
             )
         finally:
             self._runners.loading_device.pop(model.name, None)
-        if device is not None and layers:
+        if device is not None:
             _place(entry, device, part, shape.file_bytes - host_shape.file_bytes)
         return entry
+
+    async def _place_on_gpu(
+        self,
+        name: str,
+        load: LoadOptions,
+        facts: GGUFFacts,
+        header: GGUFFacts,
+        shape: ModelShape,
+        params: LlamaParams,
+        deadline_s: float,
+    ) -> tuple[Device | None, DevicePart]:
+        """The GPU a new runner offloads to and its part there (None: all on the CPU), as num_gpu
+        asks and the device's room allows (Room.place)."""
+        n_seq_max = min(params.n_batch, MAX_SEQUENCES_PER_DECODE)
+        block_count, architecture = facts.block_count, facts.architecture
+
+        def part_of(layers: int) -> DevicePart:
+            return device_part(
+                shape, header.layer_bytes, header.output_layer_bytes, layers, params.n_batch, params.n_ubatch, n_seq_max
+            )
+
+        def part_bytes(layers: int) -> int:
+            # A placement llama.cpp cannot run never fits: automatic offload takes all or nothing.
+            return part_of(layers).total_bytes if may_offload(architecture, layers, block_count) else sys.maxsize
+
+        wanted_layers = layers_for(load.num_gpu, block_count)
+        exact = load.num_gpu >= 0
+        if exact and not may_offload(architecture, wanted_layers, block_count):
+            raise InvalidInput(
+                f"num_gpu {load.num_gpu}: llama.cpp cannot run part of a {architecture} model on a GPU; "
+                f"offload all of it (-1 or {offloadable_layers(block_count)}) or none (0)"
+            )
+        device, layers = await self._room.place(name, load.main_gpu, wanted_layers, exact, part_bytes, deadline_s)
+        return device, part_of(layers)
 
     @contextlib.asynccontextmanager
     async def lease_if_loaded(self, model: StoredModel) -> AsyncIterator[RunnerProcess | None]:

@@ -119,11 +119,14 @@ class Room:
             stopped = self._lifecycle.retire(loaded[victim.name], "evicted")
             await until(deadline_s, asyncio.shield(stopped), f"{victim.name} to stop", load_timeout_s)
 
+    def _on_device(self, device: Device) -> list[LoadedModel]:
+        """The runners alive with layers on `device`."""
+        return [e for e in self._runners.alive() if e.device is not None and e.device.index == device.index]
+
     def device_room(self, device: Device) -> int:
         """What a new runner may put on `device` now, beside what the runners hold and were promised
         there (see offload.device_room_bytes)."""
-        alive = self._runners.alive()
-        counted = sum(e.device_bytes for e in alive if e.device is not None and e.device.index == device.index)
+        counted = sum(e.device_bytes for e in self._on_device(device))
         promised = sum(size for index, size in self._runners.loading_device.values() if index == device.index)
         return device_room_bytes(device, self._settings.max_gpu_memory_bytes, counted, promised)
 
@@ -136,12 +139,12 @@ class Room:
         part_bytes: Callable[[int], int],
         deadline_s: float,
     ) -> tuple[Device | None, int]:
-        """The GPU and the layers a new runner offloads (None, 0: the CPU only). `wanted_layers` fits
-        as it fits; else idle runners on the device are unloaded when that makes room for all of
-        it. Past that, automatic offload (`exact` False) takes as many layers as fit now, the rest
-        on the CPU; an exact request waits for busy runners up to the deadline (MemoryBusy), and is
-        refused at once (507) when even an empty device could not hold it. The caller promises the
-        part in the same step (Runners.loading_device)."""
+        """The GPU and the layers a new runner offloads (None, 0: the CPU only, also when no layer
+        fits). `wanted_layers` fits as it fits; else idle runners on the device are unloaded when
+        that makes room for all of it. Past that, automatic offload (`exact` False) takes as many
+        layers as fit now, the rest on the CPU; an exact request waits for busy runners up to the
+        deadline (MemoryBusy), and is refused at once (507) when even an empty device could not
+        hold it. The caller promises the part in the same step (Runners.loading_device)."""
         while True:
             gpus = await self._device_probe.gpus() if wanted_layers > 0 else []
             if not gpus:
@@ -154,25 +157,27 @@ class Room:
                 room = self.device_room(device)
                 if wanted_bytes <= room:
                     return device, wanted_layers
-                holders = [e for e in self._runners.alive() if e.device is not None and e.device.index == device.index]
-                idle = [
+                holders = self._on_device(device)
+                loaded = self._runners.loaded
+                candidates = [
                     EvictionCandidate(e.name, e.refcount > 0, e.last_used_s, e.device_bytes)
                     for e in holders
-                    if e in self._runners.loaded.values() and e.refcount == 0
+                    if loaded.get(e.name) is e  # not one already leaving
                 ]
                 # Whether unloading every runner on the device could make room (busy ones go idle in time).
                 freeable_bytes = room + sum(e.device_bytes for e in holders)
                 capacity_bytes = device_capacity_bytes(device, self._settings.max_gpu_memory_bytes)
                 ever = wanted_bytes <= min(freeable_bytes, capacity_bytes)
-                victim = pick_victim(idle) if ever else None
+                victim = pick_victim(candidates) if ever else None
                 if victim is not None:
                     log.info("unloading %s to make room on %s for %s", victim.name, device.name, name)
-                    stopped = self._lifecycle.retire(self._runners.loaded[victim.name], "evicted")
+                    stopped = self._lifecycle.retire(loaded[victim.name], "evicted")
                     timeout_s = self._settings.load_timeout_s
                     await until(deadline_s, asyncio.shield(stopped), f"{victim.name} to stop", timeout_s)
                     continue  # read the device again: its free memory moved
                 if not exact:
-                    return device, most_layers_within(room, wanted_layers, part_bytes)
+                    layers = most_layers_within(room, wanted_layers, part_bytes)
+                    return (device, layers) if layers else (None, 0)
                 if not ever:
                     raise InsufficientMemory(self._device_report(name, device, wanted_layers, wanted_bytes, room))
                 changed = self._runners.memory_changed
@@ -197,8 +202,7 @@ class Room:
             parts.append(f"max_gpu_memory is {self._settings.max_gpu_memory_bytes / MIB:.0f} MiB")
         holders = [
             f"{e.name} {e.device_bytes / MIB:.0f} MiB ({'busy' if e.refcount else 'idle'})"
-            for e in self._runners.alive()
-            if e.device is not None and e.device.index == device.index
+            for e in self._on_device(device)
         ]
         parts.append("on the device: " + (", ".join(holders) if holders else "nothing"))
         parts.append("num_gpu -1 (automatic) offloads the layers that fit")
