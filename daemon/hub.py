@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.errors import DownloadFailed, HubUnavailable, InvalidConfig, InvalidInput, UnknownModel
+from daemon.heads import HEAD_FILES
 from daemon.jobs import NEVER_CANCELLED, CancelToken
 from daemon.names import canonical_name, parse_hub_name
 from daemon.prompts import ModelPrompts, check_card_conventions, check_prompts
@@ -43,7 +44,7 @@ OFFLINE_MESSAGE = (
 # The fields an alias may have (configs/models.toml).
 ALIAS_FIELDS = (
     "repo", "file", "revision", "sha256", "prompts", "default_prompt_name", "append_eos", "pooling", "normalize",
-    "adapters", "default_task",
+    "adapters", "default_task", "heads_repo", "heads_revision",
 )  # fmt: skip
 
 
@@ -57,6 +58,9 @@ class AliasEntry:
     # Task adapters: files of the same repo and revision (daemon.adapters), their tasks from their headers.
     adapters: tuple[str, ...] = ()
     default_task: str | None = None
+    # BGE-M3's sparse and ColBERT heads (daemon.heads): the repo that holds them, pulled with the GGUF.
+    heads_repo: str | None = None
+    heads_revision: str = "main"
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class HubFile:
     prompts: ModelPrompts = field(default_factory=ModelPrompts)  # from the alias, if any
     adapters: tuple[HubFile, ...] = ()  # the alias's task adapters, pulled with the model
     default_task: str | None = None
+    heads: tuple[HubFile, ...] = ()  # the alias's heads files (sparse_linear.pt, colbert_linear.pt)
 
     @property
     def source(self) -> str:
@@ -81,8 +86,9 @@ def load_aliases(path: Path) -> dict[str, AliasEntry]:
     """configs/models.toml: one table per model name, e.g. ["all-minilm:latest"], with repo, revision,
     and optionally file, sha256, prompts (a table of name = text), default_prompt_name, and the model
     card's append_eos, pooling and normalize (see daemon.prompts), and adapters (task adapter files
-    of the repo, see daemon.adapters) with default_task. A field it does not know is an error, so a
-    misspelt one is not silently ignored."""
+    of the repo, see daemon.adapters) with default_task, and heads_repo (with heads_revision: the
+    repo holding BGE-M3's sparse_linear.pt and colbert_linear.pt, see daemon.heads). A field it
+    does not know is an error, so a misspelt one is not silently ignored."""
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as error:
@@ -107,8 +113,21 @@ def load_aliases(path: Path) -> dict[str, AliasEntry]:
                 raise InvalidInput(f"{where}: adapters must be a list of the repo's file names")
             if default_task is not None and not isinstance(default_task, str):
                 raise InvalidInput(f"{where}: default_task must be a task name")
+            heads_repo, heads_revision = entry.get("heads_repo"), entry.get("heads_revision", "main")
+            if heads_repo is not None and not (isinstance(heads_repo, str) and heads_repo.count("/") == 1):
+                raise InvalidInput(f"{where}: heads_repo must be a repo id, owner/name")
+            if not isinstance(heads_revision, str) or not heads_revision:
+                raise InvalidInput(f"{where}: heads_revision must be a revision (a commit hash or branch)")
             aliases[canonical_name(name)] = AliasEntry(
-                entry["repo"], filename, entry["revision"], sha256, prompts, tuple(adapters), default_task
+                entry["repo"],
+                filename,
+                entry["revision"],
+                sha256,
+                prompts,
+                tuple(adapters),
+                default_task,
+                heads_repo,
+                heads_revision,
             )
         except (KeyError, AttributeError, TypeError):
             raise InvalidConfig(f"{path}: alias {name!r} needs repo and revision") from None
@@ -214,9 +233,33 @@ class HubClient:
                 raise UnknownModel(f"hf.co/{repo_id} has no adapter file {adapter_name} with a sha256 to verify")
             adapters.append(HubFile(repo_id, adapter_name, info.sha, adapter.lfs.sha256, adapter.lfs.size))
         default_task = alias.default_task if alias is not None else None
+        heads = self._resolve_heads(alias.heads_repo, alias.heads_revision) if alias and alias.heads_repo else ()
         return HubFile(
-            repo_id, filename, info.sha, sibling.lfs.sha256, sibling.lfs.size, prompts, tuple(adapters), default_task
+            repo_id,
+            filename,
+            info.sha,
+            sibling.lfs.sha256,
+            sibling.lfs.size,
+            prompts,
+            tuple(adapters),
+            default_task,
+            heads,
         )
+
+    def _resolve_heads(self, repo_id: str, revision: str) -> tuple[HubFile, ...]:
+        """BGE-M3's two head files in `repo_id` at `revision`, each with the Hub's sha256."""
+        from daemon import hub_http
+
+        with hub_http.translated_errors(repo_id, OFFLINE_MESSAGE, OFFLINE_HINT):
+            info = hub_http.model_info(self._endpoint, repo_id, revision)
+        siblings = {sibling.rfilename: sibling for sibling in info.siblings or []}
+        files = []
+        for filename in HEAD_FILES:
+            sibling = siblings.get(filename)
+            if sibling is None or sibling.lfs is None or not info.sha:
+                raise UnknownModel(f"hf.co/{repo_id} has no head file {filename} with a sha256 to verify")
+            files.append(HubFile(repo_id, filename, info.sha, sibling.lfs.sha256, sibling.lfs.size))
+        return tuple(files)
 
     def download(
         self,

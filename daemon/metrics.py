@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -161,6 +161,22 @@ class Metrics:
         self._pulled_bytes = Counter(
             "emberd_pulled_bytes", "Bytes received from the Hugging Face Hub", registry=registry
         )
+        self._cache_hits = Counter(
+            "emberd_cache_hits", "Inputs whose vector the vector cache held", ["model"], registry=registry
+        )
+        self._cache_misses = Counter(
+            "emberd_cache_misses", "Inputs the vector cache did not hold (then decoded)", ["model"], registry=registry
+        )
+        self._cache_evictions = Counter(
+            "emberd_cache_evictions",
+            "Vectors this daemon evicted from the on-disk cache (least recently used)",
+            registry=registry,
+        )
+        self._cache_bytes = Gauge(
+            "emberd_cache_bytes",
+            "Keys and vectors the on-disk vector cache holds, as of this daemon's last write to it",
+            registry=registry,
+        )
 
     def watch_state(self, read_state: Callable[[], DaemonState]) -> None:
         self.registry.register(StateCollector(read_state))
@@ -210,3 +226,17 @@ class Metrics:
 
     def pulled(self, byte_count: int) -> None:
         self._pulled_bytes.inc(byte_count)
+
+    def cache_looked_up(self, model: str, hits: int, misses: int) -> None:
+        if hits:
+            self._cache_hits.labels(model).inc(hits)
+        if misses:
+            self._cache_misses.labels(model).inc(misses)
+
+    def cache_stored(self, evicted: int, stored_bytes: int | None) -> None:
+        """A write to the vector cache: entries it evicted, and the bytes stored after it (None:
+        not known, as with Redis)."""
+        if evicted:
+            self._cache_evictions.inc(evicted)
+        if stored_bytes is not None:
+            self._cache_bytes.set(stored_bytes)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import shutil
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,15 @@ class PullManager:
         jobs: JobExecutor,
         free_bytes: Callable[[Path], int] = disk_free_bytes,
         on_bytes: Callable[[int], None] = lambda _count: None,
+        after_publish: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
         self._executor = jobs
         self._free_bytes = free_bytes
         self._on_bytes = on_bytes  # bytes received from the Hub, for /metrics
+        # Run once a pulled model is in the store, before the pull reports success (calibration).
+        self._after_publish = after_publish
         self._jobs: dict[str, PullJob] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Downloads by blob sha256, with the jobs waiting on each: two names for one file (an alias
@@ -166,10 +170,13 @@ class PullManager:
         try:
             job.add({"status": "pulling manifest"})
             hub_file = await self._executor.run(lambda _token: self._hub.resolve(name))
+            heads_hex: str | None = None
             for attempt in range(2):
                 for wanted in (hub_file, *hub_file.adapters):  # the model, then its task adapters
                     if not self._store.has_blob(wanted.sha256):
                         await self._download_once(wanted, job)
+                if hub_file.heads and (heads_hex is None or not self._store.has_blob(heads_hex)):
+                    heads_hex = await self._pull_heads(hub_file, job)
                 job.add({"status": "writing manifest"})
                 try:
                     await asyncio.to_thread(
@@ -180,12 +187,16 @@ class PullManager:
                         hub_file.prompts,
                         [(adapter.sha256, None) for adapter in hub_file.adapters],
                         hub_file.default_task,
+                        heads_hex,
                     )
                     break
                 except BlobMissing:
                     if attempt == 1:
                         raise  # deleted twice in a row: the pull fails with the reason
                     log.info("the blob of %s was deleted meanwhile: downloading it again", canonical)
+            if self._after_publish is not None:
+                job.add({"status": "calibrating int8 and uint8 ranges"})
+                await self._after_publish(canonical)
             job.add({"status": "success"})
         except EmberdError as failure:
             error = failure
@@ -195,6 +206,32 @@ class PullManager:
         finally:
             del self._jobs[canonical]
             job.finish(error)
+
+    async def _pull_heads(self, hub_file: HubFile, job: PullJob) -> str:
+        """BGE-M3's head files (a few MiB, from the alias's heads_repo), each verified against the
+        Hub's sha256 and read without running its pickle (daemon.heads), as one heads blob checked
+        against the model's width: its digest hex."""
+        staged: list[Path] = []
+        paths: list[Path] = []
+        try:
+            for head in hub_file.heads:
+                job.add({"status": f"pulling {head.filename} from hf.co/{head.repo_id}"})
+                directory = self._store.download_dir(head.sha256)
+                directory.mkdir(parents=True, exist_ok=True)
+                staged.append(directory)
+                path = await self._executor.run(
+                    functools.partial(self._hub.download, head, directory, lambda _completed, _total: None)
+                )
+                actual = await self._executor.run(functools.partial(ModelStore.hash_file, path))
+                if actual != head.sha256:
+                    raise DownloadFailed(f"{head.filename}: want sha256:{head.sha256}, got sha256:{actual}")
+                paths.append(path)
+            model = self._store.blobs_dir / f"sha256-{hub_file.sha256}"
+            sparse, colbert = paths  # in HEAD_FILES' order
+            return await asyncio.to_thread(self._store.store_heads_files, sparse, colbert, model)
+        finally:
+            for directory in staged:
+                shutil.rmtree(directory, ignore_errors=True)
 
     async def _download_once(self, hub_file: HubFile, job: PullJob) -> None:
         """Download a blob once, however many pulls (under different names) want it."""

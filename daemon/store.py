@@ -42,9 +42,11 @@ from daemon.errors import (
     UnsupportedModelFile,
 )
 from daemon.gguf_info import GGUFFacts, cached_gguf_facts, read_gguf_header, read_tensor_shapes
+from daemon.heads import Heads, read_head_files, read_heads, write_heads
 from daemon.jobs import NEVER_CANCELLED, CancelToken
 from daemon.names import canonical_name
 from daemon.prompts import ModelPrompts, merge_prompts, read_sentence_transformers_prompts
+from daemon.typed_vectors import QuantizationRanges
 
 _COPY_CHUNK_BYTES = 4 * 1024 * 1024
 # The manifest layout this version writes; it reads this one and older ones (see _read_manifest).
@@ -85,6 +87,15 @@ class StoredAdapter:
     alpha: float = 0.0  # adapter.lora.alpha, as its header says (llama.cpp applies it)
 
 
+@dataclass(frozen=True)
+class StoredHeads:
+    """BGE-M3's sparse and ColBERT heads a model carries: an .npz blob (see daemon.heads)."""
+
+    digest: str  # "sha256:<hex>"
+    size_bytes: int
+    blob_path: Path
+
+
 # An adapter to store: a GGUF file, and its task where its header names none (or to check it).
 AdapterSource = tuple[Path, str | None]
 
@@ -100,6 +111,9 @@ class StoredModel:
     prompts: ModelPrompts = field(default_factory=ModelPrompts)
     adapters: tuple[StoredAdapter, ...] = ()
     default_task: str | None = None  # the adapter a request that names no task gets (None: the base model)
+    # int8/uint8 ranges (daemon.calibration); None until calibrated.
+    quantization_ranges: QuantizationRanges | None = None
+    heads: StoredHeads | None = None  # BGE-M3's sparse and ColBERT heads (None: the model has none)
 
     @property
     def adapter_bytes(self) -> int:
@@ -192,7 +206,14 @@ class ModelStore:
                 for entry in manifest.get("adapters") or []
             ),
             default_task=manifest.get("default_task"),
+            quantization_ranges=QuantizationRanges.from_manifest(manifest.get("quantization_ranges")),
+            heads=self._heads_of(manifest.get("heads")),
         )
+
+    def _heads_of(self, entry: Any) -> StoredHeads | None:
+        if not isinstance(entry, dict):
+            return None
+        return StoredHeads(entry["digest"], entry["size"], self.blobs_dir / entry["digest"].replace(":", "-"))
 
     def _named_blobs(self) -> set[str] | None:
         """The blob file names that some manifest file names, readable by this version or not (one
@@ -261,6 +282,7 @@ class ModelStore:
         prompts: ModelPrompts,
         adapters: Sequence[StoredAdapter] = (),
         default_task: str | None = None,
+        heads_hex: str | None = None,
     ) -> StoredModel:
         digest = "sha256:" + blob.name.removeprefix("sha256-")
         modified_at = datetime.now(UTC).isoformat()
@@ -287,7 +309,30 @@ class ModelStore:
                 for adapter in adapters
             ]
             manifest["default_task"] = default_task
+        if heads_hex is not None:  # only then, as for adapters
+            heads_blob = self.blobs_dir / f"sha256-{heads_hex}"
+            manifest["heads"] = {"digest": f"sha256:{heads_hex}", "size": heads_blob.stat().st_size}
         path = self._manifest_path(name)
+        self._write_json(path, manifest, name)
+        return self._read_manifest(path)
+
+    def record_quantization_ranges(self, name: str, digest: str, ranges: QuantizationRanges) -> bool:
+        """Add a model's int8/uint8 ranges to its manifest, if it still names the blob `digest` that
+        was calibrated (a model re-created meanwhile keeps none). Returns whether they were written."""
+        path = self._manifest_path(canonical_name(name))
+        with self._lock:
+            try:
+                manifest = json.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                return False
+            if manifest.get("digest") != digest:
+                return False
+            manifest["quantization_ranges"] = ranges.as_manifest()
+            self._write_json(path, manifest, name)
+        return True
+
+    def _write_json(self, path: Path, manifest: dict[str, Any], name: str) -> None:
+        """Write a manifest whole or not at all: a temporary file, fsynced, renamed over the old one."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile("w", dir=self.tmp_dir, delete=False, encoding="utf-8") as handle:
@@ -308,7 +353,6 @@ class ModelStore:
             ) from None
         os.replace(handle.name, path)
         _fsync_directory(path.parent)
-        return self._read_manifest(path)
 
     def _hash_copy(self, source: Path, partial: Path, token: CancelToken) -> str:
         digest = hashlib.sha256()
@@ -418,6 +462,7 @@ class ModelStore:
         fd, partial_name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".partial")
         os.close(fd)
         partial = Path(partial_name)
+        heads_hex: str | None = None
         try:
             if source.is_dir():
                 progress(f"converting {source.name} to gguf ({output_type})")
@@ -438,6 +483,8 @@ class ModelStore:
                 raise type(refusal)(f"{source.name}: {refusal.message.removeprefix(partial.name + ': ')}") from None
             require_embedding_model(facts, source.name)
             self.check_loadable(partial, source.name)  # the bytes stored, in a runner of their own
+            if source.is_dir():  # BGE-M3's heads, once the converted model is known to load
+                heads_hex = self._store_heads(source, partial)
             stored_adapters: Sequence[tuple[str, str | None]] = ()
             if adapters:  # the headers read above, against the stored bytes' architecture and tensors
                 labels = [path.name for path, _task in adapters]
@@ -445,7 +492,9 @@ class ModelStore:
                 progress("copying adapters into the store")
                 stored_adapters = self._store_adapters(adapters, token)
             progress("writing manifest")
-            return self.publish(canonical, partial, digest_hex, str(source), prompts, stored_adapters, default_task)
+            return self.publish(
+                canonical, partial, digest_hex, str(source), prompts, stored_adapters, default_task, heads_hex
+            )
         except OSError as error:
             if error.errno == errno.ENOSPC:
                 raise InsufficientDisk(f"no space left in {self.models_dir} to create {canonical}") from None
@@ -462,10 +511,12 @@ class ModelStore:
         prompts: ModelPrompts | None = None,
         adapters: Sequence[tuple[str, str | None]] = (),
         default_task: str | None = None,
+        heads_hex: str | None = None,
     ) -> StoredModel:
-        """Make a complete, fsynced file the blob of `name` (with the adapter blobs `adapters` names)."""
+        """Make a complete, fsynced file the blob of `name` (with the adapter blobs `adapters` names,
+        and the heads blob `heads_hex` names)."""
         self.adopt_blob(partial, digest_hex)
-        return self.publish_blob(name, digest_hex, source, prompts, adapters, default_task)
+        return self.publish_blob(name, digest_hex, source, prompts, adapters, default_task, heads_hex)
 
     def adopt_blob(self, complete: Path, digest_hex: str) -> None:
         """Move a complete file, whose sha256 was checked, into the blobs (same filesystem)."""
@@ -482,22 +533,25 @@ class ModelStore:
         prompts: ModelPrompts | None = None,
         adapters: Sequence[tuple[str, str | None]] = (),
         default_task: str | None = None,
+        heads_hex: str | None = None,
     ) -> StoredModel:
         """Point `name` at an existing blob (and its task adapters at theirs: (digest hex, task),
-        each header checked against the model). Any GGUF is accepted: a download may bring a model
-        without pooling, which /api/embed then refuses with its own error."""
+        each header checked against the model; its heads at the blob `heads_hex` names). Any GGUF
+        is accepted: a download may bring a model without pooling, which /api/embed then refuses
+        with its own error."""
         canonical = canonical_name(name)
         blob = self.blobs_dir / f"sha256-{digest_hex}"
         # Under the lock a delete takes too: a delete that came first removed the blob (this fails,
         # and no manifest names a missing blob); one that comes after sees this manifest and keeps it.
         with self._lock:
-            for needed in [digest_hex, *(adapter_hex for adapter_hex, _task in adapters)]:
+            heads_needed = [heads_hex] if heads_hex is not None else []
+            for needed in [digest_hex, *(adapter_hex for adapter_hex, _task in adapters), *heads_needed]:
                 if not (self.blobs_dir / f"sha256-{needed}").is_file():
                     raise BlobMissing(f"the blob sha256:{needed} was deleted before {canonical} could name it")
             facts, tensor_shapes = read_gguf_header(blob)
             stored_adapters = self._adapters_of(facts, tensor_shapes, adapters, default_task)
             return self._write_manifest(
-                canonical, blob, facts, source, prompts or ModelPrompts(), stored_adapters, default_task
+                canonical, blob, facts, source, prompts or ModelPrompts(), stored_adapters, default_task, heads_hex
             )
 
     def _adapters_of(
@@ -519,6 +573,32 @@ class ModelStore:
             for header, (adapter_hex, _task), (path, _same) in zip(headers, adapters, paths, strict=True)
         ]
 
+    def _store_heads(self, directory: Path, gguf: Path) -> str | None:
+        """A BGE-M3 folder's heads (daemon.heads), checked against the converted model's width, as
+        a blob: its digest hex; None when the folder has none."""
+        hidden = read_gguf_header(gguf)[0].embedding_length
+        heads = read_heads(directory, hidden)
+        return None if heads is None else self.store_heads(heads)
+
+    def store_heads_files(self, sparse_file: Path, colbert_file: Path, gguf: Path) -> str:
+        """Heads from their two torch files (a pull's, see daemon.heads), checked against the model
+        blob `gguf`'s width, as a blob: its digest hex."""
+        hidden = read_gguf_header(gguf)[0].embedding_length
+        return self.store_heads(read_head_files(sparse_file, colbert_file, hidden))
+
+    def store_heads(self, heads: Heads) -> str:
+        """Heads written as an .npz blob (daemon.heads.write_heads): its digest hex."""
+        fd, partial_name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".partial")
+        partial = Path(partial_name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write_heads(heads, handle)
+            digest_hex = self.hash_file(partial)
+            self.adopt_blob(partial, digest_hex)
+        finally:
+            partial.unlink(missing_ok=True)
+        return digest_hex
+
     def has_blob(self, digest_hex: str) -> bool:
         return (self.blobs_dir / f"sha256-{digest_hex}").is_file()
 
@@ -539,7 +619,8 @@ class ModelStore:
                     break
                 parent.rmdir()
             named = self._named_blobs()
-            for blob in [model.blob_path, *(adapter.blob_path for adapter in model.adapters)]:
+            heads = [model.heads.blob_path] if model.heads is not None else []
+            for blob in [model.blob_path, *(adapter.blob_path for adapter in model.adapters), *heads]:
                 if named is not None and blob.name not in named:
                     blob.unlink(missing_ok=True)
         return model

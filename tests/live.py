@@ -77,7 +77,16 @@ def running_daemon(
     """`emberd serve` on a free port with its own store, stopped (and reaped) at the end. `prefix`
     is a command that execs the daemon (to start it inside a cgroup, say)."""
     port = free_port()
-    environ = {**os.environ, "EMBERD_HOST": f"127.0.0.1:{port}", "EMBERD_HOME": str(home), **extra_environ}
+    # The vector cache off unless a test turns it on: answers must not depend on earlier requests.
+    environ = {
+        **os.environ,
+        "EMBERD_CACHE": "false",
+        # Calibration (int8/uint8 ranges) loads a created or pulled model at once: off unless a test asks.
+        "EMBERD_CALIBRATE_ON_STORE": "false",
+        "EMBERD_HOST": f"127.0.0.1:{port}",
+        "EMBERD_HOME": str(home),
+        **extra_environ,
+    }
     environ.pop("EMBERD_CONFIG", None)
     command = [*prefix, sys.executable, "-m", "daemon", "serve"]
     for name, path in ensure.items():

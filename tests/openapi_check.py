@@ -21,17 +21,20 @@ class Operation:
 
     @property
     def request_schema(self) -> dict[str, Any] | None:
+        """The JSON body's schema (None: no body, or a multipart upload's form)."""
         request = self.spec.get("requestBody")
-        if request is None:
+        if request is None or "application/json" not in request["content"]:
             return None
         schema: dict[str, Any] = request["content"]["application/json"]["schema"]
         return schema
 
 
 def _path_pattern(template: str) -> re.Pattern[str]:
-    # aiohttp's {model:.+}: a path parameter here may hold slashes.
-    parts = re.split(r"\{[^}]+\}", template)
-    return re.compile("^" + ".+".join(re.escape(part) for part in parts) + "$")
+    # aiohttp's {model:.+}: a model name may hold slashes; other parameters (file and batch ids) not.
+    pattern = ""
+    for piece in re.split(r"(\{[^}]+\})", template):
+        pattern += (".+" if piece == "{model}" else "[^/]+") if piece.startswith("{") else re.escape(piece)
+    return re.compile("^" + pattern + "$")
 
 
 class Contract:

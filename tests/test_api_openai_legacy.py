@@ -104,7 +104,7 @@ async def test_model_vocabulary_token_ids_when_configured(make_client: MakeClien
         ({"model": "tiny", "input": [[1, "a"]]}, 400, "invalid input"),
         ({"model": "tiny", "input": [True]}, 400, "invalid input"),
         ({"model": "tiny", "input": [10**9]}, 400, "cl100k_base"),
-        ({"model": "tiny", "input": "x", "encoding_format": "int8"}, 400, "invalid encoding_format"),
+        ({"model": "tiny", "input": "x", "encoding_format": "int16"}, 400, "invalid encoding_format"),
         ({"model": "tiny", "input": "x", "dimensions": 0}, 400, "dimensions must be a positive integer"),
         ({"model": "tiny", "input": "x", "dimensions": 33}, 400, "dimensions must be between 1 and the model's 32"),
         ({"model": "tiny", "input": "x", "dimensions": "8"}, 400, "dimensions must be an integer"),

@@ -41,7 +41,7 @@ def probe_reporting(*gpus: tuple[str, int]) -> DeviceProbe:
 @pytest.fixture
 def make_gpu_client(aiohttp_client: Any, tmp_path: Path) -> Any:
     async def make(models: dict[str, Path], probe: DeviceProbe, **overrides: Any) -> Client:
-        settings = Settings(home=tmp_path / "home", **overrides)
+        settings = Settings(home=tmp_path / "home", **{"calibrate_on_store": False, **overrides})
         store = ModelStore(settings.home)
         store.open()
         for name, path in models.items():

@@ -50,7 +50,9 @@ def make_hub_client(aiohttp_client: Any, tmp_path: Path, fake_hub: FakeHub, alia
     async def make(**overrides: Any) -> Client:
         disk_free = overrides.pop("disk_free_bytes", None)
         overrides.setdefault("hub_endpoint", fake_hub.url)
-        settings = Settings(home=tmp_path / "home", models_file=str(aliases_file), **overrides)
+        settings = Settings(
+            home=tmp_path / "home", models_file=str(aliases_file), **{"calibrate_on_store": False, **overrides}
+        )
         client: Client = await aiohttp_client(build_app(settings, disk_free_bytes=disk_free))
         return client
 

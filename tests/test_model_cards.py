@@ -104,7 +104,9 @@ async def card_client(aiohttp_client: Any, tmp_path: Path, card_hub: FakeHub) ->
             for name, (file, extra) in aliases.items()
         )
     )
-    settings = Settings(home=tmp_path / "home", models_file=str(path), hub_endpoint=card_hub.url)
+    settings = Settings(
+        home=tmp_path / "home", models_file=str(path), hub_endpoint=card_hub.url, calibrate_on_store=False
+    )
     client: Client = await aiohttp_client(build_app(settings))
     for name in aliases:
         response = await client.post("/api/pull", json={"model": name, "stream": False})

@@ -82,6 +82,21 @@ def test_fit_tokens_keeps_the_beginning_and_both_special_tokens(
     assert fit_tokens(tokens, 1, 1, limit, truncate=True) == (expected, cut)
 
 
+@pytest.mark.parametrize(
+    ("tokens", "head", "tail", "limit", "expected"),
+    [
+        ([CLS, 1, 2, 3, SEP], 1, 1, 4, [CLS, 2, 3, SEP]),
+        ([CLS, 1, 2, 3, SEP], 1, 1, 3, [CLS, 3, SEP]),
+        ([CLS, 1, 2, 3, 4], 1, 0, 3, [CLS, 3, 4]),  # no tail special (a model without SEP)
+        ([1, 2, 3, 4, SEP], 0, 1, 3, [3, 4, SEP]),  # no head special (last-token models)
+    ],
+)
+def test_fit_tokens_keeping_the_end_keeps_the_last_content_tokens_and_both_specials(
+    tokens: list[int], head: int, tail: int, limit: int, expected: list[int]
+) -> None:
+    assert fit_tokens(tokens, head, tail, limit, truncate=True, keep_end=True) == (expected, True)
+
+
 def test_fit_tokens_refuses_when_truncation_is_off() -> None:
     with pytest.raises(ContextExceeded, match="the input length exceeds the context length"):
         fit_tokens([CLS, 1, 2, SEP], 1, 1, 3, truncate=False)
@@ -134,6 +149,14 @@ Q = QueuedRequest
         ([Q([12]), Q([402], passed_over=OVERDUE_AFTER_DECODES - 1)], 512, 64, [1, 0]),
         # Ties go by arrival.
         ([Q([20]), Q([20]), Q([20])], 40, 64, [1, 1, 0]),
+        # A batch job's lines (background) wait while an interactive request waits, however short or
+        # overdue they are, and take the decodes nobody else wants.
+        ([Q([5] * 8, background=True), Q([402])], 512, 64, [0, 1]),
+        ([Q([5], background=True, passed_over=OVERDUE_AFTER_DECODES), Q([20])], 512, 64, [0, 1]),
+        ([Q([5] * 8, background=True), Q([10] * 2, background=True)], 512, 64, [8, 2]),
+        # ...in decodes of at most BACKGROUND_DECODE_TOKENS (128): a query waits for one at most.
+        ([Q([20] * 30, background=True)], 512, 64, [6]),
+        ([Q([20] * 30)], 512, 64, [25]),
     ],
 )
 def test_take_batch(requests: list[QueuedRequest], budget: int, max_sequences: int, expected: list[int]) -> None:

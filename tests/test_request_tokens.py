@@ -103,7 +103,9 @@ async def test_a_reranker_request_over_max_request_tokens_is_a_413(
 class WideEngine(FakeEngine):
     """Token ids past 256, which CPython does not share: a list holds an int object for each."""
 
-    def tokenize(self, item: str, truncate: bool, limit: int | None, split: bool) -> TokenizedInput:
+    def tokenize(
+        self, item: str, truncate: bool, limit: int | None, split: bool, keep_end: bool = False
+    ) -> TokenizedInput:
         return TokenizedInput([[1000 + ord(character) for character in item]], False)
 
 
@@ -173,7 +175,9 @@ class HeldEngine(FakeEngine):
         self.held = held
         self.vocabulary = HeldVocabulary(held)
 
-    def tokenize(self, item: str, truncate: bool, limit: int | None, split: bool) -> TokenizedInput:
+    def tokenize(
+        self, item: str, truncate: bool, limit: int | None, split: bool, keep_end: bool = False
+    ) -> TokenizedInput:
         self.held.hold(item)
         return super().tokenize(item, truncate, limit, split)
 
@@ -241,7 +245,8 @@ def test_a_huge_tokenize_request_does_not_hold_up_a_short_one_sent_after_it(targ
         encode_frame({"type": "tokenize", "id": 2, "text": "a query", "add_special": True}),
         encode_frame({"type": "tokenize", "id": 3, "text": "", "add_special": True}),
     ]
-    serve_through_a_pipe(target, engine if target is serve else engine.vocabulary, writer, frames)
+    # Both serve an InputTokenizer (the engine): its vocabulary answers tokenize and detokenize.
+    serve_through_a_pipe(target, engine, writer, frames)
     assert held.answered_first is True, "the short request waited for the huge one to be tokenized"
     answers = answers_in_order(output)
     order = [header["id"] for header in answers]

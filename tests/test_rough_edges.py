@@ -123,7 +123,7 @@ async def test_a_model_deleted_while_it_loads_is_not_found_not_a_failed_load(
 ) -> None:
     """Found by the fuzzer: a tokenize (or embed) that read the manifest, then a delete, then the
     runner opening the file was a 500 "failed to load ... Model path does not exist"."""
-    settings = Settings(home=tmp_path / "home")
+    settings = Settings(home=tmp_path / "home", calibrate_on_store=False)
     store = ModelStore(settings.home)
     store.open()
     store.create("tiny", tiny_gguf)

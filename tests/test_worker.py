@@ -35,7 +35,9 @@ class FakeEngine:
         self._hold_until_accepted = hold_until_accepted
         self._all_accepted = threading.Event()
 
-    def tokenize(self, item: str, truncate: bool, limit: int | None, split: bool) -> TokenizedInput:
+    def tokenize(
+        self, item: str, truncate: bool, limit: int | None, split: bool, keep_end: bool = False
+    ) -> TokenizedInput:
         self._accepted += 1
         if self._accepted >= self._hold_until_accepted:
             self._all_accepted.set()

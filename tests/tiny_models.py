@@ -407,6 +407,31 @@ def make_transformers_xlm_roberta_dir(
     return directory
 
 
+def add_bge_m3_heads(directory: Path, seed: int = 0, colbert_dims: int | None = None) -> Path:
+    """BGE-M3's sparse and ColBERT heads beside a model folder, random, saved as FlagEmbedding saves
+    them: torch.save of each Linear's state dict (sparse_linear.pt: hidden -> 1, colbert_linear.pt:
+    hidden -> colbert_dims, the hidden size by default)."""
+    import json
+
+    import torch
+
+    hidden = json.loads((directory / "config.json").read_text())["hidden_size"]
+    generator = torch.Generator().manual_seed(seed)
+    sparse = torch.nn.Linear(hidden, 1)
+    colbert = torch.nn.Linear(hidden, colbert_dims or hidden)
+    with torch.no_grad():
+        for layer in (sparse, colbert):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.3)
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * 0.3)
+        # Weights of about BGE-M3's size (tenths), some above zero, so relu keeps some and drops
+        # others (a random head scores most tokens of a random model alike).
+        sparse.weight.mul_(0.1)
+        sparse.bias.fill_(0.1)
+    torch.save(sparse.state_dict(), directory / "sparse_linear.pt")
+    torch.save(colbert.state_dict(), directory / "colbert_linear.pt")
+    return directory
+
+
 # Qwen2's pre-tokenizer split (Qwen3's tokenizer.json spells it so).
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"

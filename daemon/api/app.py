@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from daemon import __version__
-from daemon.api import docs, ollama, openai, openapi, ops, rerank, tokens
+from daemon.api import batches, cohere, docs, ollama, openai, openapi, ops, rerank, tei, tokens
 from daemon.api.access import (
     API_KEYS,
     ApiKeys,
@@ -26,6 +26,7 @@ from daemon.api.access import (
     origin_guard_middleware,
 )
 from daemon.api.common import (
+    CALIBRATOR,
     HUB,
     JOBS,
     LIFECYCLE,
@@ -40,8 +41,14 @@ from daemon.api.common import (
     Lifecycle,
     error_response,
 )
+from daemon.api.embedding import VECTOR_CACHE, cache_events
+from daemon.batches.database import open_batch_database
+from daemon.batches.processor import BatchProcessor
+from daemon.cache import open_vector_cache
+from daemon.calibration import Calibrator
 from daemon.config import Settings
 from daemon.errors import (
+    BatchDatabaseUnavailable,
     BlobMissing,
     ContextExceeded,
     DownloadFailed,
@@ -61,7 +68,9 @@ from daemon.errors import (
     TooManyInputs,
     Unauthorized,
     UnknownModel,
+    UnknownObject,
     UnreadableManifest,
+    UploadTooLarge,
 )
 from daemon.hub import AliasEntry, HubClient, load_aliases
 from daemon.jobs import JobExecutor
@@ -86,10 +95,12 @@ DEFAULT_MODELS_FILE = Path(__file__).resolve().parents[2] / "configs" / "models.
 ERROR_STATUS: list[tuple[type[EmberdError], int]] = [
     (ContextExceeded, 400),
     (TooManyInputs, 413),
+    (UploadTooLarge, 413),
     (InvalidInput, 400),
     (Unauthorized, 401),
     (ForbiddenHost, 403),
     (UnknownModel, 404),
+    (UnknownObject, 404),
     (NotEmbeddingModel, 501),
     (DownloadFailed, 502),
     (BlobMissing, 409),
@@ -99,6 +110,7 @@ ERROR_STATUS: list[tuple[type[EmberdError], int]] = [
     (ShuttingDown, 503),
     (MemoryBusy, 503),
     (HubUnavailable, 503),
+    (BatchDatabaseUnavailable, 503),
     (InsufficientMemory, 507),
     (InsufficientDisk, 507),
     (ModelLoadFailed, 500),
@@ -276,12 +288,27 @@ def build_app(
             settings, scheduler, runner_factory or default_runner_factory(settings)
         )
         app[JOBS] = jobs
-        app[PULLS] = PullManager(store, hub, jobs, disk_free_bytes or disk_free, metrics.pulled)
+        vector_cache = open_vector_cache(
+            settings.cache, settings.home, settings.cache_max_bytes, settings.cache_url, cache_events(metrics)
+        )
+        if vector_cache is not None:
+            app[VECTOR_CACHE] = vector_cache
+        app[CALIBRATOR] = calibrator = Calibrator(store, scheduler)
+        after_publish = calibrator.after_store if settings.calibrate_on_store else None
+        app[PULLS] = PullManager(store, hub, jobs, disk_free_bytes or disk_free, metrics.pulled, after_publish)
+        batch_database = open_batch_database(settings)  # SQLite, or a fleet's PostgreSQL
+        await batch_database.open()
+        processor = BatchProcessor(
+            app, batch_database, status_for, settings.batch_chunks_in_flight, settings.batch_lease_s
+        )
+        app[batches.BATCHES] = batches.Batches(batch_database, processor)
+        await processor.start()
         metrics.watch_state(lambda: daemon_state(app))
         yield
         # Shutdown: long jobs stop at their next chunk, then requests drain and runners stop, all by
         # one deadline: the shutdown sequence's (service.shut_down), when it ran first.
         deadline_s = scheduler.stop_deadline_s(settings.shutdown_timeout_s)
+        await processor.stop()  # a chunk in flight is not recorded: it runs again after a restart
         jobs.cancel_all()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(deadline_s):
@@ -292,12 +319,18 @@ def build_app(
                 await asyncio.shield(vocabularies.close())
         await scheduler.close(settings.shutdown_timeout_s)
         jobs.close()
+        await batch_database.close()
+        if vector_cache is not None:  # its writes under way finish first
+            await vector_cache.close()
 
     app.cleanup_ctx.append(scheduler_lifetime)
     ollama.add_routes(app)
     openai.add_routes(app)
+    cohere.add_routes(app)
+    batches.add_routes(app)
     tokens.add_routes(app)
     rerank.add_routes(app)
+    tei.add_routes(app)
     ops.add_routes(app)
     openapi.add_routes(app, ERROR_STATUS)
     docs.add_routes(app)

@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 
 from daemon.api.models import BodyType, decode_body
+from daemon.calibration import Calibrator
 from daemon.config import Settings, parse_go_duration_s
 from daemon.errors import InvalidInput, Overloaded, TooManyInputs, TooManyTokens
 from daemon.hub import HubClient
@@ -63,6 +64,28 @@ class RequestStats:
     inference_ms: float = 0.0
 
 
+T = TypeVar("T")
+
+
+class BackgroundCall:
+    """What the embedding path needs of an HTTP request (its app, a place for its stats), for work
+    no HTTP request carries: a batch's lines (daemon.batches.processor)."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self._values: dict[object, Any] = {}
+
+    def __setitem__(self, key: web.RequestKey[Any], value: Any) -> None:
+        self._values[key] = value
+
+    def __getitem__(self, key: web.RequestKey[T]) -> T:
+        value: T = self._values[key]
+        return value
+
+
+# Who asks the embedding path: an HTTP request, or background work.
+Caller = web.Request | BackgroundCall
+
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", ModelStore)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
@@ -72,6 +95,7 @@ JOBS = web.AppKey("jobs", JobExecutor)
 METRICS = web.AppKey("metrics", Metrics)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 VOCABULARIES = web.AppKey("vocabularies", Vocabularies)
+CALIBRATOR = web.AppKey("calibrator", Calibrator)
 REQUEST_STATS = web.RequestKey("request_stats", RequestStats)
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
@@ -80,7 +104,9 @@ TRUNCATED_HEADER = "X-Emberd-Truncated-Inputs"
 # made by another model file or another llama.cpp.
 MODEL_DIGEST_HEADER = "X-Emberd-Model-Digest"
 LLAMA_VERSION_HEADER = "X-Emberd-Llama-Cpp"
-EXPOSED_HEADERS = (TRUNCATED_HEADER, MODEL_DIGEST_HEADER, LLAMA_VERSION_HEADER)
+# How many of an embedding request's inputs the vector cache answered (daemon/cache.py).
+CACHE_HITS_HEADER = "X-Emberd-Cache-Hits"
+EXPOSED_HEADERS = (TRUNCATED_HEADER, MODEL_DIGEST_HEADER, LLAMA_VERSION_HEADER, CACHE_HITS_HEADER)
 MAX_KEEP_ALIVE_S = 100 * 365 * 24 * 3600.0
 
 
@@ -101,8 +127,22 @@ def json_response(payload: Any, status: int = 200, headers: dict[str, str] | Non
     return response
 
 
+# TEI's routes (daemon.api.tei) answer errors in TEI's body: {"error", "error_type"}.
+TEI_PATHS = ("/embed_all", "/embed_sparse")
+
+
+def tei_error_type(status: int) -> str:
+    """TEI's error_type for an emberd status (TEI's ErrorType names)."""
+    return "Overloaded" if status == 503 else "Backend" if status >= 500 else "Validation"
+
+
 def error_body(path: str, status: int, message: str) -> dict[str, Any]:
-    """Ollama's {"error": message}, or OpenAI's {"error": {...}} on the /v1/ routes."""
+    """Ollama's {"error": message}, OpenAI's {"error": {...}} on the /v1/ routes, Cohere's
+    {"message"} on the /v2/ ones, or TEI's {"error", "error_type"} on TEI's."""
+    if path in TEI_PATHS:
+        return {"error": message, "error_type": tei_error_type(status)}
+    if path.startswith("/v2/"):
+        return {"message": message}
     if path.startswith("/v1/"):
         kind = _OPENAI_ERROR_TYPES.get(status, "api_error")
         return {"error": {"message": message, "type": kind, "param": None, "code": _OPENAI_ERROR_CODES.get(status)}}

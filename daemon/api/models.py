@@ -24,9 +24,12 @@ from daemon.adapters import INPUT_TYPE_TASKS, MAX_TASK_NAME_CHARS
 from daemon.errors import InvalidInput, MissingBody
 from daemon.names import MAX_NAME_LENGTH
 from daemon.prompts import MAX_PROMPT_CHARS
+from daemon.typed_vectors import EMBEDDING_TYPES
 
-# What /v1/embeddings may send vectors as (encoding_format).
-ENCODING_FORMATS: Final = ("float", "base64")
+# What /v1/embeddings may send vectors as (encoding_format): OpenAI's two, and emberd's typed vectors.
+ENCODING_FORMATS: Final = EMBEDDING_TYPES
+# Cohere's truncate values (START: keep the end of the text).
+COHERE_TRUNCATE: Final = ("NONE", "START", "END")
 # The converter's output types (daemon.convert.OUTPUT_TYPES, which the daemon imports only to convert).
 QUANTIZE_TYPES: Final = ("f32", "f16", "bf16", "q8_0")
 # Ids a detokenize request may carry (a context's worth of any model served here, and then some).
@@ -108,6 +111,16 @@ Count = Annotated[int, Meta(ge=0)]
 Timestamp = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
 Nanoseconds = Annotated[int, Meta(ge=0, description="nanoseconds")]
 Vector = Annotated[list[float], Meta(description="float32 values")]
+IntVector = Annotated[list[int], Meta(description="int8 or uint8 values, or bytes of packed signs")]
+Base64Vector = Annotated[str, Meta(description="base64 of the vector's little-endian float32 bytes")]
+EmbeddingType = Annotated[
+    str,
+    Meta(
+        description="float; int8 or uint8 (the model's calibrated ranges, 255 steps a dimension); binary or "
+        "ubinary (signs packed 8 to a byte, binary less 128); base64 (float32 little-endian)",
+        extra_json_schema={"enum": list(EMBEDDING_TYPES)},
+    ),
+]
 Windows = Annotated[int, Meta(ge=1, description="windows the input was split into (with split_long_inputs)")]
 # Not bounded when decoded: an id outside the vocabulary gets the vocabulary's own message.
 TokenId = Annotated[int, Meta(extra_json_schema={"minimum": 0})]
@@ -228,6 +241,7 @@ class EmbedRequest(Named, kw_only=True):
         ]
         | None
     ) = None
+    embedding_type: EmbeddingType | None = None
     keep_alive: KeepAlive | None = None
     options: RunnerOptions | None = None
     prompt_name: PromptName | None = None
@@ -235,6 +249,7 @@ class EmbedRequest(Named, kw_only=True):
     split_long_inputs: SplitLongInputs | None = None
     problems: ClassVar[dict[str, str]] = {
         **NAMED_PROBLEMS,
+        "embedding_type": "embedding_type must be a string",
         "normalize": "normalize must be true or false",
         "input": "invalid input type",
         "task": "task must be a string",
@@ -244,13 +259,84 @@ class EmbedRequest(Named, kw_only=True):
         "options": "options must be an object",
         "prompt_name": "prompt_name must be a string",
         "split_long_inputs": "split_long_inputs must be true or false",
+        "outputs": "outputs must be an array of dense, sparse and colbert",
     }
+    outputs: (
+        Annotated[
+            list[Literal["dense", "sparse", "colbert"]],
+            Meta(
+                description="which of BGE-M3's outputs to answer (default [dense]): sparse and colbert need a model "
+                "with its heads, and come from one decode with dense"
+            ),
+        ]
+        | None
+    ) = None
 
     @property
     def texts(self) -> list[str]:
         if not self.input:
             return []
         return [self.input] if isinstance(self.input, str) else self.input
+
+
+TruncationDirection = Annotated[
+    Literal["right", "left", "Right", "Left"],
+    Meta(description="which end a cut input loses (TEI's field): right (default) its end, left its start"),
+]
+TEIInputs = Annotated[
+    str | list[str],
+    Meta(description="one text or several; at most max_inputs (EMBERD_MAX_INPUTS) texts: more get 413"),
+]
+
+
+class TokenVectorsRequest(Named, kw_only=True):
+    """POST /embed_all (TEI's, with a `model` field: emberd serves several models)."""
+
+    inputs: TEIInputs | None = None
+    truncate: Annotated[bool, Meta(description="cut inputs over the context; default false: a 400")] | None = None
+    truncation_direction: TruncationDirection | None = None
+    prompt_name: PromptName | None = None
+    normalize: (
+        Annotated[bool, Meta(description="unit-length token vectors (default false: as the model gives them)")] | None
+    ) = None
+    problems: ClassVar[dict[str, str]] = {
+        **NAMED_PROBLEMS,
+        "inputs": "inputs must be a string or an array of strings",
+        "truncate": "truncate must be true or false",
+        "truncation_direction": "truncation_direction must be right or left",
+        "prompt_name": "prompt_name must be a string",
+        "normalize": "normalize must be true or false",
+    }
+    required: ClassVar[tuple[str, ...]] = ("model", "inputs")
+
+    @property
+    def texts(self) -> list[str]:
+        if self.inputs is None:
+            return []
+        return [self.inputs] if isinstance(self.inputs, str) else self.inputs
+
+
+class SparseRequest(Named, kw_only=True):
+    """POST /embed_sparse (TEI's, with a `model` field): a model with BGE-M3's sparse head."""
+
+    inputs: TEIInputs | None = None
+    truncate: Annotated[bool, Meta(description="cut inputs over the context; default false: a 400")] | None = None
+    truncation_direction: TruncationDirection | None = None
+    prompt_name: PromptName | None = None
+    problems: ClassVar[dict[str, str]] = {
+        **NAMED_PROBLEMS,
+        "inputs": "inputs must be a string or an array of strings",
+        "truncate": "truncate must be true or false",
+        "truncation_direction": "truncation_direction must be right or left",
+        "prompt_name": "prompt_name must be a string",
+    }
+    required: ClassVar[tuple[str, ...]] = ("model", "inputs")
+
+    @property
+    def texts(self) -> list[str]:
+        if self.inputs is None:
+            return []
+        return [self.inputs] if isinstance(self.inputs, str) else self.inputs
 
 
 class LegacyEmbedRequest(Named, kw_only=True):
@@ -287,7 +373,8 @@ class OpenAIEmbedRequest(Named, kw_only=True):
         Annotated[
             str,
             Meta(
-                description="float (default) or base64 (little-endian float32); case-insensitive",
+                description="float (default) or base64 (little-endian float32), or emberd's int8, uint8, "
+                "binary, ubinary (as /v2/embed's embedding_types); case-insensitive",
                 extra_json_schema={"enum": list(ENCODING_FORMATS)},
             ),
         ]
@@ -323,6 +410,87 @@ class OpenAIEmbedRequest(Named, kw_only=True):
     }
     bounds: ClassVar[dict[str, str]] = {"input": "invalid input", "dimensions": "dimensions must be a positive integer"}
     required: ClassVar[tuple[str, ...]] = ("model", "input")
+
+
+class CohereEmbedRequest(Named, kw_only=True):
+    """POST /v2/embed: Cohere's embed v2, texts only."""
+
+    texts: (
+        Annotated[
+            list[str],
+            Meta(description="the texts; at most max_inputs (EMBERD_MAX_INPUTS): more get 413"),
+        ]
+        | None
+    ) = None
+    input_type: (
+        Annotated[
+            str,
+            Meta(
+                description="search_query or search_document picks the model's query or document prompt (or task "
+                "adapter), classification and clustering theirs; a model without them embeds the text as it is",
+                extra_json_schema={"enum": ["search_query", "search_document", "classification", "clustering"]},
+            ),
+        ]
+        | None
+    ) = None
+    embedding_types: (
+        Annotated[list[EmbeddingType], Meta(description="one list of vectors in the answer per type (default float)")]
+        | None
+    ) = None
+    truncate: (
+        Annotated[
+            str,
+            Meta(
+                description="END (default) cuts the end of a text over the context, START its start; NONE: a 400",
+                extra_json_schema={"enum": list(COHERE_TRUNCATE)},
+            ),
+        ]
+        | None
+    ) = None
+    output_dimension: (
+        Annotated[int, Meta(ge=1, description="keep the first d values, renormalized (float types only)")] | None
+    ) = None
+    max_tokens: (
+        Annotated[int, Meta(ge=1, description="cut each text to this many tokens (truncate says which end)")] | None
+    ) = None
+    normalize: (
+        Annotated[bool, Meta(description="false: the pooled vectors as the model gives them (TEI's field)")] | None
+    ) = None
+    images: Annotated[list[str], Meta(description="images (data URIs): not served, a 400")] | None = None
+    inputs: Annotated[list[dict[str, Any]], Meta(description="mixed content: not served, a 400")] | None = None
+    problems: ClassVar[dict[str, str]] = {
+        **NAMED_PROBLEMS,
+        "texts": "texts must be an array of strings",
+        "input_type": "input_type must be a string",
+        "embedding_types": "embedding_types must be an array of strings",
+        "truncate": "truncate must be NONE, START or END",
+        "output_dimension": "output_dimension must be an integer",
+        "max_tokens": "max_tokens must be an integer",
+        "normalize": "normalize must be true or false",
+    }
+    bounds: ClassVar[dict[str, str]] = {
+        "output_dimension": "output_dimension must be a positive integer",
+        "max_tokens": "max_tokens must be a positive integer",
+    }
+    required: ClassVar[tuple[str, ...]] = ("model", "texts")
+
+
+class BatchCreateRequest(Body, kw_only=True):
+    """POST /v1/batches (OpenAI's Batch API, for /v1/embeddings)."""
+
+    input_file_id: Annotated[str, Meta(description="a file uploaded with purpose batch")] | None = None
+    endpoint: (
+        Annotated[str, Meta(description="/v1/embeddings", extra_json_schema={"enum": ["/v1/embeddings"]})] | None
+    ) = None
+    completion_window: Annotated[str, Meta(description="24h", extra_json_schema={"enum": ["24h"]})] | None = None
+    metadata: Annotated[dict[str, str], Meta(description="up to 16 pairs, kept with the batch")] | None = None
+    problems: ClassVar[dict[str, str]] = {
+        "input_file_id": "input_file_id must be a string",
+        "endpoint": "endpoint must be a string",
+        "completion_window": "completion_window must be a string",
+        "metadata": "metadata must be an object of strings",
+    }
+    required: ClassVar[tuple[str, ...]] = ("input_file_id", "endpoint", "completion_window")
 
 
 class RerankDocument(Struct):
@@ -554,7 +722,11 @@ class EmbedAnswer(Answer, kw_only=True):
 
     model: Annotated[str, Meta(description="the request's model, as sent")]
     embeddings: Annotated[
-        list[Vector], Meta(description="one vector an input, in input order: L2-normalized unless normalize is false")
+        list[Vector | Base64Vector],
+        Meta(
+            description="one vector an input, in input order: L2-normalized unless normalize is false; as "
+            "embedding_type says (int8, uint8, binary, ubinary: integers; base64: a string)"
+        ),
     ]
     total_duration: Nanoseconds | UnsetType = UNSET
     load_duration: Nanoseconds | UnsetType = UNSET
@@ -562,6 +734,34 @@ class EmbedAnswer(Answer, kw_only=True):
         Annotated[int, Meta(ge=0, description="tokens embedded, special tokens included")] | UnsetType
     ) = UNSET
     windows: Annotated[list[Windows], Meta(description="with split_long_inputs: windows per input")] | UnsetType = UNSET
+    sparse: (
+        Annotated[
+            list[list[SparseValue]],
+            Meta(description="with outputs [sparse]: per input, its tokens' weights by token id (BGE-M3's)"),
+        ]
+        | UnsetType
+    ) = UNSET
+    colbert: (
+        Annotated[
+            list[list[Vector]],
+            Meta(description="with outputs [colbert]: per input, a unit vector for each token after the first"),
+        ]
+        | UnsetType
+    ) = UNSET
+
+
+class SparseValue(Answer, kw_only=True):
+    """A token's weight in a sparse (lexical) vector: BGE-M3's, as TEI answers it."""
+
+    index: Annotated[int, Meta(ge=0, description="the token id")]
+    value: Annotated[float, Meta(description="its weight: relu(sparse_linear(h)), the largest over its occurrences")]
+
+
+class TEIError(Answer, kw_only=True):
+    """TEI's error body, on TEI's routes (/embed_all, /embed_sparse)."""
+
+    error: str
+    error_type: Literal["Validation", "Overloaded", "Backend"]
 
 
 class LegacyEmbedAnswer(Answer, kw_only=True):
@@ -611,6 +811,118 @@ class RerankAnswer(Answer, kw_only=True):
     results: Annotated[list[RerankResult], Meta(description="best score first")]
     usage: Usage
     meta: RerankMeta | UnsetType = UNSET
+
+
+class CohereEmbeddingsByType(Answer, kw_only=True):
+    """One list per requested type, one vector per text in each."""
+
+    float_: list[Vector] | UnsetType = msgspec.field(default=UNSET, name="float")
+    int8: list[IntVector] | UnsetType = UNSET
+    uint8: list[IntVector] | UnsetType = UNSET
+    binary: list[IntVector] | UnsetType = UNSET
+    ubinary: list[IntVector] | UnsetType = UNSET
+    base64: list[Base64Vector] | UnsetType = UNSET
+
+
+class CohereApiVersion(Answer, kw_only=True):
+    version: Literal["2"]
+
+
+class CohereBilledUnits(Answer, kw_only=True):
+    input_tokens: Annotated[int, Meta(ge=0, description="tokens embedded, special tokens included")]
+
+
+class CohereMeta(Answer, kw_only=True):
+    api_version: CohereApiVersion
+    billed_units: CohereBilledUnits
+
+
+class CohereEmbedAnswer(Answer, kw_only=True):
+    id: str
+    response_type: Literal["embeddings_by_type"]
+    embeddings: CohereEmbeddingsByType
+    texts: list[str]
+    meta: CohereMeta
+
+
+class CohereError(Answer, kw_only=True):
+    """Cohere's error body, on the /v2/ routes."""
+
+    message: str
+
+
+class FileObject(Answer, kw_only=True):
+    id: str
+    object: Literal["file"]
+    bytes: Annotated[int, Meta(ge=0)]
+    created_at: Annotated[int, Meta(description="unix seconds")]
+    filename: str
+    purpose: Annotated[str, Meta(description="batch (uploaded), batch_output (a batch's output or errors)")]
+    status: Literal["processed"]
+    status_details: None
+
+
+class FileList(Answer, kw_only=True):
+    object: Literal["list"]
+    data: list[FileObject]
+    has_more: bool
+
+
+class FileDeleted(Answer, kw_only=True):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class BatchRequestCounts(Answer, kw_only=True):
+    total: Count
+    completed: Count
+    failed: Count
+
+
+class BatchError(Answer, kw_only=True):
+    code: str
+    message: str
+    param: str | None
+    line: int | None
+
+
+class BatchErrors(Answer, kw_only=True):
+    object: Literal["list"]
+    data: list[BatchError]
+
+
+class BatchObject(Answer, kw_only=True):
+    id: str
+    object: Literal["batch"]
+    endpoint: str
+    errors: BatchErrors | None
+    input_file_id: str
+    completion_window: str
+    status: Literal[
+        "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
+    ]
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int | None
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: BatchRequestCounts
+    metadata: dict[str, str] | None
+
+
+class BatchList(Answer, kw_only=True):
+    object: Literal["list"]
+    data: list[BatchObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 class OpenAIModel(Answer, kw_only=True):

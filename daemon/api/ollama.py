@@ -15,7 +15,9 @@ from aiohttp import web
 from msgspec import UNSET
 
 from daemon import __version__
+from daemon.api import tei
 from daemon.api.common import (
+    CALIBRATOR,
     JOBS,
     PULLS,
     SCHEDULER,
@@ -39,6 +41,7 @@ from daemon.api.models import (
     NamedModel,
     PullRequest,
 )
+from daemon.api.typed import requested_types, typed_embeddings
 from daemon.errors import (
     EmberdError,
     InvalidInput,
@@ -74,11 +77,18 @@ async def embed(request: web.Request) -> web.Response:
     keep_alive_s = parse_keep_alive_s(body.keep_alive)
     options = parse_options(body.options)
     check_input_count(len(texts), request.app[SETTINGS])
+    normalized = body.normalize is not False
+    # emberd's field for Cohere's types: one type, so `embeddings` stays one list of vectors.
+    (embedding_type,) = requested_types(
+        [body.embedding_type or "float"], "embedding_type", normalized, bool(body.dimensions)
+    )
     empty_answer = {"model": name, "embeddings": []}
     if not texts and keep_alive_s == 0:
         stored = await stored_model(request.app, name)
         await request.app[SCHEDULER].unload_canonical(stored.name)  # the unload idiom: never load to unload
         return json_response(empty_answer)
+    if texts and body.outputs is not None and set(body.outputs) != {"dense"}:  # BGE-M3's heads
+        return await tei.embed_outputs(request, body, options, keep_alive_s, started_ns)
     embedded = await embed_inputs(
         request,
         name,
@@ -92,7 +102,9 @@ async def embed(request: web.Request) -> web.Response:
     )
     if not texts:
         return json_response(empty_answer)  # the preload idiom
-    vectors = finish_embeddings(embedded.vectors, body.dimensions, body.normalize is not False)
+    vectors = finish_embeddings(embedded.vectors, body.dimensions, normalized)
+    if embedding_type != "float":
+        vectors = (await typed_embeddings(request.app, name, vectors, [embedding_type]))[embedding_type]
     return json_response(
         {
             "model": name,
@@ -240,12 +252,15 @@ async def create(request: web.Request) -> web.StreamResponse:
         raise InvalidInput("quantize applies to Hugging Face directories; a GGUF file is stored as it is")
 
     jobs = request.app[JOBS]  # a conversion is a long job: its own bounded threads, cancelled at shutdown
+    calibrate = request.app[SETTINGS].calibrate_on_store
     if stream is False:
         await jobs.run(
             lambda token: store.create(
                 name, source, output_type, token=token, prompts=prompts, adapters=adapters, default_task=default_task
             )
         )
+        if calibrate:
+            await request.app[CALIBRATOR].after_store(name)
         return json_response({"status": "success"})
 
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -274,6 +289,9 @@ async def create(request: web.Request) -> web.StreamResponse:
         await response.write(orjson.dumps({"status": status}) + b"\n")
     try:
         work.result()
+        if calibrate:
+            await response.write(orjson.dumps({"status": "calibrating int8 and uint8 ranges"}) + b"\n")
+            await request.app[CALIBRATOR].after_store(name)
         final: dict[str, Any] = {"status": "success"}
     except EmberdError as error:
         final = {"error": error.message}

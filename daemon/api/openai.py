@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 from aiohttp import web
 
 from daemon.api.common import (
     SETTINGS,
+    Caller,
     admitted,
     check_input_count,
     json_response,
@@ -22,6 +21,7 @@ from daemon.api.common import (
 )
 from daemon.api.embedding import embed_inputs
 from daemon.api.models import ENCODING_FORMATS, OpenAIEmbedRequest
+from daemon.api.typed import requested_types, typed_embeddings
 from daemon.errors import InvalidInput
 from daemon.store import StoredModel
 from daemon.token_ids import decode_cl100k
@@ -50,22 +50,27 @@ def sort_inputs(raw: str | list[str | int | list[int]] | None) -> EmbedInputs:
     raise InvalidInput("invalid input")
 
 
-def encode_vector(vector: np.ndarray, encoding_format: str) -> Any:
-    if encoding_format == "base64":
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return vector
-
-
 @admitted(queue_slot=True)
 async def embeddings(request: web.Request) -> web.Response:
-    body = await read_model(request, OpenAIEmbedRequest)
+    answer, headers = await answer_embeddings(request, await read_model(request, OpenAIEmbedRequest))
+    return json_response(answer, headers=headers)
+
+
+async def answer_embeddings(
+    request: Caller, body: OpenAIEmbedRequest, background: bool = False
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """/v1/embeddings' answer and headers for a body: an HTTP request's, or a batch line's
+    (`background`: below interactive requests, see daemon.batches)."""
     name = body.model_name
     if not name.strip():
         raise InvalidInput("model is required")
     sorted_inputs = sort_inputs(body.input)
     encoding_format = (body.encoding_format or "float").lower()
     if encoding_format not in ENCODING_FORMATS:
-        raise InvalidInput(f"invalid encoding_format {body.encoding_format!r}: use float or base64")
+        raise InvalidInput(
+            f"invalid encoding_format {body.encoding_format!r}: use float or base64 (or int8, uint8, binary, ubinary)"
+        )
+    requested_types([encoding_format], "encoding_format", True, body.dimensions is not None)
     token_lists = sorted_inputs.token_lists
     check_input_count(len(sorted_inputs.texts) + len(token_lists), request.app[SETTINGS])
     inputs: list[str | list[int]] = list(sorted_inputs.texts)
@@ -85,17 +90,16 @@ async def embeddings(request: web.Request) -> web.Response:
         body.input_type,
         bool(body.split_long_inputs),
         body.task,
+        background=background,
     )
     vectors = finish_embeddings(embedded.vectors, body.dimensions)
-    data = [
-        {"object": "embedding", "embedding": encode_vector(vector, encoding_format), "index": index}
-        for index, vector in enumerate(vectors)
-    ]
+    typed = (await typed_embeddings(request.app, name, vectors, [encoding_format]))[encoding_format]
+    data = [{"object": "embedding", "embedding": vector, "index": index} for index, vector in enumerate(typed)]
     if body.split_long_inputs:
         for item, windows in zip(data, embedded.windows, strict=True):
             item["windows"] = windows
     usage = {"prompt_tokens": embedded.token_count, "total_tokens": embedded.token_count}
-    return json_response({"object": "list", "data": data, "model": name, "usage": usage}, headers=embedded.provenance)
+    return {"object": "list", "data": data, "model": name, "usage": usage}, embedded.provenance
 
 
 def _model_object(model: StoredModel) -> dict[str, Any]:

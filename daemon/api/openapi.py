@@ -11,6 +11,7 @@ routes both ways; tests/reliability/fuzz_routes.py draws its requests from it.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -23,6 +24,7 @@ from daemon import __version__
 from daemon.api import models
 from daemon.api.access import OPEN_PATHS
 from daemon.api.common import (
+    CACHE_HITS_HEADER,
     JSON_CONTENT_TYPE,
     LLAMA_VERSION_HEADER,
     MODEL_DIGEST_HEADER,
@@ -30,6 +32,7 @@ from daemon.api.common import (
     error_body,
 )
 from daemon.errors import (
+    BatchDatabaseUnavailable,
     BlobMissing,
     ContextExceeded,
     DownloadFailed,
@@ -53,7 +56,9 @@ from daemon.errors import (
     TooManyInputs,
     Unauthorized,
     UnknownModel,
+    UnknownObject,
     UnreadableManifest,
+    UploadTooLarge,
 )
 
 OPENAPI_PATH: Final = "/openapi.json"
@@ -90,14 +95,24 @@ def json_answer(description: str, model: type[msgspec.Struct], headers: tuple[st
     return Answer(description, {"application/json": model}, headers)
 
 
-EMBEDDING_HEADERS: Final = (MODEL_DIGEST_HEADER, LLAMA_VERSION_HEADER)
+EMBEDDING_HEADERS: Final = (MODEL_DIGEST_HEADER, LLAMA_VERSION_HEADER, CACHE_HITS_HEADER)
 HEADER_DESCRIPTIONS: Final = {
     TRUNCATED_HEADER: "how many inputs were cut to the context",
     MODEL_DIGEST_HEADER: "sha256 of the model file that made the vectors",
     LLAMA_VERSION_HEADER: "the llama.cpp build that made them",
+    CACHE_HITS_HEADER: "how many inputs the vector cache answered (0 with the cache off)",
 }
 
 # -- routes -----------------------------------------------------------------------------------------
+
+UPLOAD_FORM: Final = {
+    "type": "object",
+    "properties": {
+        "purpose": {"type": "string", "enum": ["batch"]},
+        "file": {"type": "string", "format": "binary", "description": "JSONL: one /v1/embeddings request a line"},
+    },
+    "required": ["purpose", "file"],
+}
 
 ADMISSION: Final = (Overloaded, ShuttingDown)
 MODEL_LOOKUP: Final = (InvalidModelName, UnknownModel, UnreadableManifest)
@@ -134,6 +149,7 @@ class Route:
     request: type[models.Body] | None = None  # a JSON body
     errors: tuple[type[EmberdError], ...] = ()
     other_answers: dict[int, Answer] = field(default_factory=dict)  # not errors: /readyz's 503
+    form: Schema | None = None  # a multipart/form-data body (an upload), instead of `request`
 
 
 ROUTES: Final = (
@@ -229,6 +245,107 @@ ROUTES: Final = (
         EMBEDDING_ERRORS,
     ),
     Route(
+        "post",
+        "/v1/files",
+        "uploadFile",
+        "batch",
+        "upload a batch's input lines (OpenAI's Files API), streamed to disk",
+        json_answer("the file", models.FileObject),
+        None,
+        (InvalidInput, UploadTooLarge, InsufficientDisk, BatchDatabaseUnavailable),
+        form=UPLOAD_FORM,
+    ),
+    Route(
+        "get",
+        "/v1/files",
+        "listFiles",
+        "batch",
+        "the files uploaded and written",
+        json_answer("files", models.FileList),
+        None,
+        (BatchDatabaseUnavailable,),
+    ),
+    Route(
+        "get",
+        "/v1/files/{file_id}",
+        "getFile",
+        "batch",
+        "one file",
+        json_answer("the file", models.FileObject),
+        None,
+        (UnknownObject, BatchDatabaseUnavailable),
+    ),
+    Route(
+        "delete",
+        "/v1/files/{file_id}",
+        "deleteFile",
+        "batch",
+        "delete a file",
+        json_answer("deleted", models.FileDeleted),
+        None,
+        (UnknownObject, BatchDatabaseUnavailable),
+    ),
+    Route(
+        "get",
+        "/v1/files/{file_id}/content",
+        "fileContent",
+        "batch",
+        "a file's lines (a batch's input, output or errors)",
+        Answer("JSONL", {"application/octet-stream": {"type": "string", "format": "binary"}}),
+        None,
+        (UnknownObject, BatchDatabaseUnavailable),
+    ),
+    Route(
+        "post",
+        "/v1/batches",
+        "createBatch",
+        "batch",
+        "embed a file of /v1/embeddings requests in the background (OpenAI's Batch API)",
+        json_answer("the batch", models.BatchObject),
+        models.BatchCreateRequest,
+        (InvalidInput, UnknownObject, BatchDatabaseUnavailable, *ADMISSION),
+    ),
+    Route(
+        "get",
+        "/v1/batches",
+        "listBatches",
+        "batch",
+        "batches, newest first",
+        json_answer("batches", models.BatchList),
+        None,
+        (InvalidInput, BatchDatabaseUnavailable),
+    ),
+    Route(
+        "get",
+        "/v1/batches/{batch_id}",
+        "getBatch",
+        "batch",
+        "one batch: its status and request_counts",
+        json_answer("the batch", models.BatchObject),
+        None,
+        (UnknownObject, BatchDatabaseUnavailable),
+    ),
+    Route(
+        "post",
+        "/v1/batches/{batch_id}/cancel",
+        "cancelBatch",
+        "batch",
+        "cancel a batch: what is done is kept",
+        json_answer("the batch", models.BatchObject),
+        None,
+        (UnknownObject, BatchDatabaseUnavailable),
+    ),
+    Route(
+        "post",
+        "/v2/embed",
+        "cohereEmbed",
+        "cohere",
+        "embed texts as typed vectors: float, int8, uint8, binary, ubinary, base64 (Cohere's embed v2)",
+        json_answer("the vectors, one list per type", models.CohereEmbedAnswer, (TRUNCATED_HEADER, *EMBEDDING_HEADERS)),
+        models.CohereEmbedRequest,
+        EMBEDDING_ERRORS,
+    ),
+    Route(
         "get",
         "/v1/models",
         "openaiModels",
@@ -262,6 +379,39 @@ ROUTES: Final = (
             ("/v1/rerank", "rerankV1", "Jina"),
             ("/v2/rerank", "rerankV2", "Cohere"),
         )
+    ),
+    Route(
+        "post",
+        "/embed_all",
+        "embedAll",
+        "tei",
+        "every token's vector of each input, special tokens included (TEI's, with a model field)",
+        Answer(
+            "per input, per token, its vector",
+            {
+                "application/json": {
+                    "type": "array",
+                    "items": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+                }
+            },
+            EMBEDDING_HEADERS,
+        ),
+        models.TokenVectorsRequest,
+        EMBEDDING_ERRORS,
+    ),
+    Route(
+        "post",
+        "/embed_sparse",
+        "embedSparse",
+        "tei",
+        "BGE-M3's sparse (lexical) weights of each input (TEI's, with a model field)",
+        Answer(
+            "per input, its tokens' weights (special tokens left out), by token id",
+            {"application/json": {"type": "array", "items": {"type": "array", "items": ref("SparseValue")}}},
+            EMBEDDING_HEADERS,
+        ),
+        models.SparseRequest,
+        EMBEDDING_ERRORS,
     ),
     Route(
         "post",
@@ -319,7 +469,15 @@ ROUTES: Final = (
 )
 # Models the document names though no route holds them directly: the error bodies, a line of a
 # progress stream, and the runner options a request's `options` refers to.
-NAMED_MODELS: Final = (models.Error, models.OpenAIError, models.StatusLine, models.Options)
+NAMED_MODELS: Final = (
+    models.Error,
+    models.OpenAIError,
+    models.TEIError,
+    models.CohereError,
+    models.SparseValue,
+    models.StatusLine,
+    models.Options,
+)
 
 
 NULL: Final = {"type": "null"}
@@ -411,8 +569,13 @@ def error_reasons(route: Route, error_status: ErrorTable) -> dict[int, list[str]
 
 
 def error_schema(path: str) -> Schema:
-    """Ollama's {"error": "..."}, or OpenAI's body where common.error_body gives it."""
-    return ref("OpenAIError") if isinstance(error_body(path, 400, "")["error"], dict) else ref("Error")
+    """Ollama's {"error": "..."}, or OpenAI's, Cohere's or TEI's body where common.error_body gives it."""
+    body = error_body(path, 400, "")
+    if "error_type" in body:
+        return ref("TEIError")
+    if "message" in body:
+        return ref("CohereError")
+    return ref("OpenAIError") if isinstance(body["error"], dict) else ref("Error")
 
 
 def _content_schema(content: Content) -> Schema:
@@ -461,9 +624,16 @@ def operation(
                 },
             }
         ]
+    others = [name for name in re.findall(r"\{(\w+)\}", route.path) if name != "model"]
+    if others:
+        document["parameters"] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in others
+        ]
     if route.request is not None:
         schema = bodies[route.request]
         document["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
+    if route.form is not None:
+        document["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": route.form}}}
     return document
 
 

@@ -13,10 +13,16 @@ LIMIT_TOO_SMALL = "input after truncation exceeds maximum context length"
 
 
 def fit_tokens(
-    tokens: Sequence[int], head_specials: int, tail_specials: int, limit: int, truncate: bool
+    tokens: Sequence[int],
+    head_specials: int,
+    tail_specials: int,
+    limit: int,
+    truncate: bool,
+    keep_end: bool = False,
 ) -> tuple[list[int], bool]:
-    """Cut `tokens` (special tokens included) to `limit`, keeping the beginning and the special
-    tokens at both ends. Returns the tokens and whether they were cut.
+    """Cut `tokens` (special tokens included) to `limit`, keeping the beginning (or with `keep_end`,
+    Cohere's truncate START, the end) and the special tokens at both ends. Returns the tokens and
+    whether they were cut.
 
     Cutting on token ids, never on text, so no detokenize/retokenize round trip can shift the cut.
     """
@@ -28,12 +34,22 @@ def fit_tokens(
     if keep_content < 1:
         raise ContextExceeded(LIMIT_TOO_SMALL)
     tail = list(tokens[len(tokens) - tail_specials :]) if tail_specials else []
+    if keep_end:
+        content_end = len(tokens) - tail_specials
+        return list(tokens[:head_specials]) + list(tokens[content_end - keep_content : content_end]) + tail, True
     return list(tokens[: head_specials + keep_content]) + tail, True
 
 
 # A request passed over for this many decodes in a row goes first (ageing: long inputs are not
 # starved by a stream of short ones).
 OVERDUE_AFTER_DECODES = 8
+# A decode of a batch job's lines holds at most this many tokens: an interactive query that arrives
+# meanwhile waits for it (then goes first), so it is kept short. Measured with bench_batch.py on
+# all-MiniLM, 2 cores, 2026-12-03 (a 512-token decode takes about 130 ms), 200 queries one at a time
+# beside a batch: p99 against W4's and the batch's pace against alone were 1.07x and 0.87 with the
+# whole decode budget (512), 0.98x and 0.90 with 256, 0.66x and 0.87 with 128; opening the quick lane
+# beside batch decodes instead gave 0.22x and 0.62.
+BACKGROUND_DECODE_TOKENS = 128
 # Sequences up to this many tokens share decodes whatever their lengths; longer ones share only with
 # sequences within a factor of two (see same_bucket).
 SHORT_SEQUENCE_TOKENS = 32
@@ -48,6 +64,11 @@ class QueuedRequest:
     # Its task adapter (None: the base model): one decode runs with one adapter set on its context,
     # so only requests of one task share a decode.
     task: str | None = None
+    # Token vectors (pooling NONE) come from another context than pooled vectors: only requests of
+    # one kind share a decode, as with tasks.
+    tokens: bool = False
+    # A batch job's lines (daemon.batches): decoded only when no interactive request waits.
+    background: bool = False
 
 
 def same_bucket(first: int, length: int) -> bool:
@@ -71,6 +92,10 @@ def quick_lane_opens(threads: int, shortest_tokens: int, quick_lane: bool) -> bo
     quick lane answer them while it runs. The long decode keeps every thread (measured with 16
     clients, 10% of them sending documents: queries' p99 111 to 181 ms with every thread, 149 ms
     with one fewer; 275 to 299 ms with no quick lane). One thread leaves nothing to share.
+
+    A batch job's decodes (background) open it no more than others: a query beside a batch waits
+    for the batch's current decode and then goes first (see take_batch). Opening it made the query
+    and the batch share the cores (measured with bench_batch.py: the batch kept 0.62 of its pace).
     """
     return quick_lane and threads >= 2 and not is_short(shortest_tokens)
 
@@ -111,10 +136,12 @@ def take_batch(
     Requests take turns, one sequence a turn, so one request of 4,096 inputs cannot hold a 1-input
     request back for its whole length. Turns go to overdue requests first (when `overdue_first`:
     the runner alternates, so that overdue long inputs do not run back to back while short ones
-    wait), then to the shortest next sequence, then by arrival. Only requests of the first turn's
-    task take turns (the others are passed over, and so become overdue in time). Sequences are
-    taken while they fit the token budget and the first one's bucket; the first is always taken,
-    alone if longer than the budget (the context was sized so that any single input fits).
+    wait), then to the shortest next sequence, then by arrival. Background requests (a batch job's
+    lines) take turns only when no interactive request waits. Only requests of the first turn's
+    task and output kind (pooled or token vectors) take turns (the others are passed over, and so
+    become overdue in time). Sequences are taken while they fit the token budget and the first
+    one's bucket; the first is always taken, alone if longer than the budget (the context was sized
+    so that any single input fits).
     """
     counts = [0] * len(requests)
 
@@ -123,10 +150,15 @@ def take_batch(
         return (not overdue, requests[index].lengths[0], index)
 
     turns = sorted((index for index, request in enumerate(requests) if request.lengths), key=turn_order)
+    if any(not requests[index].background for index in turns):
+        # Interactive requests first: a batch job's lines take decodes no interactive request wants.
+        turns = [index for index in turns if not requests[index].background]
+    elif turns:
+        batch_tokens = min(batch_tokens, BACKGROUND_DECODE_TOKENS)
     if not turns:
         return counts
-    task = requests[turns[0]].task
-    turns = [index for index in turns if requests[index].task == task]
+    task, tokens = requests[turns[0]].task, requests[turns[0]].tokens
+    turns = [index for index in turns if (requests[index].task, requests[index].tokens) == (task, tokens)]
     first = requests[turns[0]].lengths[0]
     total = taken = 0
     while turns and taken < max_sequences:

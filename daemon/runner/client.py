@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,18 @@ class EmbedResult:
     decodes: list[tuple[int, int]]  # (tokens, sequences) of the decodes run since the last result
     windows: list[int]  # per input: 1, or the windows a long input was split into
     quick_decodes: list[tuple[int, int]] = field(default_factory=list)  # the same, on the quick lane
+    # Token vectors (embed with tokens=True): `vectors` holds every input's token rows one after
+    # another, token_rows[i] of them input i's; token_ids[i] its tokens; special_ids: those of the
+    # tokens that are control or unknown tokens ([CLS], </s>, <unk>, ...). None for pooled vectors.
+    token_rows: list[int] | None = None
+    token_ids: list[list[int]] = field(default_factory=list)
+    special_ids: list[int] = field(default_factory=list)
+
+    def token_vectors(self) -> list[np.ndarray]:
+        """Each input's (tokens, n_embd) rows, views of `vectors`."""
+        assert self.token_rows is not None, "not a token-vector result"
+        bounds = np.cumsum([0, *self.token_rows])
+        return [self.vectors[start:end] for start, end in itertools.pairwise(bounds)]
 
 
 def load_failure(label: str, header: Mapping[str, Any]) -> ModelLoadFailed:
@@ -133,6 +145,31 @@ def _describe_exit(returncode: int | None) -> str:
         except ValueError:
             return f"was killed by signal {-returncode}"
     return f"exited with status {returncode}"
+
+
+# Runner starts under way on the event loop's thread, and the mask the first one found (see
+# _group_signals_blocked).
+_STARTS_BLOCKING = 0
+_MASK_BEFORE_STARTS: set[int | signal.Signals] = set()
+
+
+@contextlib.contextmanager
+def _group_signals_blocked() -> Iterator[None]:
+    """The group's signals blocked on the event loop's thread while runners start. Starts overlap
+    (a vocabulary runner and a model load; each awaits its spawn), so each cannot restore the mask
+    it found: the second would restore the first's blocked one, and the daemon would ignore SIGTERM
+    for good. The last start to finish restores the mask from before the first."""
+    global _STARTS_BLOCKING, _MASK_BEFORE_STARTS
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+    if _STARTS_BLOCKING == 0:
+        _MASK_BEFORE_STARTS = set(previous)
+    _STARTS_BLOCKING += 1
+    try:
+        yield
+    finally:
+        _STARTS_BLOCKING -= 1
+        if _STARTS_BLOCKING == 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, _MASK_BEFORE_STARTS)
 
 
 class StderrLines:
@@ -216,8 +253,7 @@ class RunnerProcess:
         ).decode()
         # The child inherits a signal mask that blocks the group's signals until it ignores them,
         # so a Ctrl-C or a systemd stop that arrives while it starts cannot kill it (see worker).
-        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
-        try:
+        with _group_signals_blocked():
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -229,8 +265,6 @@ class RunnerProcess:
                 env=runner_environment(environment if environment is not None else os.environ),
                 limit=1 << 20,
             )
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         runner = cls(process, label)
         try:
             async with asyncio.timeout(load_timeout_s):
@@ -278,9 +312,13 @@ class RunnerProcess:
         limit_tokens: int | None = None,
         split: bool = False,
         task: str | None = None,
+        keep_end: bool = False,
+        tokens: bool = False,
+        background: bool = False,
     ) -> EmbedResult:
         """Embed texts, or token-id lists of the model's own vocabulary, cut at `limit_tokens` (at
-        most the runner's own limit), with the task's adapter (None: the base model)."""
+        most the runner's own limit; `keep_end`: keeping their end), with the task's adapter (None:
+        the base model)."""
         if not self.alive or self._stopping:
             raise ShuttingDown(f"runner for {self.label} is stopping")
         request_id = next(self._ids)
@@ -298,6 +336,9 @@ class RunnerProcess:
                         "limit_tokens": limit_tokens,
                         "split": split,
                         "task": task,
+                        **({"keep_end": True} if keep_end else {}),
+                        **({"output": "tokens"} if tokens else {}),
+                        **({"background": True} if background else {}),
                     }
                 )
             )
@@ -311,6 +352,54 @@ class RunnerProcess:
             raise
         finally:
             self._pending.pop(request_id, None)
+
+    async def embed_sequences(
+        self, sequences: Sequence[Sequence[Sequence[int]]], task: str | None = None, background: bool = False
+    ) -> EmbedResult:
+        """Embed inputs given as the sequences decoded (per input, one or its windows, as
+        tokenize_inputs answered them): nothing added, nothing cut; windows pooled as for split."""
+        if not self.alive or self._stopping:
+            raise ShuttingDown(f"runner for {self.label} is stopping")
+        request_id = next(self._ids)
+        future: asyncio.Future[EmbedResult] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        assert self._process.stdin is not None
+        try:
+            message = {"type": "embed", "id": request_id, "sequences": sequences, "truncate": False, "task": task}
+            if background:
+                message["background"] = True
+            self._process.stdin.write(encode_frame(message))
+            await self._process.stdin.drain()
+            return await future
+        except (BrokenPipeError, ConnectionResetError):
+            await self.exited.wait()
+            return await future
+        except asyncio.CancelledError:
+            self._send_cancel(request_id)  # the client left: drop what is not decoded yet
+            raise
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def tokenize_inputs(
+        self,
+        texts: Sequence[RunnerInput],
+        truncate: bool,
+        limit_tokens: int,
+        split: bool = False,
+        keep_end: bool = False,
+    ) -> tuple[list[list[list[int]]], list[bool]]:
+        """The sequences embed would decode for these inputs with these fields, cut at `limit_tokens`
+        (this runner's own limit does not cap it), per input; and which inputs were cut."""
+        message = {
+            "type": "tokenize_inputs",
+            "texts": texts,
+            "truncate": truncate,
+            "limit_tokens": limit_tokens,
+            "split": split,
+            "keep_end": keep_end,
+        }
+        answer: tuple[list[list[list[int]]], list[bool]] = await self._ask(message)
+        return answer
 
     async def renew_context(self) -> None:
         """Have the runner replace its context by a fresh one, giving back what its largest decode
@@ -397,6 +486,8 @@ class RunnerProcess:
             future.set_result(header["tokens"])
         elif kind == "text":
             future.set_result(header["content"])
+        elif kind == "sequences":
+            future.set_result((header["sequences"], header["truncated"]))
         elif kind == "result":
             vectors = np.frombuffer(payload, dtype="<f4").reshape(header["rows"], header["dims"])
             decodes = [(tokens, sequences) for tokens, sequences in header["decodes"]]
@@ -411,6 +502,9 @@ class RunnerProcess:
                     decodes,
                     header["windows"],
                     [(tokens, sequences) for tokens, sequences in header["quick_decodes"]],
+                    header.get("token_rows"),
+                    header.get("token_ids", []),
+                    header.get("special_ids", []),
                 )
             )
         elif header.get("kind") == "context_exceeded":

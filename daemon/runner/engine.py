@@ -5,11 +5,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import itertools
 import mmap
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,6 +326,26 @@ class _Lane:
         self._give_back_logits(batch.n_tokens())  # after the outputs are copied out
         return output
 
+    def embed_tokens(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Every token's vector of each sequence, on a context with pooling NONE: llama.cpp keeps
+        the outputs of the tokens marked as outputs (all of them here) one after another, in the
+        batch's order."""
+        batch = self._batch
+        batch.reset()
+        for seq_id, tokens in enumerate(sequences):
+            batch.add_sequence(tokens, seq_id, True)
+        self.context.kv_cache_clear()
+        self.context.decode(batch)
+        n_tokens = batch.n_tokens()
+        pointer = llama_cpp.llama_get_embeddings(self.context.ctx)
+        if not pointer:
+            raise RuntimeError("llama.cpp returned no token embeddings")
+        rows = np.ctypeslib.as_array(pointer, shape=(n_tokens, self.n_embd))
+        bounds = np.cumsum([0, *(len(tokens) for tokens in sequences)])
+        output = [rows[start:end].copy() for start, end in itertools.pairwise(bounds)]
+        self._give_back_logits(n_tokens)  # after the outputs are copied out
+        return output
+
     def renew(self) -> None:
         self.context.close()
         libc.trim_heap()  # a freed context's buffers, which glibc would keep
@@ -365,7 +386,12 @@ def _offloaded_layers(n_gpu_layers: int, n_layer: int) -> int:
 
 
 def _context_params(
-    n_tokens: int, n_ubatch: int, threads: int, max_sequences: int, on_gpu: bool = False
+    n_tokens: int,
+    n_ubatch: int,
+    threads: int,
+    max_sequences: int,
+    on_gpu: bool = False,
+    pooling_type: int | None = None,
 ) -> llama_cpp.llama_context_params:
     params: llama_cpp.llama_context_params = llama_cpp.llama_context_default_params()
     # A runner with no layer offloaded stays on the CPU: a GPU build would otherwise send large
@@ -378,10 +404,62 @@ def _context_params(
     params.embeddings = True
     params.kv_unified = True
     params.n_seq_max = max_sequences
+    if pooling_type is not None:  # None: the model's own (its GGUF's pooling_type)
+        params.pooling_type = pooling_type
     return params
 
 
-class EmbeddingEngine:
+class InputTokenizer:
+    """An embed request's inputs as the token sequences decoded: the model's special tokens around
+    them, cut or split at the context. A loaded engine's, and a vocabulary-only runner's (so the
+    daemon learns the exact sequences, for its vector cache, without loading the model)."""
+
+    def __init__(self, vocabulary: Vocabulary, limit_tokens: int) -> None:
+        self.vocabulary = vocabulary
+        self.limit_tokens = limit_tokens  # the longest sequence; a request's own limit may be shorter
+        probe_with_specials = vocabulary.tokenize(_PROBE_TEXT, add_special=True)
+        self._head_specials, self._tail_specials = special_token_split(
+            probe_with_specials, vocabulary.tokenize(_PROBE_TEXT, add_special=False)
+        )
+        # The special tokens themselves, to wrap inputs that arrive as token ids.
+        self._head_tokens = probe_with_specials[: self._head_specials]
+        self._tail_tokens = probe_with_specials[len(probe_with_specials) - self._tail_specials :]
+
+    def tokenize(
+        self,
+        item: str | list[int],
+        truncate: bool,
+        limit_tokens: int | None = None,
+        split: bool = False,
+        keep_end: bool = False,
+    ) -> TokenizedInput:
+        """A text, or token ids of this model's vocabulary (wrapped in the special tokens, as a
+        text would be), cut to the context (or to a request's shorter `limit_tokens`; `keep_end`:
+        its end is kept, not its beginning), or with `split`, in overlapping windows of the context
+        (see split_windows)."""
+        if isinstance(item, str):
+            tokens = self.vocabulary.tokenize(item, add_special=True)
+        else:
+            self.vocabulary.check_ids(item)
+            tokens = wrap_token_ids(item, self._head_tokens, self._tail_tokens)
+        limit = min(limit_tokens or self.limit_tokens, self.limit_tokens)
+        if split:
+            return TokenizedInput(split_windows(tokens, self._head_specials, self._tail_specials, limit), False)
+        fitted, truncated = fit_tokens(tokens, self._head_specials, self._tail_specials, limit, truncate, keep_end)
+        return TokenizedInput([fitted], truncated)
+
+    def tokenize_pair(
+        self, query: str, document: str, truncate: bool, limit_tokens: int | None = None
+    ) -> TokenizedInput:
+        """A query/document pair for a reranker, laid out as llama.cpp's server does (see
+        Vocabulary.pair_tokens). A pair over the context is cut at the document's end."""
+        tokens, after_document = self.vocabulary.pair_tokens(query, document)
+        limit = min(limit_tokens or self.limit_tokens, self.limit_tokens)
+        fitted, truncated = fit_tokens(tokens, 0, after_document, limit, truncate)
+        return TokenizedInput([fitted], truncated)
+
+
+class EmbeddingEngine(InputTokenizer):
     """One model, its main context, and the quick lane's context when it has one. The main context
     and the quick lane's may decode at the same time, each from its own thread."""
 
@@ -410,6 +488,11 @@ class EmbeddingEngine:
         main_params = _context_params(params.n_batch, params.n_ubatch, params.n_threads, max_sequences, on_gpu)
         self._main = _Lane(self._model, main_params, logits_unused)
         self._threads = params.n_threads
+        # Token vectors need a context with pooling NONE (llama.cpp fixes pooling per context): the
+        # main context's sizes, opened at the first request for them (see embed_tokens).
+        self._token_lane_params = (params.n_batch, params.n_ubatch, max_sequences, on_gpu, logits_unused)
+        self._tokens: _Lane | None = None
+        self.token_dims = self._model.n_embd()  # a token vector's floats (a reranker's too)
         pooling_type = llama_cpp.llama_pooling_type(self._main.context.ctx)
         ranks = pooling_type == llama_cpp.LLAMA_POOLING_TYPE_RANK
         # A reranker's "vector" is its classifier's scores (one for a relevance score).
@@ -447,43 +530,10 @@ class EmbeddingEngine:
             device_buffer_bytes=device_buffers,
             offloaded_layers=_offloaded_layers(params.n_gpu_layers, self._n_layer()) if device_name else 0,
         )
-        probe_with_specials = self.vocabulary.tokenize(_PROBE_TEXT, add_special=True)
-        self._head_specials, self._tail_specials = special_token_split(
-            probe_with_specials, self.vocabulary.tokenize(_PROBE_TEXT, add_special=False)
-        )
-        # The special tokens themselves, to wrap inputs that arrive as token ids.
-        self._head_tokens = probe_with_specials[: self._head_specials]
-        self._tail_tokens = probe_with_specials[len(probe_with_specials) - self._tail_specials :]
+        InputTokenizer.__init__(self, self.vocabulary, params.limit_tokens)
 
     def _n_layer(self) -> int:
         return int(llama_cpp.llama_model_n_layer(self._model.model))
-
-    def tokenize(
-        self, item: str | list[int], truncate: bool, limit_tokens: int | None = None, split: bool = False
-    ) -> TokenizedInput:
-        """A text, or token ids of this model's vocabulary (wrapped in the special tokens, as a
-        text would be), cut to the context (or to a request's shorter `limit_tokens`), or with
-        `split`, in overlapping windows of the context (see split_windows)."""
-        if isinstance(item, str):
-            tokens = self.vocabulary.tokenize(item, add_special=True)
-        else:
-            self.vocabulary.check_ids(item)
-            tokens = wrap_token_ids(item, self._head_tokens, self._tail_tokens)
-        limit = min(limit_tokens or self.facts.limit_tokens, self.facts.limit_tokens)
-        if split:
-            return TokenizedInput(split_windows(tokens, self._head_specials, self._tail_specials, limit), False)
-        fitted, truncated = fit_tokens(tokens, self._head_specials, self._tail_specials, limit, truncate)
-        return TokenizedInput([fitted], truncated)
-
-    def tokenize_pair(
-        self, query: str, document: str, truncate: bool, limit_tokens: int | None = None
-    ) -> TokenizedInput:
-        """A query/document pair for a reranker, laid out as llama.cpp's server does (see
-        Vocabulary.pair_tokens). A pair over the context is cut at the document's end."""
-        tokens, after_document = self.vocabulary.pair_tokens(query, document)
-        limit = min(limit_tokens or self.facts.limit_tokens, self.facts.limit_tokens)
-        fitted, truncated = fit_tokens(tokens, 0, after_document, limit, truncate)
-        return TokenizedInput([fitted], truncated)
 
     @property
     def threads(self) -> int:
@@ -496,8 +546,16 @@ class EmbeddingEngine:
     def renew_context(self) -> None:
         """A fresh main context in place of one that grew: llama.cpp touches its compute and output
         buffers as far as the largest decode went and keeps them; a new context starts small again.
-        The weights stay mapped. (The quick lane's context is small and never grows.)"""
+        The weights stay mapped. (The quick lane's context is small and never grows.) The token
+        lane's context, if open, is closed: it opens again when next asked for."""
         self._main.renew()
+        self._close_token_lane()
+
+    def _close_token_lane(self) -> None:
+        if self._tokens is not None:
+            self._tokens.close()
+            self._tokens = None
+            libc.trim_heap()
 
     def embed_batch(self, sequences: Sequence[Sequence[int]], task: str | None = None) -> np.ndarray:
         """Pooled embeddings (not normalised) of sequences that fit one decode together, on the main
@@ -505,6 +563,29 @@ class EmbeddingEngine:
         self._main.use_threads(self._threads)
         self._main.use_adapter(task, self._adapters)
         return self._main.embed(sequences)
+
+    def embed_tokens(self, sequences: Sequence[Sequence[int]], task: str | None = None) -> list[np.ndarray]:
+        """Every token's vector (not pooled, not normalised) of sequences that fit one decode
+        together, special tokens included, on the token lane's context (pooling NONE), opened at
+        the first call: a model never asked for token vectors pays nothing for it. It runs on the
+        main lane's thread, with its threads."""
+        if self._tokens is None:
+            n_tokens, n_ubatch, max_sequences, on_gpu, logits_unused = self._token_lane_params
+            params = _context_params(
+                n_tokens, n_ubatch, self._threads, max_sequences, on_gpu, llama_cpp.LLAMA_POOLING_TYPE_NONE
+            )
+            self._tokens = _Lane(self._model, params, logits_unused)
+            self._tokens.n_embd = self.token_dims
+        self._tokens.use_threads(self._threads)
+        self._tokens.use_adapter(task, self._adapters)
+        return self._tokens.embed_tokens(sequences)
+
+    def special_ids(self, tokens: Iterable[int]) -> list[int]:
+        """Those of `tokens` that are control tokens ([CLS], <s>, </s>, <pad>, ...) or the unknown
+        token, once each, in order."""
+        marked = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+        vocab = self._model.vocab
+        return sorted(token for token in set(tokens) if llama_cpp.llama_vocab_get_attr(vocab, token) & marked)
 
     def embed_quick(self, sequences: Sequence[Sequence[int]], task: str | None = None) -> np.ndarray:
         """embed_batch on the quick lane's context: short sequences, on one thread."""
@@ -515,5 +596,6 @@ class EmbeddingEngine:
     def close(self) -> None:
         if self._quick is not None:
             self._quick.close()
+        self._close_token_lane()
         self._main.close()
         self._model.close()

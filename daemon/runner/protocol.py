@@ -17,16 +17,34 @@ Child -> parent headers:
                                                       S: first decode to answer; decodes: those run
                                                       since the previous result (quick_decodes: on the
                                                       quick lane's context); W: windows per input
+    {"type": "result", ..., "rows": R, "dims": D, "token_rows": [n, ...], "token_ids": [[id, ...], ...],
+     "special_ids": [id, ...]}                        the answer to an embed with "output": "tokens":
+                                                      every token's vector of each input (special
+                                                      tokens included, not pooled, not normalised),
+                                                      input after input: R = the sum of token_rows,
+                                                      n of them input i's, token_ids its tokens;
+                                                      special_ids: those of the tokens that are
+                                                      control or unknown tokens
     {"type": "error", "id": N, "kind": "context_exceeded" | "invalid_input" | "failed", "message": "..."}
     {"type": "renewed", "id": N}                      the context of renew N is a fresh one
     {"type": "tokens", "id": N, "tokens": [...]}      the answer to tokenize N
     {"type": "text", "id": N, "content": "..."}       the answer to detokenize N
+    {"type": "sequences", "id": N, "sequences": [[[id, ...], ...], ...], "truncated": [bool, ...]}
+                                                      the answer to tokenize_inputs N: per input, the
+                                                      sequences an embed decodes (several: windows)
 Parent -> child headers:
     {"type": "embed", "id": N, "texts": [text, [token ids] or {"query", "document"}, ...], "truncate": bool,
      "limit_tokens": L,
-     "split": bool, "task": T}                        L: this request's context, at most the runner's;
+     "split": bool, "task": T, "keep_end": bool}      L: this request's context, at most the runner's;
                                                       split: long inputs in windows, pooled; T: its task
-                                                      adapter (absent or null: the base model)
+                                                      adapter (absent or null: the base model);
+                                                      keep_end (absent: false): a cut input keeps its
+                                                      end (Cohere's truncate START), not its start;
+                                                      background (absent: false): a batch job's lines,
+                                                      decoded when no other request waits
+     "output": "tokens"                              (absent: pooled vectors) every token's vector, from
+                                                      a context of pooling NONE opened at the first such
+                                                      request; split is refused (invalid_input)
     {"type": "set_threads", "threads": N}             no answer; applies from the next decode
     {"type": "set_batch_tokens", "tokens": N}         no answer; the decode budget, capped at capacity
     {"type": "cancel", "id": N}                        no answer; drop request N's sequences not decoded yet
@@ -34,6 +52,13 @@ Parent -> child headers:
                                                       the buffers a long decode grew), between decodes
     {"type": "tokenize", "id": N, "text": "...", "add_special": bool}    the model's own tokenizer
     {"type": "detokenize", "id": N, "tokens": [...]}  (also in a vocabulary-only runner)
+    {"type": "tokenize_inputs", "id": N, "texts": [...], "truncate": bool, "limit_tokens": L,
+     "split": bool, "keep_end": bool}                 an embed's fields: the sequences it would decode,
+                                                      cut at L alone (also in a vocabulary-only runner)
+    {"type": "embed", "id": N, "sequences": [[[id, ...], ...], ...], "limit_tokens": L, "task": T}
+                                                      instead of texts: per input, sequences decoded as
+                                                      given (a tokenize_inputs answer; nothing added or
+                                                      cut), windows pooled as for split
 """
 
 from __future__ import annotations

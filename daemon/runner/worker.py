@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, overload
 
@@ -36,7 +36,7 @@ from daemon.runner.batching import OVERDUE_AFTER_DECODES, QueuedRequest, is_shor
 from daemon.runner.protocol import GROUP_SIGNALS, encode_frame, read_frame_blocking
 from daemon.vectors import MEAN_POOLING, window_share
 
-VOCABULARY_MESSAGES = ("tokenize", "detokenize")
+VOCABULARY_MESSAGES = ("tokenize", "detokenize", "tokenize_inputs")
 # A message whose texts (characters, or ids) are longer than this is tokenized on the backlog's
 # thread, not the reader's: a few milliseconds of llama.cpp's tokenizer at most hold up the reader.
 INLINE_TOKENIZE_CHARS = 16 * 1024
@@ -56,6 +56,8 @@ def message_chars(message: dict[str, Any]) -> int:
         return len(message["text"])
     if message["type"] == "detokenize":
         return len(message["tokens"])
+    if "sequences" in message:  # ids to check and copy, nothing to tokenize
+        return sum(len(window) for windows in message["sequences"] for window in windows)
     return sum(
         sum(len(text) for text in item.values()) if isinstance(item, dict) else len(item) for item in message["texts"]
     )
@@ -131,11 +133,19 @@ class _Request:
     weights: np.ndarray | None = None  # the windows' weights summed so far, per input (split inputs)
     pooling_type: int = MEAN_POOLING  # the model's: how windows make an input's vector (window_share)
     task: str | None = None  # its task adapter (None: the base model); one per request
+    # Token vectors ("output": "tokens"): each input's (tokens, n_embd) rows, and its token ids.
+    tokens_output: bool = False
+    background: bool = False  # a batch job's lines: see batching.take_batch
+    token_vectors: list[np.ndarray] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)
 
     def add(self, sequence: _Sequence, vector: np.ndarray) -> None:
         """A sequence's vector into its input's row: as it is, or its window's share (see
         vectors.window_share) when the input was split into windows (the mean is taken in
-        finish_rows)."""
+        finish_rows). For token vectors, the sequence's rows (no window: one sequence an input)."""
+        if self.tokens_output:
+            self.token_vectors[sequence.row] = vector
+            return
         if self.windows[sequence.row] == 1:
             self.output[sequence.row] = vector
             return
@@ -150,7 +160,13 @@ class _Request:
             self.output[split] /= self.weights[split, None]
 
     def queued(self) -> QueuedRequest:
-        return QueuedRequest(_PendingLengths(self.pending, self.next_pending), self.passed_over, self.task)
+        return QueuedRequest(
+            _PendingLengths(self.pending, self.next_pending),
+            self.passed_over,
+            self.task,
+            self.tokens_output,
+            self.background,
+        )
 
     def take(self, count: int) -> list[_Sequence]:
         taken = self.pending[self.next_pending : self.next_pending + count]
@@ -172,21 +188,51 @@ class _Writer:
             self._stream.flush()
 
 
-def answer_vocabulary(vocabulary: Any, message: dict[str, Any], writer: _Writer) -> None:
-    """A tokenize or detokenize message, answered at once (no decode involved)."""
+def input_sequences(tokenizer: Any, message: dict[str, Any]) -> Iterator[tuple[list[list[int]], bool]]:
+    """Each input of an embed or tokenize_inputs message as the sequences decoded, and whether it
+    was cut: tokenized by the runner's InputTokenizer, or with "sequences", as given (what an
+    earlier tokenize_inputs answered: no special tokens added, nothing cut; ids and lengths checked)."""
+    if "sequences" in message:
+        for windows in message["sequences"]:
+            for window in windows:
+                tokenizer.vocabulary.check_ids(window)
+                if not 0 < len(window) <= tokenizer.limit_tokens:
+                    raise ContextExceeded(f"a sequence of {len(window)} tokens does not fit this runner's context")
+            yield windows, False
+        return
+    limit, split, keep_end = message.get("limit_tokens"), message.get("split", False), message.get("keep_end", False)
+    for item in message["texts"]:
+        tokenized = (
+            tokenizer.tokenize_pair(item["query"], item["document"], message["truncate"], limit)
+            if isinstance(item, dict)  # a reranker's query/document pair
+            else tokenizer.tokenize(item, message["truncate"], limit, split, keep_end)
+        )
+        yield tokenized.windows, tokenized.truncated
+
+
+def answer_vocabulary(tokenizer: Any, message: dict[str, Any], writer: _Writer) -> None:
+    """A tokenize, detokenize or tokenize_inputs message, answered at once (no decode involved).
+    `tokenizer`: the runner's InputTokenizer (an engine, or a vocabulary-only runner's)."""
     request_id = message["id"]
+    vocabulary = tokenizer.vocabulary
     try:
         if message["type"] == "tokenize":
             tokens = vocabulary.tokenize(message["text"], message["add_special"])
             writer.send({"type": "tokens", "id": request_id, "tokens": tokens})
+        elif message["type"] == "tokenize_inputs":
+            inputs = list(input_sequences(tokenizer, message))
+            sequences = [windows for windows, _truncated in inputs]
+            truncated = [truncated for _windows, truncated in inputs]
+            writer.send({"type": "sequences", "id": request_id, "sequences": sequences, "truncated": truncated})
         else:
             writer.send({"type": "text", "id": request_id, "content": vocabulary.detokenize(message["tokens"])})
-    except InvalidInput as error:
-        writer.send({"type": "error", "id": request_id, "kind": "invalid_input", "message": error.message})
+    except (ContextExceeded, InvalidInput) as error:
+        kind = "context_exceeded" if isinstance(error, ContextExceeded) else "invalid_input"
+        writer.send({"type": "error", "id": request_id, "kind": kind, "message": error.message})
 
 
-def serve_vocabulary(vocabulary: Any, stream: BinaryIO, writer: _Writer) -> None:
-    """A vocabulary-only runner: tokenize and detokenize until stdin ends (a large message on the
+def serve_vocabulary(tokenizer: Any, stream: BinaryIO, writer: _Writer) -> None:
+    """A vocabulary-only runner: tokenize, detokenize and tokenize_inputs until stdin ends (a large message on the
     backlog's thread, so the small ones sent after it are answered meanwhile)."""
     backlog = _Backlog()
     try:
@@ -195,9 +241,9 @@ def serve_vocabulary(vocabulary: Any, stream: BinaryIO, writer: _Writer) -> None
             if message["type"] not in VOCABULARY_MESSAGES:
                 continue
             if (size := message_chars(message)) > INLINE_TOKENIZE_CHARS:
-                backlog.submit(size, functools.partial(answer_vocabulary, vocabulary, message, writer))
+                backlog.submit(size, functools.partial(answer_vocabulary, tokenizer, message, writer))
             else:
-                answer_vocabulary(vocabulary, message, writer)
+                answer_vocabulary(tokenizer, message, writer)
     finally:
         backlog.close()
 
@@ -250,13 +296,11 @@ class _Work:
                     self.tokenizing.add(message["id"])
                 self.backlog.submit(size, functools.partial(self.accept, message))
             else:
-                self.backlog.submit(
-                    size, functools.partial(answer_vocabulary, self.engine.vocabulary, message, self.writer)
-                )
+                self.backlog.submit(size, functools.partial(answer_vocabulary, self.engine, message, self.writer))
         elif kind == "embed":
             self.accept(message)
         elif kind in VOCABULARY_MESSAGES:
-            answer_vocabulary(self.engine.vocabulary, message, self.writer)
+            answer_vocabulary(self.engine, message, self.writer)
         elif kind == "set_threads":
             self.engine.set_threads(message["threads"])  # takes effect from the next decode
         else:
@@ -297,24 +341,31 @@ class _Work:
     def _tokenize(self, message: dict[str, Any]) -> _Request:
         """A request's inputs as int32 arrays, one input at a time: no list of a whole request's
         tokens is ever held."""
-        texts: list[str | list[int] | dict[str, str]] = message["texts"]
+        # Texts (or ids, or pairs), or the sequences the daemon tokenized before (see input_sequences).
+        texts: list[Any] = message["texts"] if "texts" in message else message["sequences"]
         engine = self.engine
-        limit, split = message.get("limit_tokens"), message.get("split", False)
+        split = message.get("split", False)
         request = _Request(message["id"], np.zeros((len(texts), engine.facts.n_embd), dtype=np.float32), 0)
         request.pooling_type = engine.facts.pooling_type
         request.task = message.get("task")
+        request.background = bool(message.get("background", False))
+        if message.get("output", "pooled") == "tokens":
+            if split:
+                raise InvalidInput("token vectors are not split into windows: send split false")
+            request.tokens_output = True
+            request.output = np.zeros((len(texts), 0), dtype=np.float32)  # the rows are in token_vectors
+            request.token_vectors = [np.zeros((0, 0), dtype=np.float32)] * len(texts)
         if request.task is not None and request.task not in engine.facts.adapter_tasks:
             known = ", ".join(engine.facts.adapter_tasks) or "none"
             raise InvalidInput(f"this runner has no adapter of task {request.task!r}; its tasks: {known}")
-        for row, item in enumerate(texts):
-            tokenized = (
-                engine.tokenize_pair(item["query"], item["document"], message["truncate"], limit)
-                if isinstance(item, dict)  # a reranker's query/document pair
-                else engine.tokenize(item, message["truncate"], limit, split)
-            )
-            request.truncated += tokenized.truncated
-            request.windows.append(len(tokenized.windows))
-            for window in tokenized.windows:
+        for row, (windows, truncated) in enumerate(input_sequences(engine, message)):
+            request.truncated += truncated
+            request.windows.append(len(windows))
+            if request.tokens_output:
+                if len(windows) != 1:  # given as sequences: one an input, no windows
+                    raise InvalidInput("token vectors take one sequence an input, not windows")
+                request.token_ids.append(windows[0])
+            for window in windows:
                 request.token_count += len(window)
                 request.pending.append(_Sequence(row, np.array(window, dtype=TOKEN_DTYPE)))
         request.remaining = len(request.pending)
@@ -348,6 +399,8 @@ class _Work:
             for request in self.requests.values()
             if request.next_pending < len(request.pending)
             and (not short_only or is_short(len(request.pending[request.next_pending].tokens)))
+            and not (short_only and request.tokens_output)  # the quick lane's context pools
+            and not (short_only and request.background)  # the quick lane is for interactive requests
         ]
 
     def take(self, quick: bool) -> Batch:
@@ -377,7 +430,7 @@ class _Work:
         decodes.append((sum(len(sequence.tokens) for _request, sequence in batch), len(batch)))
         return batch
 
-    def deliver(self, batch: Batch, vectors: np.ndarray) -> list[tuple[dict[str, Any], bytes]]:
+    def deliver(self, batch: Batch, vectors: Sequence[np.ndarray]) -> list[tuple[dict[str, Any], bytes]]:
         """The vectors into their requests; the frames of the requests now complete."""
         frames = []
         for (request, sequence), vector in zip(batch, vectors, strict=True):
@@ -412,6 +465,16 @@ class _Work:
         }
         self.decodes.clear()
         self.quick_decodes.clear()
+        if request.tokens_output:
+            # Every input's token rows one after another; token_rows says how many are each input's.
+            rows = request.token_vectors
+            header["rows"] = sum(len(vectors) for vectors in rows)
+            header["dims"] = self.engine.token_dims
+            header["token_rows"] = [len(vectors) for vectors in rows]
+            header["token_ids"] = request.token_ids
+            header["special_ids"] = self.engine.special_ids(itertools.chain.from_iterable(request.token_ids))
+            payload = b"".join(np.ascontiguousarray(vectors, dtype=np.float32).tobytes() for vectors in rows)
+            return header, payload
         return header, request.output.tobytes()
 
 
@@ -420,8 +483,11 @@ def _decode(work: _Work, batch: Batch, quick: bool = False) -> None:
     answers sent. If llama.cpp fails a decode that packed several requests, each is decoded again
     on its own, so only a request that fails alone is failed."""
     sequences = [sequence.tokens.tolist() for _request, sequence in batch]  # one decode's: ctypes takes ints
-    task = batch[0][0].task  # one task a decode (see take_batch)
-    embed = work.engine.embed_quick if quick else work.engine.embed_batch
+    task = batch[0][0].task  # one task a decode (see take_batch), and one output kind
+    if batch[0][0].tokens_output:
+        embed = work.engine.embed_tokens  # the quick lane never takes token vectors (see queued)
+    else:
+        embed = work.engine.embed_quick if quick else work.engine.embed_batch
     try:
         vectors = embed(sequences) if task is None else embed(sequences, task)  # None: the base model
     except Exception as error:  # a llama.cpp failure fails the requests it touched, not the runner
@@ -525,10 +591,12 @@ def main() -> int:
     writer = _Writer(protocol_out)
     params = LlamaParams(**config["params"])
     try:
-        from daemon.runner.engine import EmbeddingEngine, load_vocabulary
+        from daemon.runner.engine import EmbeddingEngine, InputTokenizer, load_vocabulary
 
         if params.vocab_only:
             vocabulary, facts, _model = load_vocabulary(config["model_path"], params)
+            # No context to bound it: each tokenize_inputs message's own limit cuts its inputs.
+            tokenizer = InputTokenizer(vocabulary, sys.maxsize)
         else:
             adapters = [(task, path) for task, path in config.get("adapters", [])]
             engine = EmbeddingEngine(config["model_path"], params, adapters)
@@ -552,7 +620,7 @@ def main() -> int:
         return 1
     writer.send({"type": "ready", "facts": dataclasses.asdict(facts)})
     if params.vocab_only:
-        serve_vocabulary(vocabulary, sys.stdin.buffer, writer)
+        serve_vocabulary(tokenizer, sys.stdin.buffer, writer)
         return 0
     serve(engine, sys.stdin.buffer, writer)
     engine.close()

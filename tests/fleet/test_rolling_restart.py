@@ -80,6 +80,8 @@ class FleetDaemon:
             "EMBERD_HOME": str(self.home),
             "EMBERD_DRAIN_DELAY": self.drain_delay,
             "EMBERD_HUB_OFFLINE": "1",
+            # The vector cache off: the load's repeated texts must reach the runners.
+            "EMBERD_CACHE": "false",
             # Three daemons share this machine's cores.
             "EMBERD_NUM_THREAD": "1",
         }
