@@ -31,9 +31,9 @@ def xlm_roberta_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def reference_token_vectors(path: Path, texts: list[str]) -> Iterator[np.ndarray]:
-    """llama.cpp's own per-token vectors (pooling NONE), one text a decode."""
-    model = llama_cpp.Llama(
+def pooling_none_llama(path: Path) -> llama_cpp.Llama:
+    """llama-cpp-python's own model with pooling NONE: the reference for token vectors."""
+    return llama_cpp.Llama(
         str(path),
         embedding=True,
         pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE,
@@ -43,6 +43,11 @@ def reference_token_vectors(path: Path, texts: list[str]) -> Iterator[np.ndarray
         n_threads=1,
         verbose=False,
     )
+
+
+def reference_token_vectors(path: Path, texts: list[str]) -> Iterator[np.ndarray]:
+    """llama.cpp's own per-token vectors (pooling NONE), one text a decode."""
+    model = pooling_none_llama(path)
     try:
         for text in texts:
             tokens = model.tokenize(text.encode(), add_bos=True, special=False)
@@ -146,16 +151,7 @@ def test_pooled_and_token_requests_never_share_a_decode(requests: list[QueuedReq
 
 def llama_token_vectors_of_ids(path: Path, ids: list[int]) -> np.ndarray:
     """llama.cpp's own per-token vectors (pooling NONE) of a token list decoded as it is."""
-    model = llama_cpp.Llama(
-        str(path),
-        embedding=True,
-        pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE,
-        n_ctx=512,
-        n_batch=512,
-        n_ubatch=512,
-        n_threads=1,
-        verbose=False,
-    )
+    model = pooling_none_llama(path)
     batch = llama_cpp.llama_batch_init(len(ids), 0, 1)
     try:
         for index, token in enumerate(ids):

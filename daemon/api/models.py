@@ -289,54 +289,41 @@ TEIInputs = Annotated[
 ]
 
 
-class TokenVectorsRequest(Named, kw_only=True):
-    """POST /embed_all (TEI's, with a `model` field: emberd serves several models)."""
+class TEIRequest(Named, kw_only=True):
+    """TEI's fields of a request on every token (/embed_all, /embed_sparse), with a `model` field:
+    emberd serves several models."""
 
     inputs: TEIInputs | None = None
     truncate: Annotated[bool, Meta(description="cut inputs over the context; default false: a 400")] | None = None
     truncation_direction: TruncationDirection | None = None
     prompt_name: PromptName | None = None
+    problems: ClassVar[dict[str, str]] = {
+        **NAMED_PROBLEMS,
+        "inputs": "inputs must be a string or an array of strings",
+        "truncate": "truncate must be true or false",
+        "truncation_direction": "truncation_direction must be right or left",
+        "prompt_name": "prompt_name must be a string",
+    }
+    required: ClassVar[tuple[str, ...]] = ("model", "inputs")
+
+    @property
+    def texts(self) -> list[str]:
+        if self.inputs is None:
+            return []
+        return [self.inputs] if isinstance(self.inputs, str) else self.inputs
+
+
+class TokenVectorsRequest(TEIRequest, kw_only=True):
+    """POST /embed_all (TEI's): every token's vector."""
+
     normalize: (
         Annotated[bool, Meta(description="unit-length token vectors (default false: as the model gives them)")] | None
     ) = None
-    problems: ClassVar[dict[str, str]] = {
-        **NAMED_PROBLEMS,
-        "inputs": "inputs must be a string or an array of strings",
-        "truncate": "truncate must be true or false",
-        "truncation_direction": "truncation_direction must be right or left",
-        "prompt_name": "prompt_name must be a string",
-        "normalize": "normalize must be true or false",
-    }
-    required: ClassVar[tuple[str, ...]] = ("model", "inputs")
-
-    @property
-    def texts(self) -> list[str]:
-        if self.inputs is None:
-            return []
-        return [self.inputs] if isinstance(self.inputs, str) else self.inputs
+    problems: ClassVar[dict[str, str]] = {**TEIRequest.problems, "normalize": "normalize must be true or false"}
 
 
-class SparseRequest(Named, kw_only=True):
-    """POST /embed_sparse (TEI's, with a `model` field): a model with BGE-M3's sparse head."""
-
-    inputs: TEIInputs | None = None
-    truncate: Annotated[bool, Meta(description="cut inputs over the context; default false: a 400")] | None = None
-    truncation_direction: TruncationDirection | None = None
-    prompt_name: PromptName | None = None
-    problems: ClassVar[dict[str, str]] = {
-        **NAMED_PROBLEMS,
-        "inputs": "inputs must be a string or an array of strings",
-        "truncate": "truncate must be true or false",
-        "truncation_direction": "truncation_direction must be right or left",
-        "prompt_name": "prompt_name must be a string",
-    }
-    required: ClassVar[tuple[str, ...]] = ("model", "inputs")
-
-    @property
-    def texts(self) -> list[str]:
-        if self.inputs is None:
-            return []
-        return [self.inputs] if isinstance(self.inputs, str) else self.inputs
+class SparseRequest(TEIRequest, kw_only=True):
+    """POST /embed_sparse (TEI's): a model with BGE-M3's sparse head."""
 
 
 class LegacyEmbedRequest(Named, kw_only=True):

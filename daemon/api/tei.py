@@ -24,8 +24,8 @@ from daemon.api.common import (
     json_response,
     read_model,
 )
-from daemon.api.embedding import embed_inputs, stored_or_pulled
-from daemon.api.models import EmbedRequest, SparseRequest, TokenVectorsRequest
+from daemon.api.embedding import Embedded, embed_inputs, stored_or_pulled
+from daemon.api.models import EmbedRequest, SparseRequest, TEIRequest, TokenVectorsRequest
 from daemon.errors import InvalidInput
 from daemon.heads import Heads, colbert_vectors, load_heads, pool_tokens, sparse_weights
 from daemon.store import StoredModel
@@ -37,11 +37,9 @@ def keeps_end(truncation_direction: str | None) -> bool:
     return (truncation_direction or "right").lower() == "left"
 
 
-@admitted(queue_slot=True)
-async def embed_all(request: web.Request) -> web.Response:
-    """{"inputs", "model", "truncate", "normalize"} -> per input, per token (special tokens
-    included), its vector: as the model gives it, or unit length with normalize."""
-    body = await read_model(request, TokenVectorsRequest)
+def checked_texts(request: web.Request, body: TEIRequest) -> tuple[str, list[str]]:
+    """The model's name and the texts of a TEI request, or InvalidInput / 413 for what is missing or
+    too many."""
     name = body.model_name
     if not name.strip():
         raise InvalidInput("model is required")
@@ -49,8 +47,11 @@ async def embed_all(request: web.Request) -> web.Response:
         raise InvalidInput("inputs is required")
     texts = body.texts
     check_input_count(len(texts), request.app[SETTINGS])
-    if not texts:
-        return json_response([])
+    return name, texts
+
+
+async def token_vectors(request: web.Request, name: str, texts: list[str], body: TEIRequest) -> Embedded:
+    """Every token's vector of each text from one pooling-NONE decode, checked finite."""
     embedded = await embed_inputs(
         request,
         name,
@@ -63,10 +64,22 @@ async def embed_all(request: web.Request) -> web.Response:
         tokens=True,
     )
     assert embedded.token_vectors is not None
-    answer = []
     for vectors in embedded.token_vectors:
         check_finite(vectors)
-        answer.append(normalize_rows(vectors) if body.normalize else vectors)
+    return embedded
+
+
+@admitted(queue_slot=True)
+async def embed_all(request: web.Request) -> web.Response:
+    """{"inputs", "model", "truncate", "normalize"} -> per input, per token (special tokens
+    included), its vector: as the model gives it, or unit length with normalize."""
+    body = await read_model(request, TokenVectorsRequest)
+    name, texts = checked_texts(request, body)
+    if not texts:
+        return json_response([])
+    embedded = await token_vectors(request, name, texts, body)
+    assert embedded.token_vectors is not None
+    answer = [normalize_rows(vectors) if body.normalize else vectors for vectors in embedded.token_vectors]
     return json_response(answer, headers=embedded.provenance)
 
 
@@ -75,34 +88,21 @@ async def embed_sparse(request: web.Request) -> web.Response:
     """{"inputs", "model", "truncate"} -> per input, [{"index": token id, "value": weight}], by
     token id: BGE-M3's sparse head on each token (see heads.sparse_weights)."""
     body = await read_model(request, SparseRequest)
-    name = body.model_name
-    if not name.strip():
-        raise InvalidInput("model is required")
-    if body.inputs is None:
-        raise InvalidInput("inputs is required")
-    texts = body.texts
-    check_input_count(len(texts), request.app[SETTINGS])
+    name, texts = checked_texts(request, body)
     heads = await heads_of(await stored_or_pulled(request.app, name), name, "/embed_sparse")
     if not texts:
         return json_response([])
-    embedded = await embed_inputs(
-        request,
-        name,
-        texts,
-        body.truncate is True,
-        {},
-        None,
-        body.prompt_name,
-        keep_end=keeps_end(body.truncation_direction),
-        tokens=True,
-    )
+    embedded = await token_vectors(request, name, texts, body)
+    return json_response(sparse_answer(heads, embedded), headers=embedded.provenance)
+
+
+def sparse_answer(heads: Heads, embedded: Embedded) -> list[list[dict[str, Any]]]:
+    """Per input, its sparse weights as TEI writes them: [{"index": token id, "value": weight}]."""
     assert embedded.token_vectors is not None
-    answer = []
-    for vectors, ids in zip(embedded.token_vectors, embedded.token_ids, strict=True):
-        check_finite(vectors)
-        weights = sparse_weights(heads, vectors, ids, embedded.special_ids)
-        answer.append([{"index": index, "value": value} for index, value in weights])
-    return json_response(answer, headers=embedded.provenance)
+    return [
+        [{"index": index, "value": value} for index, value in sparse_weights(heads, vectors, ids, embedded.special_ids)]
+        for vectors, ids in zip(embedded.token_vectors, embedded.token_ids, strict=True)
+    ]
 
 
 async def heads_of(stored: StoredModel, name: str, wanted: str) -> Heads:
@@ -156,15 +156,7 @@ async def embed_outputs(
         prompt_eval_count=embedded.token_count,
     )
     if "sparse" in outputs:
-        answer["sparse"] = [
-            [{"index": index, "value": value} for index, value in sparse_weights(heads, vectors, ids, specials)]
-            for vectors, ids, specials in zip(
-                embedded.token_vectors,
-                embedded.token_ids,
-                [embedded.special_ids] * len(texts),
-                strict=True,
-            )
-        ]
+        answer["sparse"] = sparse_answer(heads, embedded)
     if "colbert" in outputs:
         answer["colbert"] = [colbert_vectors(heads, vectors) for vectors in embedded.token_vectors]
     return json_response(answer, headers={TRUNCATED_HEADER: str(embedded.truncated_count), **embedded.provenance})

@@ -25,11 +25,12 @@ import os
 import socket
 import sqlite3
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
@@ -94,36 +95,64 @@ class Outputs:
     error_file_id: str | None
 
 
-class BatchDatabase(Protocol):
-    """What the routes and the processor need of a backend (SQLite or PostgreSQL)."""
+class BatchDatabase(ABC):
+    """What the routes and the processor need of a backend (SQLite or PostgreSQL). Each call runs the
+    backend's blocking method of the same name (`_file` for `file`) on the database's own thread, one
+    at a time, so a backend's calls never block the event loop and never overlap."""
 
-    owner: str  # this daemon's name in claims: host name, listen address and port, stable across restarts
-    staging_dir: Path  # where an upload is written before store_file takes it
+    def __init__(self, owner: str, staging_dir: Path) -> None:
+        self.owner = owner  # this daemon's name in claims: host name, listen address and port, stable across restarts
+        self.staging_dir = staging_dir  # where an upload is written before store_file takes it
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emberd-batches")
 
-    async def open(self) -> None: ...
-    async def close(self) -> None: ...
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, function, args)
+
+    def _call(self, function: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """On the database's thread: where a backend turns its driver's errors into the daemon's."""
+        return function(*args)
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    async def close(self) -> None:
+        await self._run(self._close)
+        self._executor.shutdown(wait=True)
 
     async def store_file(self, file_object: dict[str, Any], path: Path) -> None:
         """The file's row and the content of `path` (a file under staging_dir, taken over: moved in
         or removed), stored together."""
-        ...
+        await self._run(self._store_file, file_object, path)
 
-    async def file(self, file_id: str) -> dict[str, Any] | None: ...
-    async def files(self) -> list[dict[str, Any]]: ...
+    async def file(self, file_id: str) -> dict[str, Any] | None:
+        return await self._run(self._file, file_id)
 
+    async def files(self) -> list[dict[str, Any]]:
+        return await self._run(self._files)
+
+    @abstractmethod
     def content(self, file_id: str) -> AsyncIterator[bytes]:
         """A file's content in pieces (none if it is gone), never whole in memory."""
-        ...
 
+    @abstractmethod
     async def read_content(self, file_id: str) -> bytes | None:
         """A file's content whole (a batch's input, to validate it); None if it is gone."""
-        ...
 
-    async def delete_file(self, file_id: str) -> bool: ...
-    async def add_batch(self, batch: dict[str, Any]) -> None: ...
-    async def batch(self, batch_id: str) -> dict[str, Any] | None: ...
-    async def batches(self, after: str | None, limit: int) -> list[dict[str, Any]]: ...
-    async def batches_in(self, statuses: tuple[str, ...]) -> list[dict[str, Any]]: ...
+    async def delete_file(self, file_id: str) -> bool:
+        return await self._run(self._delete_file, file_id)
+
+    async def add_batch(self, batch: dict[str, Any]) -> None:
+        await self._run(self._add_batch, batch)
+
+    async def batch(self, batch_id: str) -> dict[str, Any] | None:
+        return await self._run(self._batch, batch_id)
+
+    async def batches(self, after: str | None, limit: int) -> list[dict[str, Any]]:
+        """Newest first, from the one after `after` (OpenAI's cursor)."""
+        return await self._run(self._batches, after, limit)
+
+    async def batches_in(self, statuses: tuple[str, ...]) -> list[dict[str, Any]]:
+        return await self._run(self._batches_in, statuses)
 
     async def move(
         self, batch_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]
@@ -131,45 +160,91 @@ class BatchDatabase(Protocol):
         """Apply `change` to the batch in one transaction: it answers the new object, or None to
         leave it; a new status must be one the old may become (lines.NEXT_STATUSES). Answers the
         batch as it is afterwards (None: no such batch)."""
-        ...
+        return await self._run(self._move, batch_id, change)
 
     async def start_batch(self, batch_id: str, chunks: list[tuple[bytes, int]], started: dict[str, Any]) -> bool:
         """A validated batch's chunks (encoded lines, line count) and the batch in_progress, in one
         transaction; False if it is no longer validating (cancelled, or another daemon started it)."""
-        ...
+        return await self._run(self._start_batch, batch_id, chunks, started)
 
     async def claim(self, lease_s: float) -> Claim | None:
         """The oldest in-progress batch's first chunk that nobody holds (or whose holder's lease has
         passed), now held by this daemon until the lease ends."""
-        ...
+        return await self._run(self._claim, lease_s)
 
     async def renew(self, claim: Claim, lease_s: float) -> bool:
         """A chunk still running held `lease_s` longer; False if it is no longer this daemon's."""
-        ...
+        return await self._run(self._renew, claim, lease_s)
 
     async def give_back_claims(self) -> int:
         """At start-up: this daemon's claims from before a restart are free at once."""
-        ...
+        return await self._run(self._give_back_claims)
 
     async def finish_chunk(self, claim: Claim, output: bytes, errors: bytes, completed: int, failed: int) -> bool:
         """Record a chunk's lines whole; False if it was recorded already (another daemon took it
         over after this one's lease passed, and finished first): its lines are answered once."""
-        ...
+        return await self._run(self._finish_chunk, claim, output, errors, completed, failed)
 
-    async def pending_chunks(self, batch_id: str) -> int: ...
+    async def pending_chunks(self, batch_id: str) -> int:
+        return await self._run(self._pending_chunks, batch_id)
 
     async def held_chunks(self, batch_id: str) -> int:
         """Chunks of the batch that some daemon holds now (a cancelled batch waits for them)."""
-        ...
+        return await self._run(self._held_chunks, batch_id)
 
     async def write_outputs(self, batch_id: str, now_s: int) -> Outputs | None:
         """The output and error files of a batch from its recorded chunks, each stored whole with its
         row; None if another daemon is writing them right now. OSError when the disk is full."""
-        ...
+        return await self._run(self._write_outputs, batch_id, now_s)
 
     async def drop_chunks(self, batch_id: str) -> None:
         """A final batch's chunks, once its files hold their lines."""
-        ...
+        await self._run(self._drop_chunks, batch_id)
+
+    # -- the backend's blocking methods, on the database's thread ---------------------------------
+
+    @abstractmethod
+    def _open(self) -> None: ...
+    @abstractmethod
+    def _close(self) -> None: ...
+    @abstractmethod
+    def _store_file(self, file_object: dict[str, Any], path: Path) -> None: ...
+    @abstractmethod
+    def _file(self, file_id: str) -> dict[str, Any] | None: ...
+    @abstractmethod
+    def _files(self) -> list[dict[str, Any]]: ...
+    @abstractmethod
+    def _delete_file(self, file_id: str) -> bool: ...
+    @abstractmethod
+    def _add_batch(self, batch: dict[str, Any]) -> None: ...
+    @abstractmethod
+    def _batch(self, batch_id: str) -> dict[str, Any] | None: ...
+    @abstractmethod
+    def _batches(self, after: str | None, limit: int) -> list[dict[str, Any]]: ...
+    @abstractmethod
+    def _batches_in(self, statuses: tuple[str, ...]) -> list[dict[str, Any]]: ...
+    @abstractmethod
+    def _move(
+        self, batch_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]
+    ) -> dict[str, Any] | None: ...
+    @abstractmethod
+    def _start_batch(self, batch_id: str, chunks: list[tuple[bytes, int]], started: dict[str, Any]) -> bool: ...
+    @abstractmethod
+    def _claim(self, lease_s: float) -> Claim | None: ...
+    @abstractmethod
+    def _renew(self, claim: Claim, lease_s: float) -> bool: ...
+    @abstractmethod
+    def _give_back_claims(self) -> int: ...
+    @abstractmethod
+    def _finish_chunk(self, claim: Claim, output: bytes, errors: bytes, completed: int, failed: int) -> bool: ...
+    @abstractmethod
+    def _pending_chunks(self, batch_id: str) -> int: ...
+    @abstractmethod
+    def _held_chunks(self, batch_id: str) -> int: ...
+    @abstractmethod
+    def _write_outputs(self, batch_id: str, now_s: int) -> Outputs | None: ...
+    @abstractmethod
+    def _drop_chunks(self, batch_id: str) -> None: ...
 
 
 def daemon_owner(settings: Settings) -> str:
@@ -213,21 +288,17 @@ def fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-class SQLiteBatchDatabase:
-    """One daemon's batches in SQLite under EMBERD_HOME (BatchDatabase)."""
+class SQLiteBatchDatabase(BatchDatabase):
+    """One daemon's batches in SQLite under EMBERD_HOME."""
 
     def __init__(self, directory: Path, owner: str) -> None:
+        # An upload is written into files/ and renamed into place: the same file system.
+        super().__init__(owner, staging_dir=directory / "files")
         self.directory = directory
         self.files_dir = directory / "files"
-        self.staging_dir = self.files_dir  # an upload is renamed into place: the same file system
-        self.owner = owner
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emberd-batches")
         self._connection: sqlite3.Connection | None = None
 
     # -- lifetime --------------------------------------------------------------------------------
-
-    async def open(self) -> None:
-        await self._run(self._open)
 
     def _open(self) -> None:
         self.files_dir.mkdir(parents=True, exist_ok=True)
@@ -243,17 +314,10 @@ class SQLiteBatchDatabase:
             if path.name.removesuffix(".jsonl") not in named:
                 path.unlink(missing_ok=True)
 
-    async def close(self) -> None:
-        await self._run(self._close)
-        self._executor.shutdown(wait=True)
-
     def _close(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
-
-    async def _run(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -268,9 +332,6 @@ class SQLiteBatchDatabase:
     def stored_path(self, file_id: str) -> Path:
         """Where a file's content lives (moved there whole before its row names it)."""
         return self.files_dir / f"{file_id}.jsonl"
-
-    async def store_file(self, file_object: dict[str, Any], path: Path) -> None:
-        await self._run(self._store_file, file_object, path)
 
     def _store_file(self, file_object: dict[str, Any], path: Path) -> None:
         final = self.stored_path(file_object["id"])
@@ -307,22 +368,13 @@ class SQLiteBatchDatabase:
         except FileNotFoundError:
             return None
 
-    async def file(self, file_id: str) -> dict[str, Any] | None:
-        return await self._run(self._file, file_id)
-
     def _file(self, file_id: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT object FROM files WHERE id = ?", (file_id,)).fetchone()
         return None if row is None else dict(orjson.loads(row[0]))
 
-    async def files(self) -> list[dict[str, Any]]:
-        return await self._run(self._files)
-
     def _files(self) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT object FROM files ORDER BY created_at DESC, id").fetchall()
         return [dict(orjson.loads(row[0])) for row in rows]
-
-    async def delete_file(self, file_id: str) -> bool:
-        return await self._run(self._delete_file, file_id)
 
     def _delete_file(self, file_id: str) -> bool:
         with self._transaction() as db:
@@ -333,18 +385,12 @@ class SQLiteBatchDatabase:
 
     # -- batches ---------------------------------------------------------------------------------
 
-    async def add_batch(self, batch: dict[str, Any]) -> None:
-        await self._run(self._add_batch, batch)
-
     def _add_batch(self, batch: dict[str, Any]) -> None:
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO batches (id, object, status, created_at) VALUES (?, ?, ?, ?)",
                 (batch["id"], orjson.dumps(batch), batch["status"], batch["created_at"]),
             )
-
-    async def batch(self, batch_id: str) -> dict[str, Any] | None:
-        return await self._run(self._batch, batch_id)
 
     def _batch(self, batch_id: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT object FROM batches WHERE id = ?", (batch_id,)).fetchone()
@@ -361,17 +407,11 @@ class SQLiteBatchDatabase:
         total = batch["request_counts"]["total"]
         return {**batch, "request_counts": {"total": total, "completed": completed, "failed": failed}}
 
-    async def batches(self, after: str | None, limit: int) -> list[dict[str, Any]]:
-        return await self._run(self._batches, after, limit)
-
     def _batches(self, after: str | None, limit: int) -> list[dict[str, Any]]:
         """Newest first, from the one after `after` (OpenAI's cursor)."""
         rows = self._db.execute("SELECT id, object FROM batches ORDER BY created_at DESC, id DESC").fetchall()
         page = page_after([row[0] for row in rows], after, limit)
         return [self._with_counts(dict(orjson.loads(row[1]))) for row in rows[page]]
-
-    async def batches_in(self, statuses: tuple[str, ...]) -> list[dict[str, Any]]:
-        return await self._run(self._batches_in, statuses)
 
     def _batches_in(self, statuses: tuple[str, ...]) -> list[dict[str, Any]]:
         marks = ", ".join("?" * len(statuses))
@@ -379,14 +419,6 @@ class SQLiteBatchDatabase:
             f"SELECT object FROM batches WHERE status IN ({marks}) ORDER BY created_at, id", statuses
         ).fetchall()
         return [self._with_counts(dict(orjson.loads(row[0]))) for row in rows]
-
-    async def move(
-        self, batch_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]
-    ) -> dict[str, Any] | None:
-        """Apply `change` to the batch in one transaction: it answers the new object, or None to
-        leave it; a new status must be one the old may become (lines.NEXT_STATUSES). Answers the
-        batch as it is afterwards (None: no such batch)."""
-        return await self._run(self._move, batch_id, change)
 
     def _move(self, batch_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any] | None:
         with self._transaction() as db:
@@ -406,11 +438,6 @@ class SQLiteBatchDatabase:
 
     # -- chunks ----------------------------------------------------------------------------------
 
-    async def start_batch(self, batch_id: str, chunks: list[tuple[bytes, int]], started: dict[str, Any]) -> bool:
-        """A validated batch's chunks (encoded lines, line count) and the batch in_progress, in one
-        transaction; False if it is no longer validating (cancelled meanwhile)."""
-        return await self._run(self._start_batch, batch_id, chunks, started)
-
     def _start_batch(self, batch_id: str, chunks: list[tuple[bytes, int]], started: dict[str, Any]) -> bool:
         with self._transaction() as db:
             row = db.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()
@@ -426,11 +453,6 @@ class SQLiteBatchDatabase:
                 (orjson.dumps(started), started["status"], batch_id),
             )
             return True
-
-    async def claim(self, lease_s: float) -> Claim | None:
-        """The oldest in-progress batch's first chunk that nobody holds (or whose holder's lease has
-        passed), now held by this daemon until the lease ends."""
-        return await self._run(self._claim, lease_s)
 
     def _claim(self, lease_s: float) -> Claim | None:
         now_s = time.time()
@@ -450,9 +472,6 @@ class SQLiteBatchDatabase:
             )
             return Claim(row[0], row[1], bytes(row[2]), lease_until)
 
-    async def renew(self, claim: Claim, lease_s: float) -> bool:
-        return await self._run(self._renew, claim, lease_s)
-
     def _renew(self, claim: Claim, lease_s: float) -> bool:
         with self._transaction() as db:
             return (
@@ -464,19 +483,11 @@ class SQLiteBatchDatabase:
                 > 0
             )
 
-    async def give_back_claims(self) -> int:
-        """At start-up: claims from before a restart are free at once (a SQLite file under
-        EMBERD_HOME is one daemon's: every claim in it was this daemon's)."""
-        return await self._run(self._give_back_claims)
-
     def _give_back_claims(self) -> int:
+        """Every claim: a SQLite file under EMBERD_HOME is one daemon's, so every claim in it was this
+        daemon's, from before its restart."""
         with self._transaction() as db:
             return db.execute("UPDATE chunks SET lease_until = 0, claimed_by = NULL WHERE done = 0").rowcount
-
-    async def finish_chunk(self, claim: Claim, output: bytes, errors: bytes, completed: int, failed: int) -> bool:
-        """Record a chunk's lines whole; False if it was recorded already (another daemon took it
-        over after this one's lease passed, and finished first): its lines are answered once."""
-        return await self._run(self._finish_chunk, claim, output, errors, completed, failed)
 
     def _finish_chunk(self, claim: Claim, output: bytes, errors: bytes, completed: int, failed: int) -> bool:
         with self._transaction() as db:
@@ -489,16 +500,9 @@ class SQLiteBatchDatabase:
                 > 0
             )
 
-    async def pending_chunks(self, batch_id: str) -> int:
-        return await self._run(self._pending_chunks, batch_id)
-
     def _pending_chunks(self, batch_id: str) -> int:
         row = self._db.execute("SELECT count(*) FROM chunks WHERE batch_id = ? AND done = 0", (batch_id,)).fetchone()
         return int(row[0])
-
-    async def held_chunks(self, batch_id: str) -> int:
-        """Chunks of the batch that some daemon holds now (a cancelled batch waits for them)."""
-        return await self._run(self._held_chunks, batch_id)
 
     def _held_chunks(self, batch_id: str) -> int:
         row = self._db.execute(
@@ -515,12 +519,9 @@ class SQLiteBatchDatabase:
         for output, errors in cursor:
             yield bytes(output or b""), bytes(errors or b"")
 
-    async def write_outputs(self, batch_id: str, now_s: int) -> Outputs | None:
+    def _write_outputs(self, batch_id: str, now_s: int) -> Outputs:
         """Each file written whole (an fsynced temporary file renamed), then the rows of those with
         lines in one transaction; the others removed."""
-        return await self._run(self._write_outputs, batch_id, now_s)
-
-    def _write_outputs(self, batch_id: str, now_s: int) -> Outputs:
         output_id, error_id = batch_lines.new_id("file-"), batch_lines.new_id("file-")
         output_path, error_path = self.stored_path(output_id), self.stored_path(error_id)
         partial_output, partial_errors = output_path.with_suffix(".partial"), error_path.with_suffix(".partial")
@@ -552,10 +553,6 @@ class SQLiteBatchDatabase:
                 path.unlink(missing_ok=True)
         self._add_files(named)
         return Outputs(output_id if sizes[0] else None, error_id if sizes[1] else None)
-
-    async def drop_chunks(self, batch_id: str) -> None:
-        """A final batch's chunks, once its files hold their lines."""
-        await self._run(self._drop_chunks, batch_id)
 
     def _drop_chunks(self, batch_id: str) -> None:
         with self._transaction() as db:

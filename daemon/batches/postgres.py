@@ -21,12 +21,10 @@ explicit transactions, opened again on the next call when it broke (the server r
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import shutil
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +33,7 @@ import psycopg
 import psycopg.errors
 
 from daemon.batches import lines as batch_lines
-from daemon.batches.database import Claim, Outputs, checked_change, output_file_object, page_after
+from daemon.batches.database import BatchDatabase, Claim, Outputs, checked_change, output_file_object, page_after
 from daemon.batches.lines import FINAL_STATUSES
 from daemon.errors import BatchDatabaseUnavailable
 
@@ -83,20 +81,15 @@ CREATE INDEX IF NOT EXISTS emberd_chunks_pending ON emberd_chunks (lease_until) 
 """
 
 
-class PostgresBatchDatabase:
-    """A fleet's batches in PostgreSQL (BatchDatabase)."""
+class PostgresBatchDatabase(BatchDatabase):
+    """A fleet's batches in PostgreSQL; uploads land in staging_dir before they are copied in."""
 
     def __init__(self, url: str, staging_dir: Path, owner: str) -> None:
+        super().__init__(owner, staging_dir)
         self.url = url
-        self.staging_dir = staging_dir  # uploads land here before they are copied in
-        self.owner = owner
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emberd-batches")
         self._connection: psycopg.Connection[Any] | None = None
 
     # -- lifetime --------------------------------------------------------------------------------
-
-    async def open(self) -> None:
-        await self._run(self._open)
 
     def _open(self) -> None:
         """The staging folder, then the server if it answers: one that does not yet stops nothing
@@ -108,17 +101,21 @@ class PostgresBatchDatabase:
         except psycopg.OperationalError as error:
             log.warning("the batch database cannot be reached yet: %s", error)
 
-    async def close(self) -> None:
-        await self._run(self._close)
-        self._executor.shutdown(wait=True)
-
     def _close(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
 
-    async def _run(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, _disk_full_as_os_error, function, args)
+    def _call(self, function: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """The server's disk full (SQLSTATE 53100) as the OSError a local disk gives: the processor
+        and the routes answer both alike (the batch fails with the reason, an upload is refused as
+        InsufficientDisk); a server that cannot be reached as a 503, not a bug's 500."""
+        try:
+            return function(*args)
+        except psycopg.errors.DiskFull as error:
+            raise OSError(errno.ENOSPC, f"the batch database's disk is full: {error}") from error
+        except psycopg.OperationalError as error:
+            raise BatchDatabaseUnavailable(f"the batch database cannot be reached: {error}") from error
 
     @property
     def _db(self) -> psycopg.Connection[Any]:
@@ -134,9 +131,6 @@ class PostgresBatchDatabase:
 
     # -- files -----------------------------------------------------------------------------------
 
-    async def store_file(self, file_object: dict[str, Any], path: Path) -> None:
-        await self._run(self._store_file, file_object, path)
-
     def _store_file(self, file_object: dict[str, Any], path: Path) -> None:
         """The row and the parts in one transaction; one part in memory at a time."""
         db = self._db
@@ -150,15 +144,9 @@ class PostgresBatchDatabase:
         finally:
             path.unlink(missing_ok=True)
 
-    async def file(self, file_id: str) -> dict[str, Any] | None:
-        return await self._run(self._file, file_id)
-
     def _file(self, file_id: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT object FROM emberd_files WHERE id = %s", (file_id,)).fetchone()
         return None if row is None else dict(orjson.loads(row[0]))
-
-    async def files(self) -> list[dict[str, Any]]:
-        return await self._run(self._files)
 
     def _files(self) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT object FROM emberd_files ORDER BY created_at DESC, id").fetchall()
@@ -184,25 +172,16 @@ class PostgresBatchDatabase:
             content += part
         return bytes(content)
 
-    async def delete_file(self, file_id: str) -> bool:
-        return await self._run(self._delete_file, file_id)
-
     def _delete_file(self, file_id: str) -> bool:
         return self._db.execute("DELETE FROM emberd_files WHERE id = %s", (file_id,)).rowcount > 0  # parts cascade
 
     # -- batches ---------------------------------------------------------------------------------
-
-    async def add_batch(self, batch: dict[str, Any]) -> None:
-        await self._run(self._add_batch, batch)
 
     def _add_batch(self, batch: dict[str, Any]) -> None:
         self._db.execute(
             "INSERT INTO emberd_batches (id, object, status, created_at) VALUES (%s, %s, %s, %s)",
             (batch["id"], orjson.dumps(batch).decode(), batch["status"], batch["created_at"]),
         )
-
-    async def batch(self, batch_id: str) -> dict[str, Any] | None:
-        return await self._run(self._batch, batch_id)
 
     def _batch(self, batch_id: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT object FROM emberd_batches WHERE id = %s", (batch_id,)).fetchone()
@@ -221,28 +200,17 @@ class PostgresBatchDatabase:
         total = batch["request_counts"]["total"]
         return {**batch, "request_counts": {"total": total, "completed": int(row[0]), "failed": int(row[1])}}
 
-    async def batches(self, after: str | None, limit: int) -> list[dict[str, Any]]:
-        return await self._run(self._batches, after, limit)
-
     def _batches(self, after: str | None, limit: int) -> list[dict[str, Any]]:
         """Newest first, from the one after `after` (OpenAI's cursor)."""
         rows = self._db.execute("SELECT id, object FROM emberd_batches ORDER BY created_at DESC, id DESC").fetchall()
         page = page_after([row[0] for row in rows], after, limit)
         return [self._with_counts(dict(orjson.loads(row[1]))) for row in rows[page]]
 
-    async def batches_in(self, statuses: tuple[str, ...]) -> list[dict[str, Any]]:
-        return await self._run(self._batches_in, statuses)
-
     def _batches_in(self, statuses: tuple[str, ...]) -> list[dict[str, Any]]:
         rows = self._db.execute(
             "SELECT object FROM emberd_batches WHERE status = ANY(%s) ORDER BY created_at, id", (list(statuses),)
         ).fetchall()
         return [self._with_counts(dict(orjson.loads(row[0]))) for row in rows]
-
-    async def move(
-        self, batch_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]
-    ) -> dict[str, Any] | None:
-        return await self._run(self._move, batch_id, change)
 
     def _move(self, batch_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any] | None:
         db = self._db
@@ -263,9 +231,6 @@ class PostgresBatchDatabase:
 
     # -- chunks ----------------------------------------------------------------------------------
 
-    async def start_batch(self, batch_id: str, chunks: list[tuple[bytes, int]], started: dict[str, Any]) -> bool:
-        return await self._run(self._start_batch, batch_id, chunks, started)
-
     def _start_batch(self, batch_id: str, chunks: list[tuple[bytes, int]], started: dict[str, Any]) -> bool:
         db = self._db
         with db.transaction():
@@ -284,9 +249,6 @@ class PostgresBatchDatabase:
             )
             return True
 
-    async def claim(self, lease_s: float) -> Claim | None:
-        return await self._run(self._claim, lease_s)
-
     def _claim(self, lease_s: float) -> Claim | None:
         # One statement: the chunk is picked, locked (others skip it rather than wait) and held.
         row = self._db.execute(
@@ -300,9 +262,6 @@ class PostgresBatchDatabase:
         ).fetchone()
         return None if row is None else Claim(row[0], row[1], bytes(row[2]), float(row[3]))
 
-    async def renew(self, claim: Claim, lease_s: float) -> bool:
-        return await self._run(self._renew, claim, lease_s)
-
     def _renew(self, claim: Claim, lease_s: float) -> bool:
         return (
             self._db.execute(
@@ -313,18 +272,12 @@ class PostgresBatchDatabase:
             > 0
         )
 
-    async def give_back_claims(self) -> int:
-        """At start-up: this daemon's claims from before a restart (the other daemons' stand)."""
-        return await self._run(self._give_back_claims)
-
     def _give_back_claims(self) -> int:
+        """This daemon's claims alone (the other daemons' stand)."""
         return self._db.execute(
             "UPDATE emberd_chunks SET lease_until = 0, claimed_by = NULL WHERE NOT done AND claimed_by = %s",
             (self.owner,),
         ).rowcount
-
-    async def finish_chunk(self, claim: Claim, output: bytes, errors: bytes, completed: int, failed: int) -> bool:
-        return await self._run(self._finish_chunk, claim, output, errors, completed, failed)
 
     def _finish_chunk(self, claim: Claim, output: bytes, errors: bytes, completed: int, failed: int) -> bool:
         # Of two daemons finishing one chunk (a lease passed), the row lock orders them and the
@@ -338,11 +291,11 @@ class PostgresBatchDatabase:
             > 0
         )
 
-    async def pending_chunks(self, batch_id: str) -> int:
-        return await self._run(self._count, "NOT done", batch_id)
+    def _pending_chunks(self, batch_id: str) -> int:
+        return self._count("NOT done", batch_id)
 
-    async def held_chunks(self, batch_id: str) -> int:
-        return await self._run(self._count, f"NOT done AND lease_until >= {NOW_S}", batch_id)
+    def _held_chunks(self, batch_id: str) -> int:
+        return self._count(f"NOT done AND lease_until >= {NOW_S}", batch_id)
 
     def _count(self, condition: str, batch_id: str) -> int:
         row = self._db.execute(
@@ -350,9 +303,6 @@ class PostgresBatchDatabase:
         ).fetchone()
         assert row is not None
         return int(row[0])
-
-    async def write_outputs(self, batch_id: str, now_s: int) -> Outputs | None:
-        return await self._run(self._write_outputs, batch_id, now_s)
 
     def _write_outputs(self, batch_id: str, now_s: int) -> Outputs | None:
         """Both files in one transaction, the chunks read through a server-side cursor: memory holds
@@ -379,9 +329,6 @@ class PostgresBatchDatabase:
                             writer.write(bytes(lines) + b"\n")
             ids = [writer.close() for writer in writers]
             return Outputs(ids[0], ids[1])
-
-    async def drop_chunks(self, batch_id: str) -> None:
-        await self._run(self._drop_chunks, batch_id)
 
     def _drop_chunks(self, batch_id: str) -> None:
         self._db.execute("DELETE FROM emberd_chunks WHERE batch_id = %s", (batch_id,))
@@ -432,14 +379,3 @@ def _insert_file(db: psycopg.Connection[Any], file_object: dict[str, Any]) -> No
 
 def _insert_part(db: psycopg.Connection[Any], file_id: str, part_no: int, data: bytes) -> None:
     db.execute("INSERT INTO emberd_file_parts (file_id, part_no, data) VALUES (%s, %s, %s)", (file_id, part_no, data))
-
-
-def _disk_full_as_os_error(function: Callable[..., T], args: tuple[Any, ...]) -> T:
-    """The server's disk full (SQLSTATE 53100) as the OSError a local disk gives: the processor and
-    the routes answer both alike (the batch fails with the reason, an upload is refused as InsufficientDisk)."""
-    try:
-        return function(*args)
-    except psycopg.errors.DiskFull as error:
-        raise OSError(errno.ENOSPC, f"the batch database's disk is full: {error}") from error
-    except psycopg.OperationalError as error:  # the server cannot be reached: a 503, not a bug's 500
-        raise BatchDatabaseUnavailable(f"the batch database cannot be reached: {error}") from error

@@ -319,45 +319,27 @@ class RunnerProcess:
         """Embed texts, or token-id lists of the model's own vocabulary, cut at `limit_tokens` (at
         most the runner's own limit; `keep_end`: keeping their end), with the task's adapter (None:
         the base model)."""
-        if not self.alive or self._stopping:
-            raise ShuttingDown(f"runner for {self.label} is stopping")
-        request_id = next(self._ids)
-        future: asyncio.Future[EmbedResult] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        assert self._process.stdin is not None
-        try:
-            self._process.stdin.write(
-                encode_frame(
-                    {
-                        "type": "embed",
-                        "id": request_id,
-                        "texts": texts,
-                        "truncate": truncate,
-                        "limit_tokens": limit_tokens,
-                        "split": split,
-                        "task": task,
-                        **({"keep_end": True} if keep_end else {}),
-                        **({"output": "tokens"} if tokens else {}),
-                        **({"background": True} if background else {}),
-                    }
-                )
-            )
-            await self._process.stdin.drain()
-            return await future
-        except (BrokenPipeError, ConnectionResetError):
-            await self.exited.wait()
-            return await future
-        except asyncio.CancelledError:
-            self._send_cancel(request_id)  # the client left: drop what is not decoded yet
-            raise
-        finally:
-            self._pending.pop(request_id, None)
+        message: dict[str, Any] = {
+            "texts": texts,
+            "truncate": truncate,
+            "limit_tokens": limit_tokens,
+            "split": split,
+            "task": task,
+            **({"keep_end": True} if keep_end else {}),
+            **({"output": "tokens"} if tokens else {}),
+        }
+        return await self._embed(message, background)
 
     async def embed_sequences(
         self, sequences: Sequence[Sequence[Sequence[int]]], task: str | None = None, background: bool = False
     ) -> EmbedResult:
         """Embed inputs given as the sequences decoded (per input, one or its windows, as
         tokenize_inputs answered them): nothing added, nothing cut; windows pooled as for split."""
+        return await self._embed({"sequences": sequences, "truncate": False, "task": task}, background)
+
+    async def _embed(self, fields: dict[str, Any], background: bool) -> EmbedResult:
+        """Send an embed frame with these fields and wait for its answer; a client that leaves
+        cancels what the runner has not decoded yet."""
         if not self.alive or self._stopping:
             raise ShuttingDown(f"runner for {self.label} is stopping")
         request_id = next(self._ids)
@@ -365,9 +347,7 @@ class RunnerProcess:
         self._pending[request_id] = future
         assert self._process.stdin is not None
         try:
-            message = {"type": "embed", "id": request_id, "sequences": sequences, "truncate": False, "task": task}
-            if background:
-                message["background"] = True
+            message = {"type": "embed", "id": request_id, **fields, **({"background": True} if background else {})}
             self._process.stdin.write(encode_frame(message))
             await self._process.stdin.drain()
             return await future

@@ -310,13 +310,19 @@ class _Lane:
             llama_cpp.llama_set_n_threads(self.context.ctx, threads, threads)
             self._params.n_threads = self._params.n_threads_batch = self.threads = threads
 
-    def embed(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    def _decode(self, sequences: Sequence[Sequence[int]]) -> internals.LlamaBatch:
+        """One decode of these sequences (one a sequence id, every token an output), from an empty
+        KV cache; the batch it decoded."""
         batch = self._batch
         batch.reset()
         for seq_id, tokens in enumerate(sequences):
             batch.add_sequence(tokens, seq_id, True)
         self.context.kv_cache_clear()
         self.context.decode(batch)
+        return batch
+
+    def embed(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        batch = self._decode(sequences)
         output = np.empty((len(sequences), self.n_embd), dtype=np.float32)
         for seq_id in range(len(sequences)):
             pointer = llama_cpp.llama_get_embeddings_seq(self.context.ctx, seq_id)
@@ -330,12 +336,7 @@ class _Lane:
         """Every token's vector of each sequence, on a context with pooling NONE: llama.cpp keeps
         the outputs of the tokens marked as outputs (all of them here) one after another, in the
         batch's order."""
-        batch = self._batch
-        batch.reset()
-        for seq_id, tokens in enumerate(sequences):
-            batch.add_sequence(tokens, seq_id, True)
-        self.context.kv_cache_clear()
-        self.context.decode(batch)
+        batch = self._decode(sequences)
         n_tokens = batch.n_tokens()
         pointer = llama_cpp.llama_get_embeddings(self.context.ctx)
         if not pointer:
