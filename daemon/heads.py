@@ -187,6 +187,10 @@ class Heads:
     def hidden(self) -> int:
         return int(self.sparse_weight.shape[1])
 
+    @property
+    def colbert_dimensions(self) -> int:
+        return int(self.colbert_weight.shape[0])
+
 
 def _linear(state: dict[str, np.ndarray], label: str, outputs: int | None) -> tuple[np.ndarray, np.ndarray]:
     """A Linear's weight (out, in) and bias (out,) from its state dict ("weight", "bias", or with

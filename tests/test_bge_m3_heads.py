@@ -6,19 +6,23 @@ in torch on the same folder. And a hostile head file is refused without running 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
+import orjson
 import pytest
 import torch
 from aiohttp.test_utils import TestClient
 
 from daemon.api.app import build_app
 from daemon.api.common import STORE
+from daemon.api.models import ShowAnswer
 from daemon.config import Settings
 from daemon.convert import convert_hf_directory
 from daemon.errors import InvalidConfig, InvalidModelFile
@@ -179,6 +183,27 @@ async def test_the_heads_blob_lives_as_long_as_a_manifest_names_it(client: Clien
     assert first.heads.blob_path.is_file()  # m3-copy still names it
     assert (await client.delete("/api/delete", json={"model": "m3-copy"})).status == 200
     assert not first.heads.blob_path.exists()
+
+
+async def test_show_lists_the_heads_of_a_model_that_has_them(
+    make_client: MakeClient, tiny_gguf: Path, client: Client, m3_dir: Path
+) -> None:
+    response = await client.post("/api/show", json={"model": "m3"})
+    assert response.status == 200
+    raw = await response.read()
+    msgspec.json.decode(raw, type=ShowAnswer)  # the declared schema (closed) holds it
+    heads = orjson.loads(raw)["heads"]
+    blob = client.server.app[STORE].get("m3").heads.blob_path
+    hidden_size = json.loads((m3_dir / "config.json").read_text())["hidden_size"]  # colbert_linear: hidden -> hidden
+    assert heads == {
+        "outputs": ["sparse", "colbert"],
+        "colbert_dimensions": hidden_size,
+        "digest": hashlib.sha256(blob.read_bytes()).hexdigest(),
+        "size": blob.stat().st_size,
+    }
+    plain = await make_client({"tiny": tiny_gguf})
+    shown = await (await plain.post("/api/show", json={"model": "tiny"})).json()
+    assert "heads" not in shown
 
 
 class _RunsACommand:

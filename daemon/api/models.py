@@ -932,6 +932,18 @@ class AdapterEntry(Answer, kw_only=True):
     size: Annotated[int, Meta(ge=0, description="bytes")]
 
 
+class HeadsEntry(Answer, kw_only=True):
+    outputs: Annotated[
+        list[Literal["sparse", "colbert"]], Meta(description="what /api/embed's outputs may ask of it besides dense")
+    ]
+    colbert_dimensions: (
+        Annotated[int, Meta(ge=1, description="the width of each ColBERT vector (absent: the blob is unreadable)")]
+        | UnsetType
+    ) = UNSET
+    digest: Annotated[str, Meta(description="sha256 of the heads blob, hex")]
+    size: Annotated[int, Meta(ge=0, description="bytes")]
+
+
 class ShowAnswer(Answer, kw_only=True):
     license: str | UnsetType = UNSET
     modelfile: str | UnsetType = UNSET
@@ -947,6 +959,9 @@ class ShowAnswer(Answer, kw_only=True):
     default_prompt_name: str | None
     adapters: Annotated[list[AdapterEntry], Meta(description="its task adapters, if it has any")] | UnsetType = UNSET
     default_task: str | UnsetType | None = UNSET
+    heads: Annotated[HeadsEntry, Meta(description="BGE-M3's sparse and ColBERT heads, if it has them")] | UnsetType = (
+        UNSET
+    )
 
 
 class StatusLine(Answer, kw_only=True):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -51,6 +52,7 @@ from daemon.errors import (
     UnsupportedModelFile,
 )
 from daemon.gguf_info import cached_gguf_facts, format_parameter_size, read_gguf_facts
+from daemon.heads import load_heads
 from daemon.names import canonical_name
 from daemon.options import parse_options
 from daemon.prompts import check_prompts
@@ -359,8 +361,23 @@ async def show(request: web.Request) -> web.Response:
             "modified_at": model.modified_at,
             **model.prompts.as_manifest(),  # "prompts": {name: text}, "default_prompt_name"
             **_adapters_shown(model),
+            **(await _heads_shown(model)),
         }
     )
+
+
+async def _heads_shown(model: StoredModel) -> dict[str, Any]:
+    """A model's BGE-M3 heads for /api/show (nothing for a model without them)."""
+    if model.heads is None:
+        return {}
+    shown: dict[str, Any] = {
+        "outputs": ["sparse", "colbert"],
+        "digest": model.heads.digest.removeprefix("sha256:"),
+        "size": model.heads.size_bytes,
+    }
+    with contextlib.suppress(InvalidModelFile):  # shown all the same; a request for sparse or colbert says why
+        shown["colbert_dimensions"] = (await asyncio.to_thread(load_heads, model.heads.blob_path)).colbert_dimensions
+    return {"heads": shown}
 
 
 def _adapters_shown(model: StoredModel) -> dict[str, Any]:
