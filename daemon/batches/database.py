@@ -135,8 +135,10 @@ class BatchDatabase(ABC):
         """A file's content in pieces (none if it is gone), never whole in memory."""
 
     @abstractmethod
-    async def read_content(self, file_id: str) -> bytes | None:
-        """A file's content whole (a batch's input, to validate it); None if it is gone."""
+    def input_lines(self, file_id: str) -> Iterator[bytes]:
+        """A file's lines (a batch's input, to validate it), read as they are asked for: blocking,
+        on a worker thread of the caller's, never the database's (a large file would hold it up).
+        FileNotFoundError when the file is gone."""
 
     async def delete_file(self, file_id: str) -> bool:
         return await self._run(self._delete_file, file_id)
@@ -362,11 +364,9 @@ class SQLiteBatchDatabase(BatchDatabase):
         finally:
             source.close()
 
-    async def read_content(self, file_id: str) -> bytes | None:
-        try:
-            return await asyncio.to_thread(self.stored_path(file_id).read_bytes)
-        except FileNotFoundError:
-            return None
+    def input_lines(self, file_id: str) -> Iterator[bytes]:
+        with self.stored_path(file_id).open("rb") as source:
+            yield from source
 
     def _file(self, file_id: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT object FROM files WHERE id = ?", (file_id,)).fetchone()

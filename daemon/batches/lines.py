@@ -7,6 +7,7 @@ No I/O here: daemon.batches.database keeps the state, daemon.batches.processor r
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -97,13 +98,14 @@ def read_input_line(number: int, raw: bytes, endpoint: str) -> InputLine | dict[
     return InputLine(number, custom_id, body)
 
 
-def validate_input(content: bytes, endpoint: str, chunk_lines: int = CHUNK_LINES) -> Validated:
-    """An input file's lines (blank lines skipped) in chunks of `chunk_lines`, with duplicate
-    custom_ids a validation error."""
+def validate_input(lines: Iterable[bytes], endpoint: str, chunk_lines: int = CHUNK_LINES) -> Validated:
+    """An input file's lines (as a file iterates them, or split; blank lines skipped) in chunks of
+    `chunk_lines`, with duplicate custom_ids a validation error. The lines are read as they come:
+    the file itself is never whole in memory."""
     validated = Validated()
     seen: dict[str, int] = {}
     chunk: list[InputLine] = []
-    for number, raw in enumerate(content.splitlines(), start=1):
+    for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
         read = read_input_line(number, raw, endpoint)
@@ -127,6 +129,18 @@ def validate_input(content: bytes, endpoint: str, chunk_lines: int = CHUNK_LINES
     if validated.errors:
         validated.chunks = []
     return validated
+
+
+def lines_of_parts(parts: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines of a content stored in parts (a line may span parts), each with its newline as a
+    file's iteration gives them, the last one without if the content ends without."""
+    pending = b""
+    for part in parts:
+        *whole, pending = (pending + part).split(b"\n")
+        for line in whole:
+            yield line + b"\n"
+    if pending:
+        yield pending
 
 
 def encode_lines(lines: list[InputLine]) -> bytes:

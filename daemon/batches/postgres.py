@@ -21,10 +21,12 @@ explicit transactions, opened again on the next call when it broke (the server r
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import logging
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -107,15 +109,8 @@ class PostgresBatchDatabase(BatchDatabase):
             self._connection = None
 
     def _call(self, function: Callable[..., T], args: tuple[Any, ...]) -> T:
-        """The server's disk full (SQLSTATE 53100) as the OSError a local disk gives: the processor
-        and the routes answer both alike (the batch fails with the reason, an upload is refused as
-        InsufficientDisk); a server that cannot be reached as a 503, not a bug's 500."""
-        try:
+        with _as_daemon_errors():
             return function(*args)
-        except psycopg.errors.DiskFull as error:
-            raise OSError(errno.ENOSPC, f"the batch database's disk is full: {error}") from error
-        except psycopg.OperationalError as error:
-            raise BatchDatabaseUnavailable(f"the batch database cannot be reached: {error}") from error
 
     @property
     def _db(self) -> psycopg.Connection[Any]:
@@ -164,13 +159,22 @@ class PostgresBatchDatabase(BatchDatabase):
         ).fetchone()
         return None if row is None else bytes(row[0])
 
-    async def read_content(self, file_id: str) -> bytes | None:
-        if await self.file(file_id) is None:
-            return None
-        content = bytearray()
-        async for part in self.content(file_id):
-            content += part
-        return bytes(content)
+    def input_lines(self, file_id: str) -> Iterator[bytes]:
+        """On a connection of its own (the caller's thread is not the database's), a part at a time."""
+        with _as_daemon_errors(), psycopg.connect(self.url, connect_timeout=CONNECT_TIMEOUT_S) as db:
+            if db.execute("SELECT 1 FROM emberd_files WHERE id = %s", (file_id,)).fetchone() is None:
+                raise FileNotFoundError(f"no file {file_id}")
+
+            def parts() -> Iterator[bytes]:
+                for part_no in itertools.count():
+                    row = db.execute(
+                        "SELECT data FROM emberd_file_parts WHERE file_id = %s AND part_no = %s", (file_id, part_no)
+                    ).fetchone()
+                    if row is None:
+                        return
+                    yield bytes(row[0])
+
+            yield from batch_lines.lines_of_parts(parts())
 
     def _delete_file(self, file_id: str) -> bool:
         return self._db.execute("DELETE FROM emberd_files WHERE id = %s", (file_id,)).rowcount > 0  # parts cascade
@@ -379,3 +383,16 @@ def _insert_file(db: psycopg.Connection[Any], file_object: dict[str, Any]) -> No
 
 def _insert_part(db: psycopg.Connection[Any], file_id: str, part_no: int, data: bytes) -> None:
     db.execute("INSERT INTO emberd_file_parts (file_id, part_no, data) VALUES (%s, %s, %s)", (file_id, part_no, data))
+
+
+@contextlib.contextmanager
+def _as_daemon_errors() -> Iterator[None]:
+    """The server's disk full (SQLSTATE 53100) as the OSError a local disk gives: the processor and
+    the routes answer both alike (the batch fails with the reason, an upload is refused as
+    InsufficientDisk); a server that cannot be reached as a 503, not a bug's 500."""
+    try:
+        yield
+    except psycopg.errors.DiskFull as error:
+        raise OSError(errno.ENOSPC, f"the batch database's disk is full: {error}") from error
+    except psycopg.OperationalError as error:
+        raise BatchDatabaseUnavailable(f"the batch database cannot be reached: {error}") from error

@@ -146,14 +146,7 @@ class BatchProcessor:
 
     async def _validate(self, batch: dict[str, Any]) -> None:
         batch_id, now_s = batch["id"], int(time.time())
-        content = await self._database.read_content(batch["input_file_id"])
-        validated = (
-            batch_lines.Validated(
-                errors=[batch_lines.validation_error("file_not_found", "the input file was deleted", None)]
-            )
-            if content is None
-            else await asyncio.to_thread(batch_lines.validate_input, content, batch["endpoint"])
-        )
+        validated = await asyncio.to_thread(validate_stored_input, self._database, batch)
         if validated.errors:
             errors = {"object": BATCH_ERRORS_OBJECT, "data": validated.errors}
 
@@ -317,6 +310,15 @@ async def _answer_embeddings(call: BackgroundCall, body: OpenAIEmbedRequest) -> 
     from daemon.api.openai import answer_embeddings  # the route module imports this package's routes
 
     return await answer_embeddings(call, body, background=True)
+
+
+def validate_stored_input(database: BatchDatabase, batch: dict[str, Any]) -> batch_lines.Validated:
+    """The batch's input file validated as its lines are read (on a worker thread)."""
+    try:
+        return batch_lines.validate_input(database.input_lines(batch["input_file_id"]), batch["endpoint"])
+    except FileNotFoundError:
+        deleted = batch_lines.validation_error("file_not_found", "the input file was deleted", None)
+        return batch_lines.Validated(errors=[deleted])
 
 
 async def cancel(database: BatchDatabase, batch_id: str) -> dict[str, Any] | None:
