@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.adapters import AdapterHeader, check_adapters, read_adapter_header
+from daemon.durable import fsync_directory
 from daemon.errors import (
     BlobMissing,
     InsufficientDisk,
@@ -123,14 +124,6 @@ class StoredModel:
     @property
     def task_prefixes(self) -> dict[str, str]:
         return {adapter.task: adapter.prompt_prefix for adapter in self.adapters}
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ModelStore:
@@ -270,7 +263,7 @@ class ModelStore:
             partial.unlink()
         else:
             os.replace(partial, blob)
-            _fsync_directory(self.blobs_dir)
+            fsync_directory(self.blobs_dir)
         return blob
 
     def _write_manifest(
@@ -352,7 +345,7 @@ class ModelStore:
                 " and try again"
             ) from None
         os.replace(handle.name, path)
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
 
     def _hash_copy(self, source: Path, partial: Path, token: CancelToken) -> str:
         digest = hashlib.sha256()

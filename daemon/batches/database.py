@@ -36,6 +36,7 @@ import orjson
 
 from daemon.batches import lines as batch_lines
 from daemon.batches.lines import FINAL_STATUSES, may_become
+from daemon.durable import fsync_directory
 
 if TYPE_CHECKING:
     from daemon.config import Settings
@@ -280,14 +281,6 @@ def page_after(ids: list[str], after: str | None, limit: int) -> slice:
 
 def output_file_object(batch_id: str, file_id: str, suffix: str, size: int, now_s: int) -> dict[str, Any]:
     return batch_lines.file_object(file_id, f"{batch_id}_{suffix}.jsonl", "batch_output", size, now_s)
-
-
-def fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class SQLiteBatchDatabase(BatchDatabase):
