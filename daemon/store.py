@@ -476,8 +476,8 @@ class ModelStore:
                 raise type(refusal)(f"{source.name}: {refusal.message.removeprefix(partial.name + ': ')}") from None
             require_embedding_model(facts, source.name)
             self.check_loadable(partial, source.name)  # the bytes stored, in a runner of their own
-            if source.is_dir():  # BGE-M3's heads, once the converted model is known to load
-                heads_hex = self._store_heads(source, partial)
+            if source.is_dir() and (heads := read_heads(source, facts.embedding_length)) is not None:
+                heads_hex = self.store_heads(heads)  # BGE-M3's, once the converted model is known to load
             stored_adapters: Sequence[tuple[str, str | None]] = ()
             if adapters:  # the headers read above, against the stored bytes' architecture and tensors
                 labels = [path.name for path, _task in adapters]
@@ -565,13 +565,6 @@ class ModelStore:
             )
             for header, (adapter_hex, _task), (path, _same) in zip(headers, adapters, paths, strict=True)
         ]
-
-    def _store_heads(self, directory: Path, gguf: Path) -> str | None:
-        """A BGE-M3 folder's heads (daemon.heads), checked against the converted model's width, as
-        a blob: its digest hex; None when the folder has none."""
-        hidden = read_gguf_header(gguf)[0].embedding_length
-        heads = read_heads(directory, hidden)
-        return None if heads is None else self.store_heads(heads)
 
     def store_heads_files(self, sparse_file: Path, colbert_file: Path, gguf: Path) -> str:
         """Heads from their two torch files (a pull's, see daemon.heads), checked against the model

@@ -3,11 +3,13 @@ read, list, cancel). The state lives in daemon.batches.database; daemon.batches.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from aiohttp import BodyPartReader, web
 
@@ -84,8 +86,9 @@ async def upload_file(request: web.Request) -> web.Response:
     return json_response(file_object)
 
 
-async def _stream_to(part: BodyPartReader, path: Any, limit: int) -> int:
-    """A file part written to `path` as it arrives, at most `limit` bytes, fsynced."""
+async def _stream_to(part: BodyPartReader, path: Path, limit: int) -> int:
+    """A file part written to `path` as it arrives, at most `limit` bytes, fsynced; the writes and
+    the fsync on a worker thread, never the event loop's (a slow disk must not stall every request)."""
     size = 0
     try:
         with open(path, "wb") as target:
@@ -93,14 +96,18 @@ async def _stream_to(part: BodyPartReader, path: Any, limit: int) -> int:
                 size += len(chunk)
                 if size > limit:
                     raise UploadTooLarge(f"the file is larger than max_upload_bytes ({limit} bytes)")
-                target.write(chunk)
-            target.flush()
-            os.fsync(target.fileno())
+                await asyncio.to_thread(target.write, chunk)
+            await asyncio.to_thread(_flush_and_sync, target)
     except OSError as error:
         if error.errno == errno.ENOSPC:
             raise InsufficientDisk("no space left on device for the upload; free some space") from None
         raise
     return size
+
+
+def _flush_and_sync(target: BinaryIO) -> None:
+    target.flush()
+    os.fsync(target.fileno())
 
 
 async def _file_or_404(request: web.Request) -> dict[str, Any]:
